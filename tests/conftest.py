@@ -1,0 +1,39 @@
+"""Shared test fixtures: where the real datasets live, and skips for missing hardware."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    no_trt = pytest.mark.skip(reason="needs TensorRT (pip install tensorrt from NVIDIA's index); not installed here")
+    have_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "tensorrt" in item.keywords and not have_trt:
+            item.add_marker(no_trt)
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    if not DATASETS.is_dir():
+        pytest.fail(f"{DATASETS}: the shared datasets must sit beside the project (see README)")
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def coco128_dir(datasets_dir) -> Path:
+    return datasets_dir / "coco128"
+
+
+@pytest.fixture(scope="session")
+def bccd_dir(datasets_dir) -> Path:
+    return datasets_dir / "bccd"
