@@ -1,0 +1,56 @@
+"""Write one measured figure as a JSON record in bench/results/<name>.json.
+
+Every figure quoted in BENCHMARKS.md comes from such a record, written by the command that
+measured it, so a number can always be traced back to a command, a machine and a date.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_name() -> str:
+    """The accelerator (if any) and the CPU count: enough to tell which card gave a figure."""
+    import os
+
+    import torch
+
+    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()})"
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"{n}x {torch.cuda.get_device_name(0)}, {cpu}"
+    return f"CPU only, {cpu}"
+
+
+def this_command() -> str:
+    """The command line that is running, as a person would retype it."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_record(name: str, value: float, unit: str, model: str, dataset: str,
+                 command: str | None = None, machine: str | None = None,
+                 extra: dict | None = None, results_dir: Path | None = None) -> Path:
+    """Write ``results_dir/<name>.json`` with the fields BENCHMARKS.md relies on; return its path."""
+    record = {
+        "name": name,
+        "value": float(value),
+        "unit": unit,
+        "model": model,
+        "dataset": dataset,
+        "command": command or this_command(),
+        "machine": machine or machine_name(),
+        "date": _dt.date.today().isoformat(),
+    }
+    if extra:
+        record["extra"] = extra
+    out_dir = Path(results_dir) if results_dir else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
