@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Prepares a bare GPU machine of the device tool for our benchmarks (see BENCHMARKS.md):
+# installs the carried wheels (.whl) into /tmp/site and points modelopt at a prebuilt CUDA
+# extension (.ext) when one was carried, so no run pays the 60 s compile again.
+# Source it:  source scripts/device_setup.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || return 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+if [ -d .ext/torch_extensions ]; then
+  mkdir -p /tmp/torch_extensions && cp -r .ext/torch_extensions/. /tmp/torch_extensions/
+fi
+export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
