@@ -1,0 +1,208 @@
+"""The Q/DQ lint on small hand-made graphs: a clean one passes, each defect kind is found."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tools.qdq_lint import CATEGORIES, SKIP_METADATA_KEY, counts, lint, to_json, to_markdown
+from utils.paths import ROOT
+
+C = 4  # channels of every feature map in these graphs
+
+
+class Builder:
+    """Grows a small NCHW graph node by node; every tensor gets a unique name."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def _name(self, stem):
+        self.n += 1
+        return f"{stem}{self.n}"
+
+    def const(self, value, dtype=np.float32):
+        name = self._name("c")
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type, inputs, n_out=1, **attrs):
+        outs = [self._name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._name(op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def qdq(self, x, scale):
+        s, z = self.const(scale), self.const(0, np.int8)
+        return self.op("DequantizeLinear", [self.op("QuantizeLinear", [x, s, z]), s, z])
+
+    def conv(self, x, quant_weight=True):
+        w = self.const(np.random.default_rng(0).normal(size=(C, C, 1, 1)))
+        if quant_weight:
+            s, z = self.const(np.full(C, 0.01)), self.const(np.zeros(C), np.int8)
+            w = self.op("DequantizeLinear", [self.op("QuantizeLinear", [w, s, z], axis=0), s, z], axis=0)
+        return self.op("Conv", [x, w])
+
+    def silu(self, x):
+        return self.op("Mul", [x, self.op("Sigmoid", [x])])
+
+    def qconv_silu(self, x, scale=0.1):
+        return self.silu(self.conv(self.qdq(x, scale)))
+
+    def model(self, inp, out, metadata=None):
+        graph = helper.make_graph(
+            self.nodes, "g", [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [1, C, 8, 8])],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, None, 8, 8])], self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        for k, v in (metadata or {}).items():
+            m.metadata_props.add(key=k, value=v)
+        onnx.checker.check_model(m)
+        return m
+
+
+def clean_model():
+    """Conv+SiLU chains, a MaxPool branch, a one-scale Concat, a both-sides-INT8 residual Add."""
+    b = Builder()
+    y = b.qconv_silu("x")
+    shared = b.qdq(y, 0.05)  # one Q/DQ for both readers of y
+    pooled = b.op("MaxPool", [y], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1])
+    z = b.silu(b.conv(shared))
+    cat = b.op("Concat", [y, pooled, z], axis=1)
+    c2 = b.silu(b.conv(b.qdq(cat, 0.05)))  # consumer scale equals every Concat input's scale
+    c3 = b.silu(b.conv(b.qdq(c2, 0.2)))
+    res = b.op("Add", [b.qdq(c3, 0.3), b.qdq(c2, 0.2)])
+    return b.model("x", b.op("Conv", [b.qdq(res, 0.3), b.const(np.ones((C, C, 1, 1)))]))
+
+
+def test_clean_graph_has_no_findings_except_the_unquantized_tail():
+    found = lint(clean_model())
+    assert [f.category for f in found] == ["conv_without_qdq"], found  # the last Conv's weight is float
+
+
+def test_skip_metadata_silences_a_conv_kept_in_float_on_purpose():
+    model = clean_model()
+    last_conv = [n for n in model.graph.node if n.op_type == "Conv"][-1].name
+    model.metadata_props.add(key=SKIP_METADATA_KEY, value=json.dumps([last_conv]))
+    assert lint(model) == []
+    assert lint(clean_model(), skip_convs={last_conv}) == []
+
+
+def test_fp_graph_without_qdq_is_not_linted():
+    b = Builder()
+    assert lint(b.model("x", b.silu(b.conv("x", quant_weight=False)))) == []
+
+
+def test_conv_without_dq_on_input_and_weight():
+    b = Builder()
+    y = b.qconv_silu("x")
+    out = b.silu(b.conv(y))  # input not quantized
+    out = b.silu(b.conv(b.qdq(out, 0.1), quant_weight=False))
+    found = lint(b.model("x", out))
+    assert counts(found)["conv_without_qdq"] == 2
+    assert {"input not dequantized", "weight not dequantized"} <= {f.message.split(":")[0] for f in found}
+
+
+def test_concat_inputs_with_different_scales():
+    b = Builder()
+    y1, y2 = b.qconv_silu("x"), b.qconv_silu("x")
+    cat = b.op("Concat", [b.qdq(y1, 0.1), b.qdq(y2, 0.2)], axis=1)
+    found = lint(b.model("x", b.silu(b.conv(b.qdq(cat, 0.1)))))
+    assert [f.category for f in found] == ["concat_scale_mismatch"]
+    assert found[0].op_type == "Concat"
+
+
+def test_concat_output_scale_differs_from_an_input_reader():
+    """The anchor's ELAN defect: a Concat input also feeds a Conv quantized with another scale."""
+    b = Builder()
+    y1 = b.qconv_silu("x")
+    y2 = b.silu(b.conv(b.qdq(y1, 0.3)))
+    cat = b.op("Concat", [y1, y2], axis=1)
+    found = lint(b.model("x", b.silu(b.conv(b.qdq(cat, 0.1)))))
+    cats = counts(found)
+    assert cats["concat_scale_mismatch"] == 1 and cats["multi_scale_tensor"] == 1
+
+
+def test_tensor_quantized_with_two_scales():
+    b = Builder()
+    y = b.qconv_silu("x")
+    a = b.silu(b.conv(b.qdq(y, 0.1)))
+    c = b.silu(b.conv(b.qdq(y, 0.2)))
+    found = lint(b.model("x", b.op("Add", [b.qdq(a, 0.5), b.qdq(c, 0.5)])))
+    assert [f.category for f in found] == ["multi_scale_tensor"]
+    assert found[0].op_type == "Mul"  # reported at the SiLU that produces y
+
+
+def test_two_scales_through_a_maxpool_are_reported_once_at_the_source():
+    b = Builder()
+    y = b.qconv_silu("x")
+    pooled = b.op("MaxPool", [y], kernel_shape=[1, 1])
+    a = b.silu(b.conv(b.qdq(pooled, 0.1)))
+    c = b.silu(b.conv(b.qdq(y, 0.2)))
+    found = lint(b.model("x", b.op("Add", [b.qdq(a, 0.5), b.qdq(c, 0.5)])))
+    assert [(f.category, f.op_type) for f in found] == [("multi_scale_tensor", "Mul")]
+
+
+def test_qdq_between_conv_and_its_activation():
+    b = Builder()
+    pre = b.conv(b.qdq("x", 0.1))
+    out = b.silu(b.qdq(pre, 0.1))
+    found = lint(b.model("x", b.silu(b.conv(b.qdq(out, 0.1)))))
+    assert [f.category for f in found] == ["qdq_splits_conv_activation"]
+    assert found[0].op_type == "QuantizeLinear"
+
+
+def test_residual_add_with_one_float_input():
+    b = Builder()
+    y = b.qconv_silu("x")
+    z = b.silu(b.conv(b.qdq(y, 0.1)))
+    res = b.op("Add", [z, b.qdq(y, 0.1)])
+    found = lint(b.model("x", b.silu(b.conv(b.qdq(res, 0.1)))))
+    assert [f.category for f in found] == ["unfused_residual_add"]
+
+
+def test_head_arithmetic_add_is_not_a_residual():
+    b = Builder()
+    y = b.qconv_silu("x")
+    lt, rb = b.op("Split", [y], n_out=2, axis=1)
+    out = b.op("Add", [b.op("Sub", [b.const(1.0), lt]), b.op("Add", [b.const(1.0), rb])])
+    assert lint(b.model("x", out)) == []
+
+
+def test_dq_into_an_op_tensorrt_runs_in_float():
+    b = Builder()
+    y = b.qconv_silu("x")
+    out = b.op("Softmax", [b.qdq(y, 0.1)], axis=1)
+    found = lint(b.model("x", out))
+    assert [f.category for f in found] == ["qdq_on_non_int8_op"]
+    assert "Softmax" in found[0].message
+
+
+def test_reports_and_cli(tmp_path):
+    b = Builder()
+    y1, y2 = b.qconv_silu("x"), b.qconv_silu("x")
+    cat = b.op("Concat", [b.qdq(y1, 0.1), b.qdq(y2, 0.2)], axis=1)
+    model = b.model("x", b.op("Softmax", [b.qdq(cat, 0.1)], axis=1))
+    found = lint(model)
+    md, js = to_markdown(found, "m.onnx"), to_json(found, "m.onnx")
+    assert js["total"] == len(found) == 2 and set(js["counts"]) == set(CATEGORIES)
+    assert "## concat_scale_mismatch" in md and "## qdq_on_non_int8_op" in md
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    cli = [sys.executable, str(ROOT / "tools" / "qdq_lint.py")]
+    run = subprocess.run(cli + [str(path), "--json", str(tmp_path / "f.json")], capture_output=True, text=True)
+    assert run.returncode == 1 and "concat_scale_mismatch" in run.stdout
+    assert json.loads((tmp_path / "f.json").read_text())["total"] == 2
+    onnx.save(clean_model(), path)
+    last_conv = [n for n in clean_model().graph.node if n.op_type == "Conv"][-1].name
+    assert subprocess.run(cli + [str(path), "--skip", last_conv], capture_output=True).returncode == 0
+    missing = subprocess.run(cli + [str(tmp_path / "nope.onnx")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.onnx" in missing.stderr
+
+
+def test_dq_of_a_conv_output_into_softmax_is_still_reported():
+    b = Builder()
+    out = b.op("Softmax", [b.qdq(b.conv(b.qdq("x", 0.1)), 0.1)], axis=1)
+    assert [f.category for f in lint(b.model("x", out))] == ["qdq_on_non_int8_op"]
