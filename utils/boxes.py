@@ -87,7 +87,7 @@ def scale_boxes(img1_shape, boxes, img0_shape, ratio_pad=None):
 
 def box_iou(box1: torch.Tensor, box2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Pairwise IoU of two sets of xyxy boxes: (N, 4) x (M, 4) -> (N, M)."""
-    (a1, a2), (b1, b2) = box1[:, None].chunk(2, 2), box2.chunk(2, 1)
+    (a1, a2), (b1, b2) = box1[:, None].chunk(2, 2), box2[None].chunk(2, 2)
     inter = (torch.min(a2, b2) - torch.max(a1, b1)).clamp(0).prod(2)
     return inter / ((a2 - a1).prod(2) + (b2 - b1).prod(2) - inter + eps)
 
