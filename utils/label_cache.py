@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -84,7 +85,14 @@ def scan_labels(im_files: list[str], label_files: list[str], nc: int | None, des
 
 
 def save_scan(path: Path, key: str, scan: LabelScan) -> bool:
-    """Write the cache atomically; a read-only dataset folder only costs a rescan next time."""
+    """Write the cache atomically; a read-only dataset folder only costs a rescan next time.
+
+    A folder without write permission bits is left alone even when running as root, which
+    could write anyway: such a folder was marked read-only on purpose (a shared dataset).
+    """
+    if not stat.S_IMODE(os.stat(path.parent).st_mode) & 0o222:
+        LOGGER.info(f"{path.parent} is read-only; label cache not written")
+        return False
     counts = np.array([len(lb) for lb in scan.labels], dtype=np.int64)
     rows = np.concatenate(scan.labels, 0) if scan.labels else np.zeros((0, 5), np.float32)
     totals = np.array([scan.found, scan.missing, scan.empty, scan.corrupt, scan.repaired, scan.dropped])

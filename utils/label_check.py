@@ -31,7 +31,7 @@ FAR = 0.01
 ROUNDING = 1e-6
 MIN_IMAGE_SIDE = 10
 EXIF_ORIENTATION = 0x0112
-MAX_NOTES = 5  # per file; a file with hundreds of bad rows gets a count, not hundreds of lines
+MAX_NOTES = 8  # per file; a file with hundreds of bad rows gets a count, not hundreds of lines
 
 
 @dataclass
@@ -151,13 +151,15 @@ def _check_row(fields: list[str], nc: int | None) -> tuple[list[float] | None, s
         xywh = [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
     else:
         xywh = values[1:]
+    x, y, w, h = xywh
+    if w <= 0 or h <= 0:
+        return None, "degenerate box (zero or negative width or height)", False
     if any(v < -FAR or v > 1 + FAR for v in xywh):
         return None, "coordinates outside [0, 1] (labels must be normalised x y w h)", False
-    x, y, w, h = xywh
     corners = [x - w / 2, y - h / 2, x + w / 2, y + h / 2]
     clipped = [min(max(c, 0.0), 1.0) for c in corners]
     if clipped[2] - clipped[0] <= 0 or clipped[3] - clipped[1] <= 0:
-        return None, "degenerate box (zero or negative width or height)", False
+        return None, "degenerate box (no area inside the image)", False
     overshoot = max(abs(a - b) for a, b in zip(corners, clipped))
     if overshoot > 0:
         x1, y1, x2, y2 = clipped
