@@ -17,8 +17,9 @@ from utils.boxes import xywhn2xyxy
 PAD_VALUE = 114  # grey used by upstream for letterbox and mosaic borders; trained models expect it
 
 
-def letterbox(im: np.ndarray, new_shape: int | tuple[int, int] = (640, 640), color=(PAD_VALUE,) * 3,
-              auto: bool = True, scaleup: bool = True, stride: int = 32):
+def letterbox(im: np.ndarray, new_shape: int | tuple[int, int] = (640, 640),
+              color: tuple[int, int, int] = (PAD_VALUE,) * 3, auto: bool = True, scaleup: bool = True,
+              stride: int = 32) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
     """Resize keeping the aspect ratio, then pad to ``new_shape`` (h, w).
 
     With ``auto`` the padding is trimmed to the smallest multiple of ``stride`` (inference);
@@ -58,7 +59,8 @@ def augment_hsv(im: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: f
     cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=im)
 
 
-def random_flip(im: np.ndarray, labels: np.ndarray, flipud: float = 0.0, fliplr: float = 0.5):
+def random_flip(im: np.ndarray, labels: np.ndarray, flipud: float = 0.0,
+                fliplr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Flip with the given probabilities; labels are normalised [cls, x, y, w, h]."""
     if random.random() < flipud:
         im = np.flipud(im)
@@ -69,7 +71,8 @@ def random_flip(im: np.ndarray, labels: np.ndarray, flipud: float = 0.0, fliplr:
     return im, labels
 
 
-def mosaic4(tiles: list[tuple[np.ndarray, np.ndarray]], size: int, center: tuple[int, int]):
+def mosaic4(tiles: list[tuple[np.ndarray, np.ndarray]], size: int,
+            center: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Place four images around ``center`` (x, y) on a 2*size square canvas.
 
     ``tiles`` holds (image, normalised [cls, x, y, w, h] labels) in the order top-left,
@@ -100,7 +103,8 @@ def mosaic4(tiles: list[tuple[np.ndarray, np.ndarray]], size: int, center: tuple
     return canvas, labels
 
 
-def mixup(im: np.ndarray, labels: np.ndarray, im2: np.ndarray, labels2: np.ndarray):
+def mixup(im: np.ndarray, labels: np.ndarray, im2: np.ndarray,
+          labels2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Blend two same-size images with a ratio near 0.5 and keep the boxes of both."""
     r = np.random.beta(32.0, 32.0)
     im = (im * r + im2 * (1 - r)).astype(np.uint8)
@@ -109,7 +113,7 @@ def mixup(im: np.ndarray, labels: np.ndarray, im2: np.ndarray, labels2: np.ndarr
 
 def random_perspective(im: np.ndarray, labels: np.ndarray, degrees: float = 10, translate: float = 0.1,
                        scale: float = 0.1, shear: float = 10, perspective: float = 0.0,
-                       border: tuple[int, int] = (0, 0)):
+                       border: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """Random rotation, scale, shear, translation and perspective of an image and its boxes.
 
     ``labels`` are pixel [cls, x1, y1, x2, y2]. A negative ``border`` (h, w) crops that much off

@@ -206,11 +206,16 @@ class YoloDataset(Dataset):
 LoadImagesAndLabels = YoloDataset  # upstream's name, for code written against it
 
 
-def seed_worker(worker_id: int) -> None:
-    """Give each worker's ``random`` and numpy their own seed derived from torch's per-worker seed."""
+def init_worker(worker_id: int) -> None:
+    """Seed each worker's ``random`` and numpy from torch's per-worker seed; keep OpenCV single-threaded.
+
+    Workers already run in parallel; OpenCV's own thread pool inside each of them would only
+    oversubscribe the cores.
+    """
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
+    cv2.setNumThreads(0)
 
 
 def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, augment: bool = False,
@@ -237,7 +242,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, 
     generator.manual_seed(seed + max(rank, 0))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                         num_workers=n_workers, persistent_workers=n_workers > 0, pin_memory=torch.cuda.is_available(),
-                        collate_fn=YoloDataset.collate_fn, worker_init_fn=seed_worker, generator=generator)
+                        collate_fn=YoloDataset.collate_fn, worker_init_fn=init_worker, generator=generator)
     return loader, dataset
 
 
