@@ -144,6 +144,7 @@ def test_category_ids():
         category_ids({"names": ["person", "car"], "coco_ids": [1]})
     assert image_ids(["a/000000000139.jpg", "b/42.png"]) == [139, 42]
     assert image_ids(["a/cat.jpg", "b/42.png"]) == [0, 1]
+    assert image_ids(["a/7.jpg", "b/7.jpg"]) == [0, 1]
 
 
 def test_coco_evaluate_without_predictions(hard_case):

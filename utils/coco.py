@@ -49,11 +49,13 @@ def category_ids(data: dict) -> list[int]:
 
 
 def image_ids(files: Sequence[str | Path]) -> list[int]:
-    """COCO image ids: the number in the file name when every name is one (COCO's own files),
-    otherwise the position in the list."""
+    """COCO image ids: the number in the file name when every name is a distinct one (COCO's own
+    files), otherwise the position in the list."""
     stems = [Path(f).stem for f in files]
     if all(s.isdigit() for s in stems):
-        return [int(s) for s in stems]
+        ids = [int(s) for s in stems]
+        if len(set(ids)) == len(ids):
+            return ids
     return list(range(len(stems)))
 
 
@@ -61,6 +63,12 @@ def _xyxy_to_coco(boxes: np.ndarray) -> np.ndarray:
     out = np.asarray(boxes, dtype=np.float64).copy()
     out[:, 2:] -= out[:, :2]
     return out
+
+
+def _exact_score(score) -> float:
+    """The float32 score in its shortest exact decimal form. Upstream rounds to 5 decimals, which
+    turns distinct low (or FP16) scores into ties and changes COCOeval's ranking."""
+    return float(np.format_float_positional(np.float32(score), unique=True, trim="-"))
 
 
 def predictions_to_coco(detections: Sequence[torch.Tensor | np.ndarray], img_ids: Sequence[int],
@@ -73,7 +81,7 @@ def predictions_to_coco(detections: Sequence[torch.Tensor | np.ndarray], img_ids
             continue
         for box, score, cls in zip(_xyxy_to_coco(det[:, :4]).round(3), det[:, 4], det[:, 5]):
             results.append({"image_id": img_id, "category_id": int(cat_ids[int(cls)]),
-                            "bbox": box.tolist(), "score": round(float(score), 5)})
+                            "bbox": box.tolist(), "score": _exact_score(score)})
     return results
 
 

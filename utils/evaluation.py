@@ -168,7 +168,7 @@ def evaluate(model: nn.Module, dataloader: Iterable, names: Sequence[str], devic
                 artifacts_boxes["shapes"].append(tuple(int(s) for s in shapes[si][0]))
                 artifacts_boxes["detections"].append(pred.numpy())
                 artifacts_boxes["labels"].append(labels.numpy())
-            stats.add(pred, labels)
+            stats.add(pred, labels, image=paths[si])
             images_with[np.unique(labels[:, 0].numpy().astype(int))] += 1
             confusion.process_batch(pred, labels)
     ap = stats.compute()

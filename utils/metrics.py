@@ -8,11 +8,13 @@ ground truth are left out of the mean; at most 100 detections per image and clas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.boxes import box_iou
+from utils.coco import image_ids
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -153,19 +155,22 @@ class DetectionStats:
     """Collects per-image matches over a dataset; ``compute`` turns them into an ``APResult``.
 
     ``max_dets_per_class`` reproduces COCOeval's maxDets=100 (None counts every detection,
-    as upstream YOLO does).
+    as upstream YOLO does). Images given by file are ranked in COCO image-id order, so equal
+    scores (common in FP16) break ties as COCOeval breaks them, whatever order the loader used.
     """
 
     def __init__(self, thresholds: np.ndarray = IOU_THRESHOLDS, max_dets_per_class: int | None = COCO_MAX_DETS):
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.max_dets_per_class = max_dets_per_class
-        self._correct, self._conf, self._cls, self._target_cls = [], [], [], []
+        self._images, self._correct, self._conf, self._cls, self._target_cls = [], [], [], [], []
 
-    def add(self, detections: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
+    def add(self, detections: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+            image: str | Path | None = None) -> None:
         """One image: detections (n, 6) [x1, y1, x2, y2, conf, cls], labels (m, 5) [cls, x1, y1, x2, y2]."""
         det, lab = _as_float64(detections).reshape(-1, 6), _as_float64(labels).reshape(-1, 5)
         if self.max_dets_per_class is not None:
             det = det[within_per_class_limit(det[:, 4], det[:, 5], self.max_dets_per_class)]
+        self._images.append(image)
         self._correct.append(match_detections(det, lab, self.thresholds))
         self._conf.append(det[:, 4])
         self._cls.append(det[:, 5])
@@ -174,8 +179,11 @@ class DetectionStats:
     def compute(self) -> APResult:
         if not self._correct:
             return ap_per_class(np.zeros((0, len(self.thresholds)), bool), np.zeros(0), np.zeros(0), np.zeros(0))
-        return ap_per_class(np.concatenate(self._correct), np.concatenate(self._conf), np.concatenate(self._cls),
-                            np.concatenate(self._target_cls))
+        order = range(len(self._images))
+        if all(image is not None for image in self._images):
+            order = np.argsort(image_ids(self._images), kind="stable")
+        return ap_per_class(*(np.concatenate([parts[i] for i in order])
+                              for parts in (self._correct, self._conf, self._cls, self._target_cls)))
 
 
 def _as_float64(x: torch.Tensor | np.ndarray) -> np.ndarray:
