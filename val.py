@@ -8,6 +8,7 @@ train.py and qat.py call ``run(model=..., dataloader=...)`` after each epoch and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -97,17 +98,16 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         dataloader = _build_dataloader(data, task, imgsz, batch_size, stride, workers)
 
     was_training = model.training
-    model.eval()
-    if half:
-        model.half()
+    # A caller's model is evaluated in FP16 through a copy: halving it in place and back would
+    # round its (EMA / QAT) weights to FP16 for good.
+    net = (copy.deepcopy(model) if training else model).half() if half else model
+    net.eval()
     try:
-        result, artifacts = evaluate(model, dataloader, names, device=device, half=half, conf_thres=conf_thres,
+        result, artifacts = evaluate(net, dataloader, names, device=device, half=half, conf_thres=conf_thres,
                                      iou_thres=iou_thres, max_det=max_det, postprocess=postprocess,
                                      single_cls=single_cls, compute_loss=compute_loss,
                                      keep_boxes=save_json and save_dir is not None)
     finally:
-        if half:
-            model.float()
         model.train(was_training)
 
     print(result.table(per_class=(verbose or (len(names) < 50 and not training)) and len(names) > 1))
