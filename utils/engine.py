@@ -1,0 +1,124 @@
+"""One training epoch: forward, loss, backward, accumulated optimizer steps, EMA.
+
+This is the part of training that QAT fine-tuning reuses unchanged: ``qat.py`` passes its
+quantized model, its own optimizer and a distillation term through ``extra_loss_fn``, and stops
+after ``max_iters`` batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Sized
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from utils.ema import ModelEMA
+from utils.optim import Warmup
+
+AMP_MODES = ("bf16", "fp16", "off")
+MAX_GRAD_NORM = 10.0  # upstream's clip; keeps one bad mosaic from blowing up a from-scratch run
+
+
+@dataclass
+class Precision:
+    """Autocast dtype (None = full precision) and the gradient scaler fp16 needs against underflow."""
+
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+
+def make_precision(device: torch.device, mode: str = "bf16") -> Precision:
+    """Mixed precision on CUDA only. bf16 needs no loss scaling; fp16 (GPUs without bf16) gets a GradScaler."""
+    if device.type != "cuda" or mode == "off":
+        return Precision(None, torch.amp.GradScaler("cuda", enabled=False))
+    if mode == "bf16" and torch.cuda.is_bf16_supported():
+        return Precision(torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False))
+    return Precision(torch.float16, torch.amp.GradScaler("cuda", enabled=True))
+
+
+@dataclass
+class EpochStats:
+    """What one call of ``train_one_epoch`` did."""
+
+    loss: tuple[float, float, float]  # mean box, cls, dfl loss items over the batches
+    extra: float  # mean of extra_loss_fn's value (0 without it)
+    iters: int
+    images: int
+    seconds: float
+    optimizer_steps: int
+
+
+def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,
+                    device: torch.device, epoch: int = 0, epochs: int = 1, precision: Precision | None = None,
+                    ema: ModelEMA | None = None, accumulate: int = 1, warmup: Warmup | None = None,
+                    lr_factor: float = 1.0, max_iters: int | None = None,
+                    extra_loss_fn: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor] | None = None,
+                    world_size: int = 1, progress: bool = True) -> EpochStats:
+    """Train ``model`` over ``loader`` once (or for ``max_iters`` batches).
+
+    Batches are upstream's ``(imgs uint8, targets (n, 6), paths, shapes)``. ``loss_fn(preds, targets)``
+    returns ``(loss * batch, items)`` as ``ComputeLoss`` does. ``extra_loss_fn(imgs, preds, targets)``
+    returns a batch-mean scalar that is added with the same batch scaling (e.g. a distillation term
+    whose teacher runs under ``torch.no_grad`` inside it). Gradients are accumulated over
+    ``accumulate`` batches (the warm-up may lower that early on); each epoch ends with a step so that
+    epochs are self-contained and a resumed run repeats the same sequence of steps.
+    """
+    precision = precision or make_precision(device, "off")
+    model.train()
+    nb = len(loader)
+    n = nb if max_iters is None else min(nb, max_iters)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    mloss = torch.zeros(3, device=device)
+    mextra = torch.zeros((), device=device)
+    done, images, steps, pending = 0, 0, 0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, unit="batch")
+    optimizer.zero_grad(set_to_none=True)
+    for i, (imgs, targets, *_) in zip(range(n), loader):  # range first: no batch is fetched past n
+        ni = i + nb * epoch
+        if warmup is not None and warmup.active(ni):
+            accumulate_now = warmup.apply(optimizer, ni, lr_factor)
+        else:
+            accumulate_now = accumulate
+        pending += 1
+        will_step = pending >= accumulate_now or i == n - 1
+        imgs = imgs.to(device, non_blocking=True).float() / 255
+        targets = targets.to(device)
+        # DDP all-reduces gradients on every backward; skip that on batches that only accumulate.
+        sync = contextlib.nullcontext() if (will_step or not ddp) else model.no_sync()
+        with sync:
+            with precision.autocast(device):
+                preds = model(imgs)
+                loss, items = loss_fn(preds, targets)
+                if extra_loss_fn is not None:
+                    extra = extra_loss_fn(imgs, preds, targets)
+                    loss = loss + extra * imgs.shape[0]
+                    mextra += (extra.detach() - mextra) / (done + 1)
+            precision.scaler.scale(loss * world_size).backward()  # DDP averages over ranks; upstream sums
+        if will_step:
+            precision.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_GRAD_NORM)
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            steps += 1
+            pending = 0
+        done += 1
+        mloss += (items.to(device) - mloss) / done
+        images += imgs.shape[0]
+        bar.update()
+        if progress and (i % 10 == 0 or i == n - 1):
+            box, cls, dfl = mloss.tolist()
+            mem = torch.cuda.memory_reserved(device) / 1e9 if device.type == "cuda" else 0.0
+            bar.set_postfix_str(f"mem {mem:.1f}G box {box:.3f} cls {cls:.3f} dfl {dfl:.3f} "
+                                f"inst {targets.shape[0]} size {imgs.shape[-1]}")
+    bar.close()
+    return EpochStats(tuple(mloss.tolist()), float(mextra), done, images, time.perf_counter() - t0, steps)

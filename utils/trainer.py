@@ -1,0 +1,407 @@
+"""A full training run: model, data, optimizer, epochs, validation, checkpoints, resume.
+
+``train.py`` only parses flags and calls ``train``; tests and benchmarks call it directly. The
+epoch itself lives in ``utils.engine.train_one_epoch`` so that QAT reuses exactly the same step.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import random
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from utils.distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from utils.ema import ModelEMA
+from utils.engine import make_precision, train_one_epoch
+from utils.errors import UserError
+from utils.loss_tal import build_loss
+from utils.optim import Warmup, build_optimizer, lr_lambda
+from utils.paths import ROOT, increment_path
+from utils.torch_utils import LOGGER, de_parallel, select_device
+
+NOMINAL_BATCH = 64  # upstream's nbs: gradients are accumulated to about this many images per step
+MIN_WARMUP_ITERS = 100
+
+# Every option of a run with upstream's defaults; train.py's flags and train(**kwargs) share this table.
+DEFAULTS: dict = dict(
+    weights="", cfg="", data=str(ROOT / "data/coco.yaml"), hyp=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
+    epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
+    exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, patience=100,
+    sync_bn=False, amp="bf16", noval=False,
+)
+# Options that describe the machine, not the run: a resumed run takes them from the new command.
+MACHINE_OPTIONS = ("device", "workers")
+
+RESULTS_COLUMNS = ("epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision",
+                   "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
+                   "val/dfl_loss", "x/lr0", "x/lr1", "x/lr2")
+
+
+def make_options(opt: argparse.Namespace | dict | None = None, **overrides) -> argparse.Namespace:
+    """Defaults, then ``opt``, then keyword overrides; unknown keys are a user error (typos)."""
+    merged = dict(DEFAULTS)
+    given = {**(vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})), **overrides}
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"train: unknown option(s) {', '.join(unknown)}")
+    merged.update(given)
+    return argparse.Namespace(**merged)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """One seed per (run seed, epoch, rank): a resumed epoch draws the same shuffles and augmentations."""
+    return seed * 1_000_003 + epoch * 1_009 + max(rank, 0) + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def plain_options(opt: argparse.Namespace) -> dict:
+    """``opt`` as plain values (paths as str) so the checkpoint loads with ``weights_only=True``."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
+
+
+def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: int, best_fitness: float,
+                    best_epoch: int, opt: argparse.Namespace) -> dict:
+    """Upstream's checkpoint dict, plus 'scaler' (fp16 loss scale) and 'best_epoch'.
+
+    Modules stay FP32 while the run goes on so that ``--resume`` continues from the exact weights
+    (upstream stores them half and resumes from rounded ones); ``finalize_checkpoint`` halves them.
+    """
+    # The raw weights go into a copy of the EMA module so that a SyncBatchNorm / DDP wrapper never
+    # reaches the file: the safe loader only knows the plain model classes.
+    raw = deepcopy(ema.ema)
+    raw.load_state_dict(de_parallel(model).state_dict())
+    for saved, live in zip(raw.parameters(), de_parallel(model).parameters()):
+        saved.requires_grad_(live.requires_grad)  # resume rebuilds the same optimizer groups from these
+    return {
+        "epoch": epoch,
+        "best_fitness": best_fitness,
+        "model": raw,
+        "ema": deepcopy(ema.ema),
+        "updates": ema.updates,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "best_epoch": best_epoch,
+        "opt": plain_options(opt),
+        "git": None,
+        "date": _dt.datetime.now().isoformat(),
+    }
+
+
+def finalize_checkpoint(path: Path) -> None:
+    """Strip training state from a finished run's file: the EMA becomes 'model', as upstream ships it."""
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(path)
+    ckpt["model"] = (ckpt.get("ema") or ckpt["model"]).half()
+    for k in ("optimizer", "ema", "updates", "scaler"):
+        ckpt[k] = None
+    ckpt["epoch"] = -1
+    save_checkpoint(ckpt, path)
+
+
+def find_resume_checkpoint(resume: str | bool, project: str | Path) -> Path:
+    """``--resume path/to/last.pt``, or the most recent ``last.pt`` under ``project`` for a bare ``--resume``."""
+    if isinstance(resume, (str, Path)) and str(resume) not in ("", "True"):
+        path = Path(resume)
+        if not path.is_file():
+            raise UserError(f"--resume {resume}: checkpoint not found")
+        return path
+    found = sorted(Path(project).glob("*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"--resume: no */weights/last.pt under {project} to resume")
+    return found[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+def build_model(opt: argparse.Namespace, nc: int, resume_ckpt: dict | None) -> nn.Module:
+    """From a resumed checkpoint, from ``--weights`` (matching tensors transferred), or from ``--cfg``."""
+    from models.yolo import DetectionModel
+    from utils.checkpoint import load_checkpoint
+
+    if resume_ckpt is not None:
+        return resume_ckpt["model"].float()
+    if opt.weights:
+        ckpt = load_checkpoint(opt.weights)
+        src = (ckpt.get("ema") or ckpt["model"]).float()
+        model = DetectionModel(opt.cfg or src.yaml, ch=3, nc=nc)
+        theirs, ours = src.state_dict(), model.state_dict()
+        match = {k: v for k, v in theirs.items() if k in ours and v.shape == ours[k].shape}
+        model.load_state_dict(match, strict=False)
+        LOGGER.info(f"Transferred {len(match)}/{len(ours)} tensors from {opt.weights}")
+        return model
+    if not opt.cfg:
+        raise UserError("train: pass --cfg (model yaml, e.g. gelan-s.yaml) or --weights (a .pt checkpoint)")
+    return DetectionModel(opt.cfg, ch=3, nc=nc)
+
+
+def check_imgsz(imgsz: int, stride: int) -> int:
+    """Round the image size up to a multiple of the largest stride, as the anchors need."""
+    fixed = max(int(np.ceil(imgsz / stride) * stride), 2 * stride)
+    if fixed != imgsz:
+        LOGGER.warning(f"--imgsz {imgsz} is not a multiple of the stride {stride}; using {fixed}")
+    return fixed
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+
+class ResultsCSV:
+    """Upstream's results.csv: one row per finished epoch, appended so a resumed run continues it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, values: list[float]) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(RESULTS_COLUMNS)
+            writer.writerow([values[0]] + [f"{v:.5g}" for v in values[1:]])
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop rows beyond ``epoch`` (written after the checkpoint a resume starts from)."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= epoch]
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
+@dataclass
+class RunState:
+    """What a resume restores besides weights and optimizer."""
+
+    start_epoch: int = 0
+    best_fitness: float = 0.0
+    best_epoch: int = -1
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+def train(opt: argparse.Namespace | dict | None = None,
+          on_epoch_end: Callable[[int, dict], None] | None = None, **overrides) -> Path:
+    """Train as ``train.py`` does; return the run folder (``weights/last.pt``, ``best.pt``, ``results.csv``).
+
+    ``on_epoch_end(epoch, metrics)`` runs on the main process after each epoch's checkpoint is written.
+    """
+    opt = make_options(opt, **overrides)
+    device = select_device(opt.device)
+    info = init_distributed(device)
+    try:
+        return _train(opt, device, info, on_epoch_end)
+    finally:
+        shutdown(info)
+
+
+def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
+    from utils.checkpoint import load_checkpoint
+
+    last = find_resume_checkpoint(opt.resume, opt.project)
+    ckpt = load_checkpoint(last)
+    if ckpt.get("optimizer") is None or ckpt.get("epoch", -1) < 0:
+        raise UserError(f"{last}: this run finished (training state was stripped); nothing to resume")
+    restored = make_options({k: v for k, v in ckpt["opt"].items() if k in DEFAULTS})
+    for k in MACHINE_OPTIONS:
+        setattr(restored, k, getattr(opt, k))
+    restored.resume = str(last)
+    return restored, ckpt, last.parent.parent
+
+
+def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
+           on_epoch_end: Callable[[int, dict], None] | None) -> Path:
+    from utils.checkpoint import save_checkpoint
+    from utils.data_config import load_data_config, load_hyp, require_split
+    from utils.dataloaders import create_dataloader
+
+    ckpt = None
+    if opt.resume:
+        opt, ckpt, save_dir = _resume(opt)
+    else:
+        save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok, mkdir=info.is_main) \
+            if info.is_main else None
+    save_dir = Path(broadcast_object(str(save_dir) if save_dir else None, info))
+    weights_dir = save_dir / "weights"
+    last, best = weights_dir / "last.pt", weights_dir / "best.pt"
+
+    hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
+    opt.hyp = hyp  # the checkpoint carries the values, not a path that may change
+    data = load_data_config(opt.data)
+    nc, names = data["nc"], data["names"]
+    if opt.batch_size % info.world_size:
+        raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
+    if info.is_main:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+        (save_dir / "opt.yaml").write_text(yaml.safe_dump(plain_options(opt), sort_keys=False))
+
+    seed_everything(epoch_seed(opt.seed, -1, info.rank))
+    model = build_model(opt, nc, ckpt).to(device)
+    model.nc, model.names, model.hyp = nc, names, hyp
+    stride = max(int(model.stride.max()), 32)
+    imgsz = check_imgsz(opt.imgsz, stride)
+
+    accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
+    weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / NOMINAL_BATCH
+    optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+    for g in optimizer.param_groups:
+        g["initial_lr"] = g["lr"]
+    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+    precision = make_precision(device, opt.amp)
+    ema = ModelEMA(model) if info.is_main else None
+
+    state = RunState()
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
+            ema.updates = ckpt["updates"]
+        if ckpt.get("scaler") and precision.scaler.is_enabled():
+            precision.scaler.load_state_dict(ckpt["scaler"])
+        state = RunState(ckpt["epoch"] + 1, float(ckpt["best_fitness"]), int(ckpt.get("best_epoch", -1)))
+        if state.start_epoch >= opt.epochs:
+            raise UserError(f"{opt.resume}: already trained {opt.epochs} epochs; nothing to resume")
+        LOGGER.info(f"Resuming {save_dir} from epoch {state.start_epoch} of {opt.epochs}")
+        del ckpt
+
+    if opt.sync_bn and info.distributed and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    batch_per_rank = opt.batch_size // info.world_size
+    train_loader, dataset = create_dataloader(
+        require_split(data, "train"), imgsz, batch_per_rank, stride, hyp=hyp, augment=True, workers=opt.workers,
+        shuffle=True, prefix="train: ", seed=opt.seed, close_mosaic=opt.close_mosaic > 0,
+        rank=info.local_rank, nc=nc)
+    loss_fn = build_loss(model)
+    evaluator = None
+    if info.is_main:
+        val_loader = create_dataloader(require_split(data, "val"), imgsz, batch_per_rank * 2, stride, hyp=hyp,
+                                       rect=True, pad=0.5, workers=opt.workers, prefix="val: ", nc=nc)[0]
+        evaluator = Evaluator(data, imgsz, batch_per_rank * 2, val_loader, loss_fn, opt.epochs, opt.noval)
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    nb = len(train_loader)
+    warmup = Warmup(max(round(hyp["warmup_epochs"] * nb), MIN_WARMUP_ITERS), hyp["warmup_bias_lr"],
+                    hyp["warmup_momentum"], hyp["momentum"], accumulate)
+    results = ResultsCSV(save_dir / "results.csv")
+    if info.is_main:
+        results.truncate_after(state.start_epoch - 1)
+        LOGGER.info(f"Training {opt.epochs} epochs, batch {opt.batch_size} (x{accumulate} accumulation), "
+                    f"imgsz {imgsz}, {info.world_size} process(es), results to {save_dir}")
+    torch.backends.cudnn.benchmark = True
+
+    best_fitness, best_epoch = state.best_fitness, state.best_epoch
+    for epoch in range(state.start_epoch, opt.epochs):
+        seed = epoch_seed(opt.seed, epoch, info.rank)
+        seed_everything(seed)
+        if getattr(train_loader, "generator", None) is not None:  # the shuffle order of a single process
+            train_loader.generator.manual_seed(seed)
+        if info.distributed:
+            train_loader.sampler.set_epoch(epoch)
+        if opt.close_mosaic and epoch >= opt.epochs - opt.close_mosaic:
+            dataset.close_mosaic()
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lf(epoch)
+        stats = train_one_epoch(model, train_loader, loss_fn, optimizer, device=device, epoch=epoch,
+                                epochs=opt.epochs, precision=precision, ema=ema, accumulate=accumulate,
+                                warmup=warmup, lr_factor=lf(epoch), world_size=info.world_size,
+                                progress=info.is_main)
+        stop = False
+        if info.is_main:
+            ema.update_attr(model)
+            metrics, fitness = evaluator.epoch(ema.ema, epoch)
+            LOGGER.info(f"epoch {epoch + 1}/{opt.epochs}: train loss {sum(stats.loss):.4f} "
+                        f"({stats.images / max(stats.seconds, 1e-9):.1f} img/s), mAP50 {metrics['map50']:.4f}, "
+                        f"mAP50-95 {metrics['map50_95']:.4f}")
+            if fitness > best_fitness or best_epoch < 0:
+                best_fitness, best_epoch = fitness, epoch
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            results.append([epoch, *stats.loss, metrics["precision"], metrics["recall"], metrics["map50"],
+                            metrics["map50_95"], *metrics["val_loss"], *(lrs + [0.0] * 3)[:3]])
+            ckpt = make_checkpoint(model, ema, optimizer, precision.scaler, epoch, best_fitness, best_epoch, opt)
+            save_checkpoint(ckpt, last)
+            if best_epoch == epoch:
+                save_checkpoint(ckpt, best)
+            del ckpt
+            stop = opt.patience > 0 and epoch - best_epoch >= opt.patience
+            if stop:
+                LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs (best epoch {best_epoch})")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, {**metrics, "fitness": fitness, "train_loss": stats.loss})
+        if broadcast_object(stop, info):
+            break
+
+    if info.is_main:
+        for f in (last, best):
+            if f.exists():
+                finalize_checkpoint(f)
+        if best.exists():
+            evaluator.final(best, device, save_dir)
+    return save_dir
+
+
+@dataclass
+class Evaluator:
+    """Validation on the main process: the EMA weights each epoch, best.pt with plots at the end."""
+
+    data: dict
+    imgsz: int
+    batch_size: int
+    loader: object
+    loss_fn: Callable
+    epochs: int
+    noval: bool = False
+
+    def epoch(self, model: nn.Module, epoch: int) -> tuple[dict, float]:
+        """Metrics and fitness; with --noval only the final epoch is measured (others report zeros)."""
+        import val
+
+        if self.noval and epoch != self.epochs - 1:
+            return {"precision": 0.0, "recall": 0.0, "map50": 0.0, "map50_95": 0.0, "val_loss": (0.0, 0.0, 0.0)}, 0.0
+        # half=False: a half/float round trip would truncate the EMA weights themselves.
+        r = val.run(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
+                    half=False, plots=False, compute_loss=self.loss_fn)
+        val_loss = tuple(float(x) for x in r.loss) if r.loss is not None else (0.0, 0.0, 0.0)
+        metrics = {"precision": r.precision, "recall": r.recall, "map50": r.map50, "map50_95": r.map50_95,
+                   "val_loss": val_loss}
+        return metrics, float(r.fitness)
+
+    def final(self, best: Path, device: torch.device, save_dir: Path) -> None:
+        """best.pt on the validation split with per-class table, plots and best_val.json."""
+        import json
+
+        import val
+        from utils.checkpoint import load_checkpoint
+
+        model = load_checkpoint(best)["model"].float().to(device)
+        LOGGER.info(f"Validating {best}")
+        r = val.run(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
+                    save_dir=save_dir, plots=True, verbose=True)
+        (save_dir / "best_val.json").write_text(json.dumps(r.to_dict(), indent=2) + "\n")
