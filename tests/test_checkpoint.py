@@ -1,0 +1,146 @@
+"""Checkpoints: upstream's dict format loads safely; bad files fail with one line naming them."""
+from __future__ import annotations
+
+import argparse
+import os
+from copy import deepcopy
+from datetime import datetime
+
+import numpy as np
+import pytest
+import torch
+
+from models.experimental import attempt_load
+from models.yolo import DetectionModel
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import UserError
+
+
+def _perturbed(cfg: str, nc: int = 3) -> DetectionModel:
+    """A model whose every weight and BN statistic matters for the output."""
+    torch.manual_seed(0)
+    model = DetectionModel(cfg, nc=nc)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.train()
+        model(torch.rand(2, 3, 64, 64))
+    model.names = ["a", "b", "c"][:nc]
+    return model
+
+
+def upstream_style_checkpoint(model: DetectionModel) -> dict:
+    """What upstream's train.py saves each epoch: fp16 model + EMA, optimizer state, numpy fitness."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.937, nesterov=True)
+    return {
+        "epoch": 3,
+        "best_fitness": np.array([0.25]),  # upstream's fitness() returns an ndarray
+        "model": deepcopy(model).half(),
+        "ema": deepcopy(model).eval().half(),
+        "updates": 7,
+        "optimizer": optimizer.state_dict(),
+        "opt": vars(argparse.Namespace(weights="", imgsz=640, hyp={"lr0": 0.01}, freeze=[0], evolve=None)),
+        "git": None,
+        "date": datetime.now().isoformat(),
+    }
+
+
+@pytest.fixture(scope="module")
+def gelan_t():
+    return _perturbed("gelan-t")
+
+
+@pytest.fixture()
+def ckpt_file(tmp_path, gelan_t):
+    path = tmp_path / "last.pt"
+    torch.save(upstream_style_checkpoint(gelan_t), path)  # plain torch.save, as upstream does
+    return path
+
+
+def test_upstream_format_round_trip(ckpt_file, gelan_t):
+    ckpt = load_checkpoint(ckpt_file)
+    assert isinstance(ckpt["best_fitness"], np.ndarray) and ckpt["epoch"] == 3 and ckpt["updates"] == 7
+    assert ckpt["model"].yaml_file == "gelan-t.yaml" and ckpt["model"].names == ["a", "b", "c"]
+    assert next(ckpt["ema"].parameters()).dtype == torch.float16
+
+    x = torch.rand(1, 3, 96, 64)
+    expected = deepcopy(gelan_t).half().float().eval()(x)[0]
+    model = attempt_load(ckpt_file, fuse=False)
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    assert model.names == {0: "a", 1: "b", 2: "c"}
+    assert torch.equal(model(x)[0], expected)
+    fused = attempt_load(ckpt_file)
+    assert (fused(x)[0] - expected).abs().max() < 1e-3
+
+
+def test_plain_state_dict_needs_cfg(tmp_path, gelan_t):
+    path = tmp_path / "sd.pt"
+    torch.save(gelan_t.state_dict(), path)
+    with pytest.raises(UserError, match=r"sd\.pt: holds only a state dict; pass the model YAML"):
+        attempt_load(path)
+    model = attempt_load(path, cfg="gelan-t", fuse=False)  # nc=3 read from the head
+    x = torch.rand(1, 3, 64, 64)
+    assert model.nc == 3 and torch.equal(model(x)[0], deepcopy(gelan_t).eval()(x)[0])
+    with pytest.raises(UserError, match=r"sd\.pt: does not fit gelan-s"):
+        attempt_load(path, cfg="gelan-s")
+
+
+def test_bare_pickled_model_and_our_atomic_save(tmp_path, gelan_t):
+    path = save_checkpoint({"model": deepcopy(gelan_t).half(), "ema": None, "epoch": -1}, tmp_path / "w" / "c.pt")
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temp file left
+    assert attempt_load(path).nc == 3
+    torch.save(deepcopy(gelan_t), tmp_path / "bare.pt")
+    assert isinstance(load_checkpoint(tmp_path / "bare.pt")["model"], DetectionModel)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("these are not weights\n")
+    with pytest.raises(UserError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: not a") and "\n" not in msg
+
+
+def test_truncated_checkpoint(tmp_path, ckpt_file):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpt_file.read_bytes()[: os.path.getsize(ckpt_file) // 2])
+    with pytest.raises(UserError) as err:
+        attempt_load(cut)
+    msg = str(err.value)
+    assert msg.startswith(f"{cut}: not a readable PyTorch checkpoint, truncated") and "\n" not in msg
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_outside_allowlist_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _RunsCode()}, path)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: refuses to unpickle") and "system" in msg and "--unsafe-load" in msg
+    assert "\n" not in msg
+
+    harmless = tmp_path / "fraction.pt"
+    from fractions import Fraction
+
+    torch.save({"model": None, "note": Fraction(1, 3)}, harmless)
+    with pytest.raises(UserError, match="refuses to unpickle fractions.Fraction"):
+        load_checkpoint(harmless)
+    assert load_checkpoint(harmless, unsafe=True)["note"] == Fraction(1, 3)
+    assert "warning" in capsys.readouterr().err
+
+
+def test_missing_file_and_wrong_content(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(UserError, match="holds a list"):
+        load_checkpoint(tmp_path / "list.pt")
+    torch.save({"epoch": 1}, tmp_path / "empty.pt")
+    with pytest.raises(UserError, match="no model in this checkpoint"):
+        attempt_load(tmp_path / "empty.pt")

@@ -1,0 +1,112 @@
+"""Reading and writing checkpoints without running code from the file.
+
+Upstream YOLOv9 checkpoints are pickles of whole modules, and plain ``torch.load`` on a pickle
+can execute anything. Here they are read with ``torch.load(weights_only=True)`` plus an
+allowlist: our model classes, the ``torch.nn`` layers they contain, and the numpy types
+upstream's training loop stores (``best_fitness`` is a numpy array). Anything else named in the
+pickle is refused with one line naming the file, unless the user explicitly asks for
+``unsafe=True`` (``--unsafe-load``).
+
+The checkpoint dict is upstream's: {'epoch', 'best_fitness', 'model', 'ema', 'updates',
+'optimizer', 'opt', 'git', 'date'} with 'model' / 'ema' half-precision modules.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.errors import UserError
+from utils.paths import existing_file
+
+_TORCH_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.Sequential, nn.ModuleList, nn.Upsample, nn.MaxPool2d, nn.Identity,
+                 nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Mish, nn.GELU, nn.Sigmoid, nn.Tanh)
+
+
+def _numpy_globals() -> list:
+    """numpy's array/scalar rebuilders under both module names: numpy 1.x pickles say ``numpy.core``,
+    numpy 2.x ``numpy._core``; released upstream checkpoints were written with 1.x."""
+    core = np._core if hasattr(np, "_core") else np.core
+    rebuild, scalar = core.multiarray._reconstruct, core.multiarray.scalar
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool")]
+    return [np.ndarray, np.dtype, rebuild, scalar, *dtypes,
+            (rebuild, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar"),
+            (rebuild, "numpy._core.multiarray._reconstruct"), (scalar, "numpy._core.multiarray.scalar")]
+
+
+_extra_globals: list = []
+
+
+def register_safe_globals(*objs: Any) -> None:
+    """Allow more classes in checkpoints (e.g. quantized layers); call before ``load_checkpoint``."""
+    _extra_globals.extend(objs)
+
+
+def safe_globals() -> list:
+    """Everything a checkpoint may name: our model classes, their torch layers, numpy arrays."""
+    from models import common, yolo  # late: models import utils, never the other way at import time
+
+    ours = {*yolo.MODULES.values(), yolo.DetectionModel, yolo.BaseModel}
+    ours |= {obj for obj in vars(common).values() if isinstance(obj, type) and obj.__module__ == common.__name__}
+    return [*sorted(ours, key=lambda c: c.__name__), *_TORCH_LAYERS, *_numpy_globals(), *_extra_globals]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_checkpoint(path: str | Path, unsafe: bool = False) -> dict:
+    """The checkpoint dict at ``path`` (a bare pickled module comes back as ``{'model': module}``).
+
+    Raises ``UserError("<path>: ...")`` for a missing file, a file that is not a PyTorch checkpoint
+    (or is truncated), and a pickle naming a global outside the allowlist.
+    """
+    path = existing_file(path, "checkpoint")
+    try:
+        if unsafe:
+            print(f"warning: {path}: --unsafe-load: unpickling without restrictions; "
+                  "this can run code from the file, use it only for files you trust", file=sys.stderr)
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(safe_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        name = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if name:
+            raise UserError(f"{path}: refuses to unpickle {name.group(1)} (not an allowed model class); "
+                            "load it with --unsafe-load only if you trust the file") from None
+        raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # garbage bytes make the unpickler fail in many ways (IndexError, KeyError...)
+        raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or another format "
+                        f"({_first_line(exc)})") from None
+    if isinstance(obj, nn.Module):
+        return {"model": obj}
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict or model")
+    return obj
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> Path:
+    """Write ``obj`` so that ``path`` is either the old file or the complete new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
