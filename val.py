@@ -12,6 +12,7 @@ import copy
 import json
 from pathlib import Path
 
+from models.experimental import attempt_load
 from utils.coco import category_ids, coco_evaluate, ground_truth_to_coco, image_ids, predictions_to_coco
 from utils.data_config import load_data_config, require_split
 from utils.dataloaders import create_dataloader
@@ -24,8 +25,10 @@ from utils.torch_utils import de_parallel, select_device
 TASKS = ("train", "val", "test")
 
 
-def _class_names(model, data: dict) -> list[str]:
-    names = getattr(de_parallel(model), "names", None) or data["names"]
+def _class_names(data: dict) -> list[str]:
+    """The data yaml's names: a model built from a bare YAML only knows '0', '1', ... and the
+    class count has already been checked against the data."""
+    names = data["names"]
     return list(names.values()) if isinstance(names, dict) else list(names)
 
 
@@ -79,8 +82,6 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     if training:
         device = next(model.parameters()).device
     else:
-        from models.experimental import attempt_load
-
         if weights is None:
             raise UserError("val.py: pass --weights (a .pt checkpoint)")
         device = select_device(device)
@@ -92,7 +93,7 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
     half = half and device.type == "cuda"  # CPU kernels for fp16 convolutions are missing or slow
-    names = _class_names(model, data)
+    names = _class_names(data)
     if dataloader is None:
         stride = max(int(de_parallel(model).stride.max()), 32)
         dataloader = _build_dataloader(data, task, imgsz, batch_size, stride, workers)
