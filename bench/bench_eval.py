@@ -140,7 +140,7 @@ def bench_throughput(opt) -> Path:
     one_pass()  # warm-up: cuDNN autotune, worker start-up, page cache
     seconds, result = _timed(one_pass, opt.repeats)
     ips = n_images / seconds
-    name = Path(opt.cfg or opt.weights).stem
+    name = Path(opt.weights or opt.cfg).stem
     print(f"{name}: {ips:.1f} images/s ({n_images} images, batch {opt.batch_size}, imgsz {opt.imgsz}, "
           f"{'FP16' if opt.half else 'FP32'}, median of {opt.repeats} passes); speed/image {result.speed_ms}")
     return write_record(
