@@ -1,6 +1,11 @@
 """The YOLOv9 / GELAN family: exact upstream sizes, output layouts and YAML parsing."""
 from __future__ import annotations
 
+import gzip
+import json
+from copy import deepcopy
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,12 +14,29 @@ import yaml
 from models.common import Conv, RepConvN
 from models.yolo import CONFIG_DIR, DDetect, DetectionModel, DualDDetect, Model, parse_activation
 from utils.errors import UserError
+from utils.torch_utils import count_gflops
+
+GOLDEN = Path(__file__).parent / "golden"
 
 # Parameters of the training form at nc=80, as upstream YOLOv9 reports them.
 PARAMS = {
     "gelan-t": 2_442_640, "gelan-s": 7_226_208, "gelan-m": 20_124_000, "gelan-c": 25_498_752,
     "gelan-e": 58_114_432, "yolov9-t": 3_717_680, "yolov9-s": 9_804_512, "yolov9-m": 32_878_432,
     "yolov9-c": 51_182_080, "yolov9-e": 69_529_664,
+}
+
+# After model.fuse(): parameters and GFLOPs at 640x640 as upstream's model_info prints them for
+# the same configs (checked against upstream's own code; gelan-* are the issue's reference numbers).
+FUSED = {
+    "gelan-t": (2_407_632, 9.8), "gelan-s": (7_105_888, 26.4), "gelan-m": (19_978_672, 76.3),
+    "gelan-c": (25_288_768, 102.1), "gelan-e": (57_345_920, 189.0), "yolov9-t": (3_674_576, 16.2),
+    "yolov9-s": (9_659_168, 39.1), "yolov9-m": (32_667_400, 131.3), "yolov9-c": (50_880_768, 237.6),
+    "yolov9-e": (68_669_632, 241.4),
+}
+# Training-form GFLOPs at 640 (thop's count, which includes BatchNorm), as upstream prints them.
+GFLOPS = {
+    "gelan-t": 10.1, "gelan-s": 27.0, "gelan-m": 77.4, "gelan-c": 103.5, "gelan-e": 192.5,
+    "yolov9-t": 16.5, "yolov9-s": 39.9, "yolov9-m": 133.0, "yolov9-c": 239.9, "yolov9-e": 245.5,
 }
 
 
@@ -37,6 +59,50 @@ def test_training_form_matches_upstream_size(models, name):
     head = model.model[-1]
     assert type(head) is (DualDDetect if name.startswith("yolov9") else DDetect)
     assert head.reg_max == 16 and head.no == 80 + 64 and head.nl == 3
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_state_dict_matches_upstream_manifest(models, name):
+    # tests/golden/*.json.gz: (key, shape) of upstream YOLOv9's own model, in upstream's order
+    with gzip.open(GOLDEN / f"{name}.json.gz", "rt") as f:
+        golden = list(json.load(f).items())
+    ours = [(k, list(v.shape)) for k, v in models[name].state_dict().items()]
+    assert ours == golden
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_fused_size_and_gflops_match_upstream(models, name):
+    model = models[name]
+    assert round(count_gflops(model), 1) == GFLOPS[name]
+    fused = deepcopy(model).eval().fuse()
+    assert (n_params(fused), round(count_gflops(fused), 1)) == FUSED[name]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert all("conv" in m._modules and "conv1" not in m._modules for m in fused.modules() if isinstance(m, RepConvN))
+
+
+def _randomize_statistics(model: nn.Module) -> None:
+    """Non-trivial BN statistics and affine terms, so that a wrong fusion formula shows."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("name", ["gelan-t", "gelan-s", "yolov9-t", "gelan-c"])
+def test_fusing_keeps_outputs(name):
+    torch.manual_seed(0)
+    model = DetectionModel(name, nc=4).eval()
+    _randomize_statistics(model)
+    x = torch.rand(2, 3, 128, 96)
+    with torch.no_grad():
+        before = model(x)[0]
+        after = deepcopy(model).fuse()(x)[0]
+    before, after = (before, after) if name.startswith("gelan") else (before[1], after[1])
+    assert before.shape == after.shape
+    assert (before - after).abs().max() < 1e-3
 
 
 def test_every_bundled_config_is_tested():
