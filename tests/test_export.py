@@ -1,0 +1,234 @@
+"""ONNX export: every config (FP, QAT, End2End NMS, End2End NMS-free), numerics through ONNX Runtime,
+End2End decoding against val.py's postprocessing, dynamic batch, and the Q/DQ clean-up."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from models.experimental_trt import End2End, NMSTail, Prediction, decode_end2end, efficient_nms_reference
+from models.quantize import calibrate, float_conv_names, prepare
+from models.yolo import DetectionModel
+from tools.qdq_lint import SKIP_METADATA_KEY, lint
+from utils.onnx_export import export_onnx, merge_redundant_qdq, trace_prediction
+from utils.paths import ROOT
+from utils.postprocess import no_max_suppression, non_max_suppression
+
+CONFIGS = sorted(p.stem for p in (ROOT / "models" / "detect").glob("*.yaml"))
+ASSETS = ROOT / "tests" / "assets"
+IMGSZ = 64
+NC = 3
+
+
+def build(cfg, quantized: bool, seed: int = 0) -> DetectionModel:
+    """A fused (and, if asked, calibrated QAT-prepared) model whose class scores are not all ~0,
+    so that detections exist above ordinary thresholds."""
+    torch.manual_seed(seed)
+    model = DetectionModel(cfg, nc=NC)
+    head = model.model[-1]
+    for b in range(head.branches):
+        for tower in head.branch(b)[1]:
+            tower[-1].bias.data.zero_()
+    if quantized:
+        prepare(model)
+        gen = torch.Generator().manual_seed(seed)
+        calibrate(model, [torch.rand(2, 3, IMGSZ, IMGSZ, generator=gen)])
+    else:
+        model.fuse()
+    return model.eval()
+
+
+def images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(seed))
+
+
+def run_ort(path, x: torch.Tensor) -> list[torch.Tensor]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in session.run(None, {"images": x.numpy()})]
+
+
+def check_end2end_outputs(model: onnx.ModelProto, k: int) -> None:
+    outs = {o.name: o.type.tensor_type for o in model.graph.output}
+    assert list(outs) == ["num_dets", "det_boxes", "det_scores", "det_classes"]
+    assert outs["num_dets"].elem_type == outs["det_classes"].elem_type == TensorProto.INT32
+    dims = {n: [d.dim_param or d.dim_value for d in t.shape.dim] for n, t in outs.items()}
+    assert dims == {"num_dets": ["batch", 1], "det_boxes": ["batch", k, 4], "det_scores": ["batch", k],
+                    "det_classes": ["batch", k]}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_every_config_exports_fp_qat_and_end2end(cfg, tmp_path):
+    for quantized in (False, True):
+        model = build(f"{cfg}.yaml", quantized)
+        floats = float_conv_names(model) if quantized else []
+        pred = trace_prediction(model, IMGSZ, dynamic=True)
+        for kind in ("raw", "nms", "topk"):
+            file = tmp_path / f"{cfg}-{'qat' if quantized else 'fp'}-{kind}.onnx"
+            result = export_onnx(model, file, postprocess=kind, max_det=20, float_convs=floats, prediction=pred)
+            exported = onnx.load(str(file))
+            onnx.checker.check_model(exported)
+            ops = {n.op_type for n in exported.graph.node}
+            assert ("QuantizeLinear" in ops) == quantized and ("DequantizeLinear" in ops) == quantized
+            assert result.findings == [], f"{cfg} {kind}: {result.findings[:5]}"
+            assert lint(file) == []
+            if kind != "raw":
+                check_end2end_outputs(exported, 20)
+            assert ("EfficientNMS_TRT" in ops) == (kind == "nms") and ("TopK" in ops) == (kind == "topk")
+        if quantized:  # DFL stays float on purpose, and the metadata says so
+            meta = {p.key: p.value for p in exported.metadata_props}
+            assert json.loads(meta[SKIP_METADATA_KEY]) == result.float_convs and len(result.float_convs) >= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory):
+    """FP and QAT gelan-tiny, dual-head yolov9-tiny QAT: dynamic-batch raw and End2End ONNX files."""
+    out = tmp_path_factory.mktemp("export")
+    models, files = {}, {}
+    for name, cfg, quantized in (("fp", "gelan-tiny", False), ("qat", "gelan-tiny", True),
+                                 ("dual-qat", "yolov9-tiny", True)):
+        model = build(ASSETS / f"{cfg}.yaml", quantized)
+        pred = trace_prediction(model, IMGSZ, dynamic=True)
+        floats = float_conv_names(model) if quantized else []
+        for kind in ("raw", "nms", "topk"):
+            files[name, kind] = export_onnx(model, out / f"{name}-{kind}.onnx", postprocess=kind, max_det=30,
+                                            iou_thres=0.5, conf_thres=0.3, float_convs=floats, prediction=pred).path
+        models[name] = model
+    return models, files
+
+
+@pytest.mark.parametrize("name", ["fp", "qat", "dual-qat"])
+def test_onnxruntime_matches_pytorch(tiny_exports, name):
+    models, files = tiny_exports
+    x = images(4)
+    with torch.no_grad():
+        ref = Prediction(models[name])(x)
+    got = run_ort(files[name, "raw"], x)[0]
+    assert got.shape == ref.shape == (4, 4 + NC, 84)
+    err = (got - ref).abs()
+    # FP: float rounding only. QAT: ORT and PyTorch round the same values to the same INT8 grid;
+    # a rare tie flips one step, which stays far below a pixel / a score point.
+    tol = 1e-4 if name == "fp" else 1e-2
+    assert err[:, :4].max() <= tol * ref[:, :4].abs().max(), err.max()
+    assert err[:, 4:].max() <= tol, err[:, 4:].max()
+
+
+@pytest.mark.parametrize("name", ["fp", "qat", "dual-qat"])
+def test_end2end_topk_equals_nms_free_postprocessing(tiny_exports, name):
+    models, files = tiny_exports
+    """The TopK tail decodes exactly like ``no_max_suppression`` on the raw output of the same graph
+    (and, for FP, like it on PyTorch's output; QAT numerics are compared raw in the test above)."""
+    x = images(3)
+    got = decode_end2end(*run_ort(files[name, "topk"], x))
+    from_raw = no_max_suppression(run_ort(files[name, "raw"], x)[0], conf_thres=0.3, max_det=30)
+    assert sum(len(d) for d in got) > 10
+    for g, r in zip(got, from_raw):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-5)
+    if name == "fp":
+        with torch.no_grad():
+            expected = no_max_suppression(Prediction(models[name])(x), conf_thres=0.3, max_det=30)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-4)
+
+
+def _plugin_inputs_model(path) -> tuple[onnx.ModelProto, onnx.NodeProto]:
+    """The End2End NMS graph with the plugin removed and its two inputs made graph outputs."""
+    model = onnx.load(str(path))
+    plugin = next(n for n in model.graph.node if n.op_type == "EfficientNMS_TRT")
+    model.graph.node.remove(plugin)
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in plugin.input)
+    return model, plugin
+
+
+@pytest.mark.parametrize("name", ["fp", "qat"])
+def test_end2end_nms_plugin_node_and_reference_decode(tiny_exports, name):
+    models, files = tiny_exports
+    truncated, plugin = _plugin_inputs_model(files[name, "nms"])
+    attrs = {a.name: helper.get_attribute_value(a) for a in plugin.attribute}
+    assert plugin.domain == "TRT" and attrs["background_class"] == -1 and attrs["box_coding"] == 1
+    assert attrs["score_activation"] == 0 and attrs["max_output_boxes"] == 30
+    assert attrs["iou_threshold"] == pytest.approx(0.5) and attrs["score_threshold"] == pytest.approx(0.3)
+    x = images(3)
+    session = ort.InferenceSession(truncated.SerializeToString(), providers=["CPUExecutionProvider"])
+    boxes, scores = (torch.from_numpy(a) for a in session.run(None, {"images": x.numpy()}))
+    assert boxes.shape == (3, 84, 4) and scores.shape == (3, 84, NC)
+    got = decode_end2end(*efficient_nms_reference(boxes, scores, 0.5, 0.3, 30))
+    with torch.no_grad():
+        pred = Prediction(models[name])(x)
+        torch_e2e = decode_end2end(*End2End(models[name], NMSTail(30, 0.5, 0.3))(x))
+    expected = non_max_suppression(pred, conf_thres=0.3, iou_thres=0.5, multi_label=True, max_det=30)
+    from_graph = non_max_suppression(torch.cat((boxes, scores), 2).transpose(1, 2), conf_thres=0.3, iou_thres=0.5,
+                                     multi_label=True, max_det=30)
+    assert sum(len(d) for d in expected) > 5
+    for g, f, t, e in zip(got, from_graph, torch_e2e, expected):
+        torch.testing.assert_close(t, e)  # PyTorch End2End module == val.py's NMS on the same prediction
+        torch.testing.assert_close(g, f)  # plugin inputs of the ONNX, decoded the plugin's way == val.py's NMS
+        if name == "fp":
+            torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["raw", "topk"])
+def test_dynamic_batch_of_8_equals_8_single_images(tiny_exports, kind):
+    _, files = tiny_exports
+    x = images(8, seed=5)
+    batch = run_ort(files["qat", kind], x)
+    singles = [run_ort(files["qat", kind], x[i:i + 1]) for i in range(8)]
+    if kind == "raw":
+        whole = no_max_suppression(batch[0], 0.3, 30)
+        one_by_one = [no_max_suppression(s[0], 0.3, 30)[0] for s in singles]
+    else:
+        whole = decode_end2end(*batch)
+        one_by_one = [decode_end2end(*s)[0] for s in singles]
+    assert sum(len(d) for d in whole) > 10
+    for w, s in zip(whole, one_by_one):
+        torch.testing.assert_close(w, s, atol=1e-4, rtol=1e-5)
+
+
+def _qdq(nodes, inits, x, scale, tag):
+    inits += [numpy_helper.from_array(np.array(scale, np.float32), f"s{tag}"),
+              numpy_helper.from_array(np.array(0, np.int8), f"z{tag}")]
+    nodes += [helper.make_node("QuantizeLinear", [x, f"s{tag}", f"z{tag}"], [f"q{tag}"], name=f"Q{tag}"),
+              helper.make_node("DequantizeLinear", [f"q{tag}", f"s{tag}", f"z{tag}"], [f"dq{tag}"], name=f"DQ{tag}")]
+    return f"dq{tag}"
+
+
+def test_merge_redundant_qdq_keeps_values_and_removes_duplicates():
+    nodes, inits = [], []
+    a = _qdq(nodes, inits, "x", 0.1, "a")
+    b = _qdq(nodes, inits, "x", 0.1, "b")  # same tensor, same scale: a duplicate pair
+    c = _qdq(nodes, inits, "x", 0.2, "c")  # another scale: must stay
+    d = _qdq(nodes, inits, a, 0.1, "d")  # DQ -> Q with equal parameters: the identity
+    nodes += [helper.make_node("Add", [b, c], ["s1"]), helper.make_node("Add", ["s1", d], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.array([0.04, -1.3, 2.26, 0.5], np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert merge_redundant_qdq(model) == 2
+    onnx.checker.check_model(model)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("tool", ["onnxsim", "onnxslim"])
+def test_simplifiers_keep_qdq_and_pass_lint(tiny_exports, tool, tmp_path):
+    models, files = tiny_exports
+    floats = float_conv_names(models["qat"])
+    pred = trace_prediction(models["qat"], IMGSZ, dynamic=True)
+    result = export_onnx(models["qat"], tmp_path / f"{tool}.onnx", simplify=tool, float_convs=floats, prediction=pred)
+    assert result.findings == [] and result.qdq_pairs > 50
+    x = images(2)
+    torch.testing.assert_close(run_ort(result.path, x)[0], run_ort(files["qat", "raw"], x)[0], atol=1e-3, rtol=1e-4)
+
+
+def test_opset_below_13_is_refused(tiny_exports, tmp_path):
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="opset"):
+        export_onnx(tiny_exports[0]["qat"], tmp_path / "m.onnx", IMGSZ, opset=12)

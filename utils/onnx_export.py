@@ -1,0 +1,319 @@
+"""Export a detection model (FP, PTQ or QAT) to ONNX for TensorRT, then clean and lint the graph.
+
+Fake quantization becomes QuantizeLinear/DequantizeLinear pairs through Model Optimizer's
+TensorQuantizer symbolic, which only the TorchScript exporter calls (``dynamo=False``). Tied
+quantizers (one scale shared by several readers of a tensor) come out as one Q/DQ pair per
+reader; ``merge_redundant_qdq`` folds those into one pair, so TensorRT sees a single
+quantization of that tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+import onnx.compose
+import torch
+import torch.nn as nn
+
+from models.experimental_trt import END2END_OUTPUTS, NMSTail, Prediction, TopKTail
+from tools.qdq_lint import SKIP_METADATA_KEY, Finding, lint, to_json, to_markdown
+from utils.errors import UserError
+from utils.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, same_qparams
+
+POSTPROCESS_KINDS = ("raw", "nms", "topk")
+MIN_OPSET = 13  # per-channel (axis) QuantizeLinear
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    quantized: bool
+    qdq_pairs: int
+    merged_qdq: int
+    findings: list[Finding] = field(default_factory=list)
+    float_convs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PredictionGraph:
+    """The traced and cleaned raw-prediction ONNX of a model; End2End exports extend it."""
+
+    model: onnx.ModelProto
+    example: torch.Tensor  # the prediction on the zero image batch, for tracing a tail
+    imgsz: tuple[int, int]
+    dynamic: bool
+    opset: int
+    merged_qdq: int
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    return model.model[-1]
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module, example: torch.Tensor) -> Iterator[nn.Module]:
+    """Eval mode, head returning only the prediction, anchors computed once for ``example``'s size
+    (so they become constants and only the batch dimension stays dynamic); restored afterwards."""
+    head = head_of(model)
+    saved = (model.training, head.export, head.dynamic)
+    model.eval()
+    head.export, head.dynamic = True, False
+    try:
+        with torch.no_grad():
+            model(example)
+        yield model
+    finally:
+        model.train(saved[0])
+        head.export, head.dynamic = saved[1], saved[2]
+
+
+def _trace(module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str], dynamic: bool,
+           opset: int) -> onnx.ModelProto:
+    module.eval()  # the exporter restores the wrapper's mode afterwards, and with it the model's
+    with torch.no_grad():
+        outputs = module(example)
+    shapes = [tuple(t.shape) for t in (outputs if isinstance(outputs, (tuple, list)) else [outputs])]
+    axes = {n: {0: "batch"} for n in [input_name, *output_names]} if dynamic else None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on constant shapes
+        torch.onnx.export(module, example, buffer, opset_version=opset, input_names=[input_name],
+                          output_names=output_names, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
+    model = onnx.load_from_string(buffer.getvalue())
+    _declare_output_shapes(model, shapes, dynamic)
+    return model
+
+
+def trace_prediction(model: nn.Module, imgsz: int | tuple[int, int] = 640, batch_size: int = 1,
+                     dynamic: bool = False, opset: int = 17) -> PredictionGraph:
+    """Trace the model's main prediction to ONNX ('images' -> 'output0'), drop Identity nodes and
+    merge redundant Q/DQ pairs. Quantizers become Q/DQ through Model Optimizer's symbolic, which
+    only the TorchScript exporter (``dynamo=False``) calls."""
+    if opset < MIN_OPSET:
+        raise UserError(f"--opset {opset}: Q/DQ with per-channel weights needs opset >= {MIN_OPSET}")
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    example = torch.zeros(batch_size, 3, h, w, device=next(model.parameters()).device)
+    with export_mode(model, example):
+        wrapper = Prediction(model)
+        graph = _trace(wrapper, example, "images", ["output0"], dynamic, opset)
+        with torch.no_grad():
+            prediction = wrapper(example)
+    drop_identities(graph)
+    merged = merge_redundant_qdq(graph)
+    return PredictionGraph(graph, prediction, (h, w), dynamic, opset, merged)
+
+
+def tail_for(postprocess: str, anchors: int, max_det: int, iou_thres: float, conf_thres: float) -> nn.Module | None:
+    """The End2End tail of a postprocess kind ('raw' has none)."""
+    if postprocess == "raw":
+        return None
+    if postprocess == "nms":
+        return NMSTail(max_det, iou_thres, conf_thres)
+    if postprocess == "topk":
+        return TopKTail(min(max_det, anchors), conf_thres)
+    raise UserError(f"postprocess={postprocess!r}: expected one of {POSTPROCESS_KINDS}")
+
+
+def append_tail(pred: PredictionGraph, tail: nn.Module) -> onnx.ModelProto:
+    """The prediction graph with ``tail`` traced on its output and joined onto it."""
+    tail_graph = _trace(tail, pred.example, "prediction", list(END2END_OUTPUTS), pred.dynamic, pred.opset)
+    tail_graph.ir_version = pred.model.ir_version
+    # the tail's internal names would collide with the model's ('/Constant_output_0'...); its outputs keep theirs
+    tail_graph = onnx.compose.add_prefix(tail_graph, "end2end/", rename_inputs=False, rename_outputs=False)
+    return onnx.compose.merge_models(pred.model, tail_graph, io_map=[("output0", "prediction")])
+
+
+def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int] = 640, batch_size: int = 1,
+                dynamic: bool = False, opset: int = 17, postprocess: str = "raw", max_det: int = 100,
+                iou_thres: float = 0.45, conf_thres: float = 0.25, simplify: str | None = None,
+                float_convs: list[str] | None = None, metadata: dict | None = None,
+                prediction: PredictionGraph | None = None) -> ExportResult:
+    """Write the ONNX of ``model`` (raw, or End2End with an NMS / TopK tail) to ``file``, lint it,
+    and write the lint report beside it.
+
+    ``prediction``: a ``trace_prediction`` result to reuse (tracing a QAT model is the slow part).
+    ``float_convs``: module names of convolutions kept in floating point on purpose; they are
+    recorded in the ONNX metadata so the lint does not report them.
+    """
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    pred = prediction or trace_prediction(model, imgsz, batch_size, dynamic, opset)
+    tail = tail_for(postprocess, pred.example.shape[-1], max_det, iou_thres, conf_thres)
+    onnx_model = append_tail(pred, tail) if tail is not None else copy.deepcopy(pred.model)
+    if simplify:
+        onnx_model = simplify_onnx(onnx_model, simplify)
+    quantized = _has_quantizers(model)
+    skipped = conv_nodes_for(onnx_model, float_convs or [])
+    meta = {"stride": [int(s) for s in head_of(model).stride], "names": list(getattr(model, "names", [])),
+            "imgsz": list(pred.imgsz), "batch": "dynamic" if pred.dynamic else int(pred.example.shape[0]), "postprocess": postprocess,
+            "quantized": quantized, **(metadata or {})}
+    if tail is not None:
+        meta.update(max_det=getattr(tail, "max_det"), iou_thres=iou_thres, conf_thres=conf_thres)
+    _set_metadata(onnx_model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    _set_metadata(onnx_model, {SKIP_METADATA_KEY: json.dumps(skipped)})
+    onnx.checker.check_model(onnx_model)
+    pairs = sum(n.op_type == QUANTIZE for n in onnx_model.graph.node)
+    if quantized and pairs == 0:
+        raise RuntimeError(f"{file}: the model is quantized but the ONNX has no QuantizeLinear nodes")
+    onnx.save(onnx_model, str(file))
+    findings = lint(onnx_model)
+    file.with_suffix(".qdq_lint.md").write_text(to_markdown(findings, file.name))
+    file.with_suffix(".qdq_lint.json").write_text(json.dumps(to_json(findings, str(file)), indent=2) + "\n")
+    return ExportResult(file, quantized, pairs, pred.merged_qdq, findings, skipped)
+
+
+def _has_quantizers(model: nn.Module) -> bool:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
+
+
+def _declare_output_shapes(model: onnx.ModelProto, shapes: list[tuple[int, ...]], dynamic: bool) -> None:
+    """Write the traced output shapes into the graph outputs; the exporter leaves plugin outputs
+    (and dims it could not infer) symbolic, and TensorRT / Triton users read these shapes."""
+    for out, shape in zip(model.graph.output, shapes):
+        dims = out.type.tensor_type.shape.dim
+        del dims[:]
+        for i, size in enumerate(shape):
+            dim = dims.add()
+            if i == 0 and dynamic:
+                dim.dim_param = "batch"
+            else:
+                dim.dim_value = size
+
+
+def drop_identities(model: onnx.ModelProto) -> int:
+    """Remove Identity nodes (left where BatchNorm was fused) whose output is not a graph output."""
+    outputs = {o.name for o in model.graph.output}
+    ids = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in outputs]
+    source = {n.output[0]: n.input[0] for n in ids}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            while name in source:  # chains of Identity collapse to their first input
+                name = source[name]
+            node.input[i] = name
+    _drop(model, ids)
+    return len(ids)
+
+
+def _set_metadata(model: onnx.ModelProto, items: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in items]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in items.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def merge_redundant_qdq(model: onnx.ModelProto) -> int:
+    """Fold Q/DQ pairs that quantize the same tensor with the same parameters into one; drop a
+    DQ -> Q chain with equal parameters (exactly the identity). Returns the pairs removed."""
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        g = GraphIndex(model.graph)
+        for tensor, readers in g.consumers.items():
+            qs = [n for n in readers if n.op_type == QUANTIZE and n.input[0] == tensor]
+            for q in qs[1:]:
+                if same_qparams(g.qparams(q), g.qparams(qs[0])) and _axis(q) == _axis(qs[0]):
+                    removed += _redirect_pair(model, g, q, qs[0])
+                    changed = True
+                    break
+            if changed:
+                break
+            if g.op_of(tensor) == DEQUANTIZE:
+                dq = g.producer[tensor]
+                for q in qs:
+                    if same_qparams(g.qparams(q), g.qparams(dq)) and _axis(q) == _axis(dq):
+                        removed += _bypass_requantize(model, g, q, tensor)
+                        changed = True
+                        break
+            if changed:
+                break
+    return removed
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+    for out in model.graph.output:
+        if out.name == old:  # keep graph output names: route through an Identity
+            model.graph.node.append(onnx.helper.make_node("Identity", [new], [old]))
+
+
+def _drop(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    ids = {id(n) for n in nodes}
+    keep = [n for n in model.graph.node if id(n) not in ids]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _redirect_pair(model: onnx.ModelProto, g: GraphIndex, dup_q: onnx.NodeProto, kept_q: onnx.NodeProto) -> int:
+    """Readers of ``dup_q``'s DQ read ``kept_q``'s DQ instead."""
+    kept_dq = next((d for d in g.consumers.get(kept_q.output[0], []) if d.op_type == DEQUANTIZE), None)
+    dup_dqs = [d for d in g.consumers.get(dup_q.output[0], []) if d.op_type == DEQUANTIZE]
+    if kept_dq is None or len(dup_dqs) != len(g.consumers.get(dup_q.output[0], [])):
+        return 0
+    for dq in dup_dqs:
+        _rename_input(model, dq.output[0], kept_dq.output[0])
+    _drop(model, [dup_q, *dup_dqs])
+    return 1
+
+
+def _bypass_requantize(model: onnx.ModelProto, g: GraphIndex, q: onnx.NodeProto, dequantized: str) -> int:
+    dqs = [d for d in g.consumers.get(q.output[0], []) if d.op_type == DEQUANTIZE]
+    if len(dqs) != len(g.consumers.get(q.output[0], [])):
+        return 0
+    for dq in dqs:
+        _rename_input(model, dq.output[0], dequantized)
+    _drop(model, [q, *dqs])
+    return 1
+
+
+def simplify_onnx(model: onnx.ModelProto, tool: str) -> onnx.ModelProto:
+    """Run onnxsim ('onnxsim') or onnxslim ('onnxslim') and keep the metadata."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if tool == "onnxsim":
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model)
+        if not ok:
+            raise RuntimeError("onnxsim could not validate the simplified model")
+    elif tool == "onnxslim":
+        import onnxslim
+
+        simplified = onnxslim.slim(model)
+    else:
+        raise UserError(f"simplify={tool!r}: expected 'onnxsim' or 'onnxslim'")
+    _set_metadata(simplified, meta)
+    return simplified
+
+
+def conv_nodes_for(model: onnx.ModelProto, module_names: list[str]) -> list[str]:
+    """ONNX Conv node names of the given conv modules, found through their weight initializers
+    (the exporter names those ``<module>.weight``); modules pruned from the graph are absent."""
+    wanted = {f"{name}.weight" for name in module_names}
+    g = GraphIndex(model.graph)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        weight = node.input[1]
+        while g.op_of(weight) in (QUANTIZE, DEQUANTIZE):
+            weight = g.producer[weight].input[0]
+        if weight in wanted or any(weight.endswith("." + w) for w in wanted):  # wrappers prefix "model."
+            found.append(node.name)
+    return found
