@@ -33,6 +33,11 @@ CONFIG_DIR = ROOT / "models" / "detect"
 # ----------------------------------------------------------------------------------------------
 
 
+def _unwrap(items: list):
+    """A single branch's value as is, several as a list (upstream's output nesting)."""
+    return items[0] if len(items) == 1 else items
+
+
 class Detect(nn.Module):
     """Anchor-free head: per level a box tower (4 x reg_max DFL logits) and a class tower.
 
@@ -111,10 +116,6 @@ class Detect(nn.Module):
             for a, c, s in zip(box, cls, self.stride):
                 a[-1].bias.data[:] = 1.0
                 c[-1].bias.data[:self.nc] = math.log(5 / self.nc / (640 / s) ** 2)
-
-
-def _unwrap(items: list):
-    return items[0] if len(items) == 1 else items
 
 
 class DDetect(Detect):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import zipfile
 from copy import deepcopy
 from datetime import datetime
 
@@ -71,6 +73,25 @@ def test_upstream_format_round_trip(ckpt_file, gelan_t):
     assert torch.equal(model(x)[0], expected)
     fused = attempt_load(ckpt_file)
     assert (fused(x)[0] - expected).abs().max() < 1e-3
+
+
+def test_numpy_1x_names_in_released_checkpoints(tmp_path):
+    # Released upstream weights were pickled under numpy 1.x, which names 'numpy.core.multiarray';
+    # numpy 2 writes 'numpy._core.multiarray'. Rewrite the names to get a numpy-1.x style file.
+    buf = io.BytesIO()
+    torch.save({"best_fitness": np.array([0.5]), "scalar": np.float64(0.25)}, buf)
+    path = tmp_path / "np1.pt"
+    renamed = 0
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(path, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                renamed = data.count(b"numpy._core.multiarray")
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(item, data)
+    assert renamed == 2
+    ckpt = load_checkpoint(path)
+    assert ckpt["best_fitness"].tolist() == [0.5] and ckpt["scalar"] == 0.25
 
 
 def test_plain_state_dict_needs_cfg(tmp_path, gelan_t):
