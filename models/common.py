@@ -98,7 +98,7 @@ class RepConvN(nn.Module):
     """Re-parameterisable 3x3 conv: a 3x3 and a 1x1 Conv+BN branch summed; ``fuse_convs`` merges them.
 
     ``bn`` is the identity branch of RepVGG; YOLOv9 never uses it but upstream pickles carry the
-    attribute (always None), so it is kept.
+    attribute (always None), so it is kept, as are the unused ``bn`` / ``deploy`` arguments.
     """
 
     default_act = nn.SiLU()
