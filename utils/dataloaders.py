@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 from utils.augment import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
@@ -165,8 +166,21 @@ class YoloDataset(Dataset):
         img = np.ascontiguousarray(img.transpose((2, 0, 1))[::-1])  # HWC BGR -> CHW RGB
         return torch.from_numpy(img), targets, self.im_files[index], shapes
 
+    def cache_images(self) -> int:
+        """Decode and resize every image once into RAM (``train.py --cache ram``); returns the bytes held.
+
+        Call before the first batch: the loader's workers start then and inherit the cache.
+        """
+        images = [self.load_image(i) for i in tqdm(range(len(self)), desc="caching images", leave=False)]
+        self._cached = images
+        return sum(im.nbytes for im, _ in images)
+
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
         """BGR image with its longest side resized to ``img_size``, and its original (h, w)."""
+        cached = getattr(self, "_cached", None)  # set by cache_images()
+        if cached is not None:
+            im, hw = cached[i]
+            return im.copy(), hw  # augmentations write into the image in place
         f = self.im_files[i]
         im = cv2.imread(f)
         if im is None:  # formats OpenCV lacks but PIL read during the scan

@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import json
 import random
+import shlex
+import sys
+import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,7 @@ DEFAULTS: dict = dict(
     weights="", cfg="", data=str(ROOT / "data/coco.yaml"), hyp=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
     epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
     exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, patience=100,
-    sync_bn=False, amp="bf16", noval=False,
+    sync_bn=False, amp="bf16", noval=False, cache="",
 )
 # Options that describe the machine, not the run: a resumed run takes them from the new command.
 MACHINE_OPTIONS = ("device", "workers")
@@ -155,6 +159,12 @@ def build_model(opt: argparse.Namespace, nc: int, resume_ckpt: dict | None) -> n
     return DetectionModel(opt.cfg, ch=3, nc=nc)
 
 
+def cache_images(dataset, split: str) -> None:
+    """--cache ram: decode every image once; small sets (BCCD) then train at GPU speed, not JPEG speed."""
+    nbytes = dataset.cache_images()
+    LOGGER.info(f"{split}: cached {len(dataset)} images in RAM ({nbytes / 1e9:.2f} GB)")
+
+
 def check_imgsz(imgsz: int, stride: int) -> int:
     """Round the image size up to a multiple of the largest stride, as the anchors need."""
     fixed = max(int(np.ceil(imgsz / stride) * stride), 2 * stride)
@@ -240,6 +250,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
     from utils.data_config import load_data_config, load_hyp, require_split
     from utils.dataloaders import create_dataloader
 
+    t_start = time.perf_counter()
     ckpt = None
     if opt.resume:
         opt, ckpt, save_dir = _resume(opt)
@@ -254,6 +265,8 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
     opt.hyp = hyp  # the checkpoint carries the values, not a path that may change
     data = load_data_config(opt.data)
     nc, names = data["nc"], data["names"]
+    if opt.epochs < 1 or opt.batch_size < 1:
+        raise UserError(f"--epochs {opt.epochs} --batch-size {opt.batch_size}: both must be at least 1")
     if opt.batch_size % info.world_size:
         raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
     if info.is_main:
@@ -300,9 +313,14 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
     loss_fn = build_loss(model)
     evaluator = None
     if info.is_main:
-        val_loader = create_dataloader(require_split(data, "val"), imgsz, batch_per_rank * 2, stride, hyp=hyp,
-                                       rect=True, pad=0.5, workers=opt.workers, prefix="val: ", nc=nc)[0]
+        val_loader, val_dataset = create_dataloader(require_split(data, "val"), imgsz, batch_per_rank * 2, stride,
+                                                    hyp=hyp, rect=True, pad=0.5, workers=opt.workers,
+                                                    prefix="val: ", nc=nc)
         evaluator = Evaluator(data, imgsz, batch_per_rank * 2, val_loader, loss_fn, opt.epochs, opt.noval)
+        if opt.cache:
+            cache_images(val_dataset, "val")
+    if opt.cache:
+        cache_images(dataset, "train")
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -359,12 +377,27 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
             break
 
     if info.is_main:
+        write_summary(save_dir / "train_summary.json", opt, state.start_epoch, epoch, best_epoch, best_fitness,
+                      time.perf_counter() - t_start, info.world_size, device)
         for f in (last, best):
             if f.exists():
                 finalize_checkpoint(f)
         if best.exists():
             evaluator.final(best, device, save_dir)
     return save_dir
+
+
+def write_summary(path: Path, opt: argparse.Namespace, start_epoch: int, last_epoch: int, best_epoch: int,
+                  best_fitness: float, seconds: float, world_size: int, device: torch.device) -> None:
+    """How the run went, for benchmark records: the command, epochs done, wall time of this session."""
+    summary = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "cfg": opt.cfg, "data": opt.data, "epochs": opt.epochs, "start_epoch": start_epoch,
+        "last_epoch": last_epoch, "best_epoch": best_epoch, "best_fitness": best_fitness,
+        "train_seconds": round(seconds, 1), "processes": world_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 @dataclass
@@ -395,8 +428,6 @@ class Evaluator:
 
     def final(self, best: Path, device: torch.device, save_dir: Path) -> None:
         """best.pt on the validation split with per-class table, plots and best_val.json."""
-        import json
-
         import val
         from utils.checkpoint import load_checkpoint
 

@@ -1,0 +1,217 @@
+"""Training benchmarks (GPU; the lead runs them on the device).
+
+throughput (~2 min on one H100): images/s of the real training step (augmenting dataloader,
+forward, TAL loss, backward, optimizer, EMA) for a model built from --cfg, after --warmup
+iterations, over --iters timed iterations; also the step alone on one repeated batch:
+
+    python bench/bench_train.py throughput --cfg gelan-c.yaml --data data/coco128.yaml \
+        --imgsz 640 --batch-size 32 --workers 16
+    -> bench/results/train_throughput_gelan-c.json
+
+ddp (~4 min on two H100s): the same measurement with one GPU, then with torchrun on two
+(the same batch per GPU), and the ratio of total images/s:
+
+    python bench/bench_train.py ddp --cfg gelan-c.yaml --data data/coco128.yaml --batch-size 32
+    -> bench/results/ddp_speedup_2gpu.json
+
+bccd (~20 s): after `python train.py ... --data <bccd yaml>` finished, evaluate the run's
+best.pt on the BCCD test split and record mAP50 and mAP50-95 with the run's train command:
+
+    python bench/bench_train.py bccd --run runs/train/bccd --data runs/data/bccd/data.yaml
+    -> bench/results/train_bccd_map50.json, train_bccd_map50_95.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.record import write_record  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.paths import ROOT  # noqa: E402
+
+
+def measure_throughput(args: argparse.Namespace) -> dict:
+    """images/s of training on this process's device (all ranks summed under torchrun)."""
+    import torch
+    import torch.distributed as dist
+
+    from models.yolo import DetectionModel
+    from utils.data_config import load_data_config, load_hyp, require_split
+    from utils.dataloaders import create_dataloader
+    from utils.distributed import init_distributed, shutdown
+    from utils.ema import ModelEMA
+    from utils.engine import make_precision, train_one_epoch
+    from utils.loss_tal import build_loss
+    from utils.optim import build_optimizer
+    from utils.torch_utils import select_device
+    from utils.trainer import NOMINAL_BATCH
+
+    device = select_device(args.device)
+    info = init_distributed(device)
+    try:
+        data = load_data_config(args.data)
+        hyp = load_hyp(args.hyp)
+        torch.manual_seed(0)
+        model = DetectionModel(args.cfg, nc=data["nc"]).to(device)
+        model.hyp = hyp
+        loss_fn = build_loss(model)
+        optimizer = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+        ema = ModelEMA(model) if info.is_main else None
+        precision = make_precision(device, args.amp)
+        loader, _ = create_dataloader(require_split(data, "train"), args.imgsz, args.batch_size, 32, hyp=hyp,
+                                      augment=True, workers=args.workers, shuffle=True, rank=info.local_rank,
+                                      nc=data["nc"])
+        if info.distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.backends.cudnn.benchmark = True
+        accumulate = max(round(NOMINAL_BATCH / (args.batch_size * info.world_size)), 1)  # as train.py steps
+        step = dict(device=device, precision=precision, ema=ema, accumulate=accumulate, world_size=info.world_size,
+                    progress=False)
+
+        def run(iters: int) -> tuple[int, float]:
+            """Train ``iters`` batches across epoch boundaries; (images, seconds) on this rank."""
+            images, start, epoch = 0, time.perf_counter(), 0
+            while iters > 0:
+                stats = train_one_epoch(model, loader, loss_fn, optimizer, epoch=epoch, max_iters=iters, **step)
+                images, iters, epoch = images + stats.images, iters - stats.iters, epoch + 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return images, time.perf_counter() - start
+
+        run(args.warmup)
+        images, seconds = run(args.iters)
+        fixed = fixed_batch_rate(model, loader, loss_fn, optimizer, step, args) if not info.distributed else None
+        if info.distributed:
+            totals = torch.tensor([float(images), seconds], device=device if device.type == "cuda" else "cpu")
+            dist.all_reduce(totals[:1])
+            dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
+            images, seconds = int(totals[0].item()), float(totals[1].item())
+        return {"images_per_s": images / seconds, "images": images, "seconds": seconds,
+                "fixed_batch_images_per_s": fixed, "processes": info.world_size,
+                "memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0}
+    finally:
+        shutdown(info)
+
+
+def fixed_batch_rate(model, loader, loss_fn, optimizer, step: dict, args) -> float:
+    """images/s of the step alone: one batch repeated, so the dataloader cannot be the limit."""
+    import torch
+
+    from utils.engine import train_one_epoch
+
+    repeated = [next(iter(loader))] * args.iters  # a list is a loader: sized and iterable
+    start = time.perf_counter()
+    stats = train_one_epoch(model, repeated, loss_fn, optimizer, **step)
+    if step["device"].type == "cuda":
+        torch.cuda.synchronize(step["device"])
+    return stats.images / (time.perf_counter() - start)
+
+
+def model_name(cfg: str) -> str:
+    return Path(cfg).stem
+
+
+def cmd_throughput(args: argparse.Namespace) -> None:
+    result = measure_throughput(args)
+    if args.worker_out:  # child of the ddp mode: hand the numbers back
+        if int(os.environ.get("RANK", 0)) == 0:
+            Path(args.worker_out).write_text(json.dumps(result))
+        return
+    path = write_record(f"train_throughput_{model_name(args.cfg)}", result["images_per_s"], "images/s",
+                        model_name(args.cfg), Path(args.data).stem, extra={**result, **settings(args)},
+                        results_dir=args.results_dir)
+    print(f"{result['images_per_s']:.1f} images/s end-to-end, {result['fixed_batch_images_per_s']:.1f} images/s "
+          f"on a repeated batch -> {path}")
+
+
+def settings(args: argparse.Namespace) -> dict:
+    return {"imgsz": args.imgsz, "batch_size_per_gpu": args.batch_size, "amp": args.amp, "workers": args.workers,
+            "warmup_iters": args.warmup, "timed_iters": args.iters}
+
+
+def cmd_ddp(args: argparse.Namespace) -> None:
+    """One GPU, then two under torchrun, each in a fresh process with the same arguments."""
+    common = [sys.argv[0], "throughput", "--cfg", args.cfg, "--data", args.data, "--hyp", args.hyp,
+              "--imgsz", str(args.imgsz), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+              "--warmup", str(args.warmup), "--iters", str(args.iters), "--amp", args.amp]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, 2):
+            out = Path(tmp) / f"{n}.json"
+            launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                          "--nproc_per_node", str(n)]
+            device = "0" if n == 1 else ",".join(str(i) for i in range(n))
+            subprocess.run([*launcher, *common, "--device", device, "--worker-out", str(out)], check=True, cwd=ROOT)
+            results[n] = json.loads(out.read_text())
+    speedup = results[2]["images_per_s"] / results[1]["images_per_s"]
+    extra = {"one_gpu": results[1], "two_gpus": results[2], **settings(args)}
+    path = write_record("ddp_speedup_2gpu", speedup, "x", model_name(args.cfg), Path(args.data).stem, extra=extra,
+                        results_dir=args.results_dir)
+    print(f"1 GPU {results[1]['images_per_s']:.1f} images/s, 2 GPUs {results[2]['images_per_s']:.1f} images/s: "
+          f"speed-up {speedup:.2f}x -> {path}")
+
+
+def cmd_bccd(args: argparse.Namespace) -> None:
+    """Record best.pt's mAP on the test split, with the train command and time from train_summary.json."""
+    import val
+
+    run = Path(args.run)
+    best, summary_file = run / "weights" / "best.pt", run / "train_summary.json"
+    if not best.is_file() or not summary_file.is_file():
+        raise UserError(f"{run}: no weights/best.pt and train_summary.json; did train.py finish there?")
+    summary = json.loads(summary_file.read_text())
+    result = val.run(args.data, weights=str(best), task="test", imgsz=args.imgsz, batch_size=32, device=args.device,
+                     project=str(run), name="test", exist_ok=True)
+    command = args.train_command or summary["command"]
+    model = model_name(summary["cfg"])
+    extra = {"split": "test", "images": result.images, "instances": result.instances, "imgsz": args.imgsz,
+             "weights": str(best), "train": summary, "per_class": result.per_class}
+    for name, value in (("train_bccd_map50", result.map50), ("train_bccd_map50_95", result.map50_95)):
+        path = write_record(name, value, "mAP", model, "BCCD test", command=command, extra=extra,
+                            results_dir=args.results_dir)
+        print(f"{name}: {value:.4f} -> {path}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    for mode in ("throughput", "ddp"):
+        s = sub.add_parser(mode)
+        s.add_argument("--cfg", default="gelan-c.yaml")
+        s.add_argument("--data", default=str(ROOT / "data/coco128.yaml"))
+        s.add_argument("--hyp", default=str(ROOT / "data/hyps/hyp.scratch-high.yaml"))
+        s.add_argument("--imgsz", type=int, default=640)
+        s.add_argument("--batch-size", type=int, default=32, help="per GPU")
+        s.add_argument("--workers", type=int, default=16)
+        s.add_argument("--warmup", type=int, default=10, help="untimed iterations first")
+        s.add_argument("--iters", type=int, default=50, help="timed iterations")
+        s.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
+        s.add_argument("--device", default="0")
+        s.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
+        s.add_argument("--results-dir", type=Path, default=None)
+    s = sub.add_parser("bccd")
+    s.add_argument("--run", required=True, help="the train.py run folder (runs/train/<name>)")
+    s.add_argument("--data", required=True, help="BCCD data yaml written by tools/voc2yolo.py")
+    s.add_argument("--imgsz", type=int, default=640)
+    s.add_argument("--device", default="0")
+    s.add_argument("--train-command", default="", help="record this instead of the command in train_summary.json")
+    s.add_argument("--results-dir", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    {"throughput": cmd_throughput, "ddp": cmd_ddp, "bccd": cmd_bccd}[args.mode](args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

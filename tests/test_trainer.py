@@ -1,0 +1,144 @@
+"""Whole training runs on eight COCO128 images: files written, exact resume, weights transfer, CLI errors, DDP."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+from utils.trainer import build_model, make_options, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "assets" / "gelan-tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_yaml(coco128_dir, tmp_path_factory) -> Path:
+    """Eight COCO128 images as both train and val split."""
+    folder = tmp_path_factory.mktemp("data")
+    images = sorted((coco128_dir / "images" / "train2017").glob("*.jpg"))[:8]
+    (folder / "eight.txt").write_text("".join(f"{p.resolve()}\n" for p in images))
+    names = yaml.safe_load((coco128_dir / "coco128.yaml").read_text())["names"]
+    path = folder / "data.yaml"
+    path.write_text(yaml.safe_dump({"path": str(folder), "train": "eight.txt", "val": "eight.txt", "names": names}))
+    return path
+
+
+def run_kwargs(data_yaml: Path, project: Path, **extra) -> dict:
+    return dict(cfg=TINY, data=str(data_yaml), epochs=2, batch_size=4, imgsz=64, device="cpu", workers=0,
+                project=str(project), **extra)
+
+
+def csv_rows(run: Path) -> list[dict]:
+    with open(run / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after_first_epoch(epoch: int, metrics: dict) -> None:
+    if epoch == 0:
+        raise Interrupt
+
+
+@pytest.fixture(scope="module")
+def runs(data_yaml, tmp_path_factory) -> dict:
+    """One uninterrupted 2-epoch run, and one interrupted after epoch 1 (state kept) then resumed.
+
+    Only the uninterrupted run caches its images in RAM, so equal results also show that the cache
+    feeds the same pixels as reading the files.
+    """
+    project = tmp_path_factory.mktemp("runs")
+    full = train(**run_kwargs(data_yaml, project, name="full", cache="ram"))
+    with pytest.raises(Interrupt):
+        train(on_epoch_end=stop_after_first_epoch, **run_kwargs(data_yaml, project, name="cut"))
+    cut = project / "cut"
+    interrupted = {"ckpt": load_checkpoint(cut / "weights" / "last.pt"), "rows": csv_rows(cut)}
+    snapshot = project / "cut_snapshot"
+    shutil.copytree(cut, snapshot)
+    resumed = train(resume=str(cut / "weights" / "last.pt"), device="cpu", workers=0)
+    return {"full": full, "cut": cut, "resumed": resumed, "interrupted": interrupted, "snapshot": snapshot}
+
+
+def test_run_writes_results_and_safe_loading_checkpoints(runs):
+    run = runs["full"]
+    rows = csv_rows(run)
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert all(float(rows[-1][k]) > 0 for k in ("train/box_loss", "train/cls_loss", "train/dfl_loss"))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(run / "weights" / name)  # weights_only loader with the model allowlist
+        assert ckpt["epoch"] == -1 and ckpt["optimizer"] is None  # finished: training state stripped
+        assert next(ckpt["model"].parameters()).dtype == torch.float16
+        assert ckpt["model"].names[0] == "person" and ckpt["model"].nc == 80
+    assert (run / "hyp.yaml").is_file() and (run / "opt.yaml").is_file() and (run / "best_val.json").is_file()
+
+
+def test_interrupted_run_kept_its_state(runs):
+    ckpt, rows = runs["interrupted"]["ckpt"], runs["interrupted"]["rows"]
+    assert ckpt["epoch"] == 0 and len(rows) == 1
+    assert ckpt["optimizer"] is not None and ckpt["updates"] > 0
+    assert next(ckpt["model"].parameters()).dtype == torch.float32  # exact weights for --resume
+    assert ckpt["opt"]["epochs"] == 2
+
+
+def test_resume_reaches_the_same_epochs_and_weights(runs):
+    assert runs["resumed"] == runs["cut"]
+    full_rows, resumed_rows = csv_rows(runs["full"]), csv_rows(runs["resumed"])
+    assert [r["epoch"] for r in resumed_rows] == ["0", "1"]
+    assert resumed_rows == full_rows  # the same losses, metrics and learning rates, epoch by epoch
+    a = load_checkpoint(runs["full"] / "weights" / "last.pt")["model"].state_dict()
+    b = load_checkpoint(runs["resumed"] / "weights" / "last.pt")["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_run_cannot_be_resumed(runs):
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(resume=str(runs["full"] / "weights" / "last.pt"), device="cpu", workers=0)
+
+
+def test_weights_transfer_matching_tensors(runs):
+    src = runs["snapshot"] / "weights" / "last.pt"
+    trained = load_checkpoint(src)["ema"].float().state_dict()  # --weights takes the EMA, as upstream
+    same = build_model(make_options(weights=str(src)), nc=80, resume_ckpt=None).state_dict()
+    assert all(torch.equal(same[k], trained[k]) for k in trained)
+    fewer = build_model(make_options(weights=str(src)), nc=3, resume_ckpt=None)
+    assert fewer.model[-1].nc == 3
+    stem = "model.0.conv.weight"
+    assert torch.equal(fewer.state_dict()[stem], trained[stem])
+
+
+def test_unknown_option_is_a_user_error():
+    with pytest.raises(UserError, match="batchsize"):
+        make_options(batchsize=4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_0_without_gpu_is_one_line_exit_2(data_yaml):
+    proc = subprocess.run([sys.executable, "train.py", "--device", "0", "--cfg", TINY, "--data", str(data_yaml)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --device 0")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_gloo(data_yaml, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train.py", "--cfg", TINY, "--data", str(data_yaml), "--epochs", "1", "--batch-size", "4",
+           "--imgsz", "64", "--device", "cpu", "--workers", "0", "--project", str(tmp_path), "--name", "ddp"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "ddp"
+    assert [r["epoch"] for r in csv_rows(run)] == ["0"]
+    assert load_checkpoint(run / "weights" / "last.pt")["model"].nc == 80
+    assert not (tmp_path / "ddp2").exists()  # only rank 0 made a run folder
