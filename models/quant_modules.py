@@ -1,0 +1,303 @@
+"""INT8 fake-quantized variants of the layers TensorRT should run in INT8, as real classes.
+
+Every class here quantizes its *inputs* with an NVIDIA Model Optimizer ``TensorQuantizer``:
+activations per tensor, convolution weights per output channel, symmetric, narrow range
+([-127, 127], what TensorRT's Q/DQ layers use). The quantizers start out independent; which of
+them must share one scale is decided from the model graph by ``models.quantize_rules`` and
+applied by ``models.quantize``, which also owns calibration and checkpoints.
+
+A quantized block is built from the float block it replaces (``from_float``): it adopts the
+block's submodules and attributes unchanged, so state-dict keys stay upstream's, and adds its
+quantizers under new names (``concat``, ``residual``, ``pool``, ``input_quantizer``...).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from modelopt.torch.quantization.calib import HistogramCalibrator
+from modelopt.torch.quantization.config import QuantizerAttributeConfig
+from modelopt.torch.quantization.nn import TensorQuantizer
+
+from models.common import ADown, Concat, ELAN1, RepNBottleneck, RepNCSP, RepNCSPELAN4, SPPELAN, DFL
+
+CALIB_METHODS = ("max", "percentile", "mse", "entropy")
+MAX_SEARCH_STEPS = 128  # amax candidates tried by mse / entropy (modelopt tries every bin: seconds per tensor)
+
+
+class RangeCalibrator(HistogramCalibrator):
+    """Exact running max plus a histogram of |x|, so one pass over the calibration images serves
+    every method: ``max`` reads the max, the others search the histogram with Model Optimizer.
+
+    Model Optimizer's own collection adds bins whenever a batch exceeds the range seen so far; a
+    near-zero first batch then grows millions of bins (its MSE search fails on them). Here the bin
+    count is fixed and the range grows by powers of two, old bins merging exactly. Counts are kept
+    in float64 and scaled under 2**31 before the search, which reads them as int32.
+    """
+
+    NUM_BINS = 2048
+    MAX_COUNT = 1e9
+
+    def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False):
+        super().__init__(num_bits, axis, unsigned, num_bins=self.NUM_BINS)
+        self._max: torch.Tensor | None = None
+        self._range = 0.0
+        self._counts: torch.Tensor | None = None
+
+    def collect(self, x: torch.Tensor) -> None:
+        x = x.detach().abs().float()
+        m = x.max()
+        self._max = m if self._max is None else torch.maximum(self._max, m)
+        top = float(self._max)
+        if top == 0.0:
+            return
+        if self._counts is None:
+            self._range = top
+            self._counts = torch.zeros(self.NUM_BINS, dtype=torch.float64, device=x.device)
+        elif top > self._range:
+            factor = 2 ** math.ceil(math.log2(top / self._range))
+            merged = torch.zeros_like(self._counts)
+            merged.index_add_(0, torch.arange(self.NUM_BINS, device=x.device) // factor, self._counts)
+            self._counts, self._range = merged, self._range * factor
+        self._counts += torch.histc(x, bins=self.NUM_BINS, min=0, max=self._range).double()
+
+    def reset(self) -> None:
+        super().reset()
+        self._max, self._range, self._counts = None, 0.0, None
+
+    def compute_amax(self, method: str, percentile: float = 99.999) -> torch.Tensor | None:
+        if self._max is None:
+            return None
+        if method == "max" or self._counts is None:
+            return self._max.clone()
+        scale = min(1.0, self.MAX_COUNT / float(self._counts.sum()))
+        self._calib_hist = (self._counts * scale).round().cpu()
+        self._calib_bin_edges = torch.linspace(0, self._range, self.NUM_BINS + 1, dtype=torch.float64)
+        if method == "percentile":
+            return super().compute_amax("percentile", percentile=percentile)
+        return super().compute_amax(method, stride=max(1, self.NUM_BINS // MAX_SEARCH_STEPS))
+
+
+def activation_quantizer() -> TensorQuantizer:
+    """Per-tensor signed INT8 quantizer for an activation, calibrated by ``RangeCalibrator``."""
+    return TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=None, calibrator=RangeCalibrator))
+
+
+def weight_quantizer() -> TensorQuantizer:
+    """Per-output-channel (axis 0) signed INT8 quantizer for a convolution weight."""
+    return TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=0))
+
+
+class _FromFloat:
+    """``from_float`` for quantized subclasses: adopt a float module's state, then add quantizers."""
+
+    @classmethod
+    def from_float(cls, module: nn.Module) -> nn.Module:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        bookkeeping = set(vars(nn.Module()))  # hooks and registries of the fresh module stay fresh
+        for k, v in vars(module).items():
+            if k not in bookkeeping:
+                setattr(new, k, v)
+        new.training = module.training
+        for k, v in module._parameters.items():
+            new.register_parameter(k, v)
+        for k, v in module._buffers.items():
+            new.register_buffer(k, v, persistent=k not in module._non_persistent_buffers_set)
+        for k, v in module._modules.items():
+            new.add_module(k, v)
+        new.add_quantizers()
+        return new
+
+    def add_quantizers(self) -> None:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------
+# Leaf layers
+# ----------------------------------------------------------------------------------------------
+
+
+class QuantConv2d(_FromFloat, nn.Conv2d):
+    """Conv2d reading an INT8 input (per tensor) with INT8 weights (per output channel)."""
+
+    def add_quantizers(self) -> None:
+        self.input_quantizer = activation_quantizer()
+        self.weight_quantizer = weight_quantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+    @torch.no_grad()
+    def calibrate_weight(self) -> None:
+        """Weights are known in advance: their per-channel range is their absolute maximum."""
+        self.weight_quantizer.amax = self.weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True).float()
+
+
+class QuantMaxPool2d(_FromFloat, nn.MaxPool2d):
+    """Max-pool on an INT8 input; max commutes with the scale, so TensorRT pools in INT8."""
+
+    def add_quantizers(self) -> None:
+        self.input_quantizer = activation_quantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_quantizer(x))
+
+
+class QuantUpsample(_FromFloat, nn.Upsample):
+    """Nearest up-sampling of an INT8 input (a copy of values, so the scale passes through)."""
+
+    def add_quantizers(self) -> None:
+        self.input_quantizer = activation_quantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_quantizer(x))
+
+
+class QuantConcat(_FromFloat, Concat):
+    """Concat of INT8 inputs; TensorRT needs one scale on all of them (tied by the rules).
+
+    ``from_float`` is for a model-level Concat layer, whose input count is its ``f`` list;
+    blocks build theirs with ``QuantConcat.with_inputs``.
+    """
+
+    def add_quantizers(self) -> None:
+        self.input_quantizers = nn.ModuleList(activation_quantizer() for _ in self.f)
+
+    @classmethod
+    def with_inputs(cls, n: int, dimension: int = 1) -> "QuantConcat":
+        cat = cls.__new__(cls)
+        Concat.__init__(cat, dimension)
+        cat.input_quantizers = nn.ModuleList(activation_quantizer() for _ in range(n))
+        return cat
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        if len(x) != len(self.input_quantizers):
+            raise ValueError(f"QuantConcat built for {len(self.input_quantizers)} inputs got {len(x)}")
+        return torch.cat([q(t) for q, t in zip(self.input_quantizers, x)], self.d)
+
+
+class QuantAdd(nn.Module):
+    """Residual addition of two INT8 inputs, so TensorRT can fuse it into the preceding conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_quantizers = nn.ModuleList((activation_quantizer(), activation_quantizer()))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.input_quantizers[0](a) + self.input_quantizers[1](b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks whose forward joins tensors inline: the same dataflow, with the joins quantized
+# ----------------------------------------------------------------------------------------------
+
+
+class QuantRepNBottleneck(_FromFloat, RepNBottleneck):
+    """RepNBottleneck whose residual add reads INT8 inputs."""
+
+    def add_quantizers(self) -> None:
+        if self.add:
+            self.residual = QuantAdd()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return self.residual(x, y) if self.add else y
+
+
+class QuantRepNCSP(_FromFloat, RepNCSP):
+    """RepNCSP whose concat reads INT8 inputs."""
+
+    def add_quantizers(self) -> None:
+        self.concat = QuantConcat.with_inputs(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(self.concat([self.m(self.cv1(x)), self.cv2(x)]))
+
+
+class _QuantELANForward:
+    """ELAN1 and RepNCSPELAN4 share one dataflow: chunk, two chained stages, concat of all four."""
+
+    def add_quantizers(self) -> None:
+        self.concat = QuantConcat.with_inputs(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(self.cv2(y[-1]))
+        y.append(self.cv3(y[-1]))
+        return self.cv4(self.concat(y))
+
+
+class QuantELAN1(_QuantELANForward, _FromFloat, ELAN1):
+    """ELAN1 whose concat reads INT8 inputs."""
+
+
+class QuantRepNCSPELAN4(_QuantELANForward, _FromFloat, RepNCSPELAN4):
+    """RepNCSPELAN4 whose concat reads INT8 inputs."""
+
+
+class QuantSPPELAN(_FromFloat, SPPELAN):
+    """SPPELAN whose concat reads INT8 inputs (its SP max-pools are quantized as leaf layers)."""
+
+    def add_quantizers(self) -> None:
+        self.concat = QuantConcat.with_inputs(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        for pool in (self.cv2, self.cv3, self.cv4):
+            y.append(pool(y[-1]))
+        return self.cv5(self.concat(y))
+
+
+class QuantADown(_FromFloat, ADown):
+    """ADown whose max-pool branch and concat read INT8 inputs (the average blur stays float)."""
+
+    def add_quantizers(self) -> None:
+        self.pool = QuantMaxPool2d.from_float(nn.MaxPool2d(3, 2, 1))
+        self.concat = QuantConcat.with_inputs(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = F.avg_pool2d(x, 2, 1, 0, False, True).chunk(2, 1)
+        return self.concat([self.cv1(x1), self.cv2(self.pool(x2))])
+
+
+def _upsample_from_float(m: nn.Upsample) -> nn.Module:
+    # only nearest up-sampling copies values; any interpolating mode creates new ones and stays float
+    return QuantUpsample.from_float(m) if m.mode == "nearest" else m
+
+
+# Float class -> builder of its quantized replacement. Exact types only: a subclass may change the dataflow.
+QUANTIZED = {
+    nn.Conv2d: QuantConv2d.from_float,
+    nn.MaxPool2d: QuantMaxPool2d.from_float,
+    nn.Upsample: _upsample_from_float,
+    Concat: QuantConcat.from_float,
+    RepNBottleneck: QuantRepNBottleneck.from_float,
+    RepNCSP: QuantRepNCSP.from_float,
+    ELAN1: QuantELAN1.from_float,
+    RepNCSPELAN4: QuantRepNCSPELAN4.from_float,
+    SPPELAN: QuantSPPELAN.from_float,
+    ADown: QuantADown.from_float,
+}
+
+# Layers kept in floating point on purpose: DFL's conv is a fixed expectation over 16 softmax bins
+# (box decoding, not a feature), and INT8 there would only blur box edges.
+FLOAT_ONLY = (DFL,)
+
+
+def quantize_modules(module: nn.Module) -> nn.Module:
+    """Replace, bottom-up, every layer of ``module`` that has a quantized variant; return the new root."""
+    if isinstance(module, FLOAT_ONLY):
+        return module
+    for name, child in list(module.named_children()):
+        new = quantize_modules(child)
+        if new is not child:
+            setattr(module, name, new)
+    build = QUANTIZED.get(type(module))
+    return build(module) if build else module
+
+
+def is_weight_quantizer(name: str) -> bool:
+    return name.endswith("weight_quantizer")
