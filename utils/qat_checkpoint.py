@@ -1,0 +1,59 @@
+"""PTQ / QAT checkpoints: upstream's checkpoint dict, with the quantized model stored as plain data.
+
+Upstream pickles the model object under ``'model'``. A quantized model holds Model Optimizer
+objects that a safe ``torch.load(weights_only=True)`` cannot and should not rebuild, so here
+``'model'`` and ``'ema'`` are None and ``'quant'`` holds ``models.quantize.quant_state``: the YAML,
+the fused state dict with every quantizer range, the tie plan and the skipped layers. Loading
+rebuilds the same modules and loads the same tensors, so a checkpoint evaluates, resumes and
+exports bit for bit as it was saved. ``'qat'`` holds the run's report so far (for resuming).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models.quantize import build_quantized, quant_state
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+from utils.torch_utils import de_parallel
+
+
+def is_quantized_checkpoint(ckpt: dict) -> bool:
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("quant"), dict)
+
+
+def make_checkpoint(model: nn.Module, *, epoch: int = -1, best_fitness: float = 0.0, updates: int = 0,
+                    optimizer: torch.optim.Optimizer | None = None, opt: dict | None = None,
+                    report: dict | None = None) -> dict:
+    """The dict ``utils.checkpoint.save_checkpoint`` writes for a quantized ``model`` (plain containers and tensors only)."""
+    return {
+        "epoch": epoch,
+        "best_fitness": float(best_fitness),
+        "model": None,
+        "ema": None,
+        "updates": updates,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "opt": {k: (str(v) if isinstance(v, Path) else v) for k, v in (opt or {}).items()},
+        "git": None,
+        "date": _dt.datetime.now().isoformat(),
+        "quant": quant_state(de_parallel(model)),
+        "qat": report or {},
+    }
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A PTQ/QAT checkpoint read safely (weights only); a float checkpoint is a user error."""
+    ckpt = load_checkpoint(path)
+    if not is_quantized_checkpoint(ckpt):
+        raise UserError(f"{path}: not a PTQ/QAT checkpoint (no 'quant' entry); quantize it with qat.py quantize")
+    return ckpt
+
+
+def load_quantized(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The quantized model of a PTQ/QAT checkpoint (eval mode, float32, ready to evaluate or export)
+    and the checkpoint dict."""
+    ckpt = read_checkpoint(path)
+    return build_quantized(ckpt["quant"], device), ckpt

@@ -1,0 +1,398 @@
+"""What ``qat.py quantize / sensitive / eval`` do, as functions of the parsed options.
+
+quantize: evaluate the float model (Origin), quantize and calibrate it (PTQ, ``ptq.pt``), then
+fine-tune it with the training engine (QAT, ``qat_last.pt`` / ``qat_best.pt``), evaluating every
+epoch, and write ``report.md`` / ``report.json``. Under torchrun only rank 0 calibrates and
+evaluates; the calibrated model is broadcast as plain state so every rank trains the same scales.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from models.quantize import (CALIB_METHODS, amax_state, build_quantized, collect_stats, load_amax,
+                             load_amax_state, parse_skip_layers, prepare, quant_state)
+from utils.distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from utils.errors import UserError
+from utils.evaluation import EvalResult
+from utils.paths import increment_path
+from utils.qat_checkpoint import is_quantized_checkpoint, load_quantized, make_checkpoint, read_checkpoint
+from utils.qat_report import metrics, new_report, write_report
+from utils.torch_utils import LOGGER, de_parallel, select_device
+
+# Options that describe the machine rather than the run: a resumed run takes them from the new command.
+MACHINE_OPTIONS = ("device", "workers")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared set-up
+# ----------------------------------------------------------------------------------------------
+
+
+def load_float_model(weights: str | Path, device: torch.device) -> nn.Module:
+    """The trained FP32 model, fused (Conv+BN, RepConvN) and in eval mode."""
+    from models.experimental import attempt_load
+    from utils.checkpoint import load_checkpoint
+
+    if is_quantized_checkpoint(load_checkpoint(weights)):
+        raise UserError(f"{weights}: already a PTQ/QAT checkpoint; pass the trained FP32 weights")
+    return attempt_load(weights, device=device, fuse=True).float().eval()
+
+
+def make_loader(data: dict, split: str, imgsz: int, batch_size: int, stride: int, workers: int, *,
+                hyp: dict | None = None, shuffle: bool = False, seed: int = 0, rank: int = -1):
+    """Evaluation loaders are rect-batched like val.py's; training / calibration ones are square."""
+    from utils.data_config import require_split
+    from utils.dataloaders import create_dataloader
+
+    evaluation = hyp is None and not shuffle
+    return create_dataloader(require_split(data, split), imgsz, batch_size, stride, hyp=hyp, augment=hyp is not None,
+                             rect=evaluation, pad=0.5 if evaluation else 0.0, workers=workers, shuffle=shuffle,
+                             prefix=f"{split}: ", seed=seed, rank=rank, nc=data["nc"])[0]
+
+
+def image_batches(loader, device: torch.device, n: int) -> Iterator[torch.Tensor]:
+    """The first ``n`` batches of ``loader`` as float images in [0, 1] on ``device``."""
+    n = min(n, len(loader))
+    for _, (imgs, *_rest) in tqdm(zip(range(n), loader), total=n, desc="calibration", leave=False):
+        yield imgs.to(device, non_blocking=True).float() / 255
+
+
+@dataclass
+class Evaluator:
+    """val.run on one fixed loader, so that every model of a run is measured on the same images."""
+
+    data: dict
+    loader: object
+    imgsz: int
+    batch_size: int
+    conf_thres: float = 0.001
+    iou_thres: float = 0.7
+    postprocess: str = "nms"
+
+    def __call__(self, model: nn.Module) -> EvalResult:
+        import val
+
+        return val.run(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=de_parallel(model),
+                       dataloader=self.loader, conf_thres=self.conf_thres, iou_thres=self.iou_thres,
+                       postprocess=self.postprocess, half=False, plots=False)
+
+
+def _check_imgsz(imgsz: int, stride: int) -> int:
+    if imgsz % stride:
+        raise UserError(f"--imgsz {imgsz}: must be a multiple of the model stride {stride}")
+    return imgsz
+
+
+def _evaluator(opt: argparse.Namespace, data: dict, stride: int) -> Evaluator:
+    imgsz = _check_imgsz(opt.imgsz, stride)
+    loader = make_loader(data, opt.task, imgsz, opt.batch_size * 2, stride, opt.workers)
+    return Evaluator(data, loader, imgsz, opt.batch_size * 2, opt.conf_thres, opt.iou_thres, opt.postprocess)
+
+
+def _run_dir(opt: argparse.Namespace, info: DistInfo) -> Path:
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok) if info.is_main else None
+    return Path(broadcast_object(str(save_dir) if save_dir else None, info))
+
+
+def _check_classes(model: nn.Module, data: dict, weights) -> None:
+    if int(model.nc) != int(data["nc"]):
+        raise UserError(f"{weights}: model has {model.nc} classes but the data yaml has {data['nc']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# PTQ
+# ----------------------------------------------------------------------------------------------
+
+
+def calibrate_ptq(model: nn.Module, batches, method: str, percentile: float,
+                  evaluate: Evaluator | None) -> tuple[str, list[dict]]:
+    """Calibrate a prepared model with ``method``, or for 'auto' with each method in turn, keeping
+    the one whose PTQ model scores the best mAP50-95. Returns the method used and the trials."""
+    methods = CALIB_METHODS if method == "auto" else (method,)
+    if method != "auto" and method not in CALIB_METHODS:
+        raise UserError(f"--calib-method {method}: expected one of {', '.join(CALIB_METHODS)} or auto")
+    if method == "auto" and evaluate is None:
+        raise UserError("--calib-method auto evaluates each method: it cannot be combined with --no-eval-ptq")
+    n = collect_stats(model, batches)
+    if n == 0:
+        raise UserError("calibration: the training split gave no batches")
+    trials = []
+    for m in methods:
+        load_amax(model, m, percentile)
+        if evaluate is not None:
+            r = evaluate(model)
+            trials.append({"method": m, **metrics(r)})
+            LOGGER.info(f"PTQ with {m} calibration: mAP50-95 {r.map50_95:.4f}, mAP50 {r.map50:.4f}")
+    chosen = max(trials, key=lambda t: t["map50_95"])["method"] if len(methods) > 1 else method
+    if len(methods) > 1:
+        LOGGER.info(f"--calib-method auto: keeping {chosen} (best PTQ mAP50-95 of {', '.join(methods)})")
+        load_amax(model, chosen, percentile)
+    for t in trials:
+        t["chosen"] = t["method"] == chosen
+    model.quant_info.calibration = {"method": chosen, "percentile": percentile, "batches": n}
+    return chosen, trials
+
+
+def _auto_skip(float_model: nn.Module, calibrated: nn.Module, k: int, evaluate: Evaluator, ptq_map: float,
+               save_dir: Path) -> list[int]:
+    from utils.qat_sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
+
+    rows = layer_sensitivity(float_model, calibrated.quant_info.plan, amax_state(calibrated),
+                             quantizable_layers(calibrated), lambda m: evaluate(m).map50_95, ptq_map,
+                             measure_alone=False)
+    write_sensitivity(rows, None, ptq_map, save_dir / "sensitivity")
+    chosen = most_sensitive(rows, k)
+    LOGGER.info(f"--auto-skip {k}: keeping layers {chosen} in floating point")
+    return chosen
+
+
+def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluate: Evaluator | None,
+            report: dict, save_dir: Path, device: torch.device) -> nn.Module:
+    """Prepare, calibrate (and with --auto-skip choose float layers), evaluate, save ``ptq.pt``."""
+    stride = max(int(float_model.stride.max()), 32)
+    loader = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, opt.workers, shuffle=True, seed=opt.seed)
+    skip = parse_skip_layers(opt.skip_layers, len(float_model.model))
+    model = prepare(deepcopy(float_model), skip)
+    method, trials = calibrate_ptq(model, image_batches(loader, device, opt.calib_batches), opt.calib_method,
+                                   opt.percentile, evaluate if (evaluate and not opt.no_eval_ptq) else None)
+    report["calibration"] = trials if len(trials) > 1 else []
+    if opt.auto_skip:
+        if evaluate is None or opt.no_eval_ptq:
+            raise UserError("--auto-skip ranks layers by PTQ mAP: it cannot be combined with --no-eval-ptq")
+        ptq_map = next(t["map50_95"] for t in trials if t["chosen"])
+        extra = _auto_skip(float_model, model, opt.auto_skip, evaluate, ptq_map, save_dir)
+        amax, calibration = amax_state(model), model.quant_info.calibration
+        model = prepare(deepcopy(float_model), sorted(set(skip) | set(extra)), model.quant_info.plan)
+        load_amax_state(model, amax)
+        model.quant_info.calibration = calibration
+    report["skip_layers"] = model.quant_info.skip_layers
+    if evaluate is not None and not opt.no_eval_ptq:
+        reuse = len(trials) == 1 and not opt.auto_skip
+        result = trials[0] if reuse else metrics(evaluate(model))
+        report["ptq"] = {**{k: result[k] for k in ("map50_95", "map50", "precision", "recall", "fitness")},
+                         "method": method}
+    else:
+        report["ptq"] = None
+    ckpt = make_checkpoint(model, opt=vars(opt), report=report,
+                           best_fitness=report["ptq"]["fitness"] if report["ptq"] else 0.0)
+    from utils.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, save_dir / "weights" / "ptq.pt")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# QAT
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumeState:
+    """Where fine-tuning starts: a fresh run, or the epoch after a ``qat_last.pt``."""
+
+    start_epoch: int = 0
+    best_fitness: float = -1.0
+    optimizer: dict | None = None
+    started: float = 0.0  # perf_counter at the start of the command, for the time to qat_best.pt
+
+
+def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, data: dict, hyp: dict,
+             evaluate: Evaluator | None, report: dict, save_dir: Path, device: torch.device, info: DistInfo,
+             state: ResumeState) -> None:
+    """QAT epochs with the training engine; the float model supervises through ``FeatureDistillation``."""
+    from utils.checkpoint import save_checkpoint
+    from utils.engine import make_precision, train_one_epoch
+    from utils.loss_tal import build_loss
+    from utils.optim import build_optimizer, lr_lambda
+    from utils.qat_distill import DetectionLossMemo, FeatureDistillation, supervised_layers
+    from utils.trainer import epoch_seed, seed_everything
+
+    stride = max(int(student.stride.max()), 32)
+    batch_per_rank = opt.batch_size // info.world_size
+    loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
+                         seed=opt.seed, rank=info.rank)
+    lr0 = opt.lr if opt.lr is not None else hyp["lr0"]
+    optimizer = build_optimizer(student, opt.optimizer, lr0, hyp["momentum"], hyp["weight_decay"])
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    lf = lr_lambda(opt.epochs, hyp["lrf"], cosine=True)
+    loss_fn = DetectionLossMemo(build_loss(student, hyp))
+    distill = None
+    if opt.distill_weight > 0 and opt.supervision_stride > 0:
+        layers = supervised_layers(len(student.model), opt.supervision_stride)
+        distill = FeatureDistillation(student, teacher, layers, loss_fn, opt.distill_weight)
+    model = student
+    if info.distributed:  # ranges are buffers that never change in QAT: no need to broadcast them
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, broadcast_buffers=False)
+    precision = make_precision(device, opt.amp)
+    best = state.best_fitness
+    weights = save_dir / "weights"
+    try:
+        for epoch in range(state.start_epoch, opt.epochs):
+            seed_everything(epoch_seed(opt.seed, epoch, info.rank))
+            if info.distributed:
+                loader.sampler.set_epoch(epoch)
+            for g in optimizer.param_groups:
+                g["lr"] = lr0 * lf(epoch)
+            stats = train_one_epoch(model, loader, loss_fn, optimizer, device=device, epoch=epoch, epochs=opt.epochs,
+                                    precision=precision, max_iters=opt.iters, extra_loss_fn=distill,
+                                    world_size=info.world_size, progress=info.is_main)
+            if not info.is_main:
+                continue
+            row = {"epoch": epoch, "box": stats.loss[0], "cls": stats.loss[1], "dfl": stats.loss[2],
+                   "distill_error": distill.take_mean_error() if distill else 0.0,
+                   "seconds_per_iter": stats.seconds / max(stats.iters, 1), "lr": lr0 * lf(epoch)}
+            fitness = 0.0
+            if evaluate is not None:
+                r = evaluate(student)
+                row.update(metrics(r))
+                fitness = r.map50_95
+            report["epochs"].append(row)
+            improved = fitness > best
+            if improved:
+                best = fitness
+                report["qat_best"] = {**{k: row.get(k, 0.0) for k in ("map50_95", "map50", "precision", "recall",
+                                                                      "fitness")}, "epoch": epoch}
+                report["seconds_to_qat_best"] = time.perf_counter() - state.started
+            last_ckpt = make_checkpoint(student, epoch=epoch, best_fitness=best, optimizer=optimizer, opt=vars(opt),
+                                        report=report)
+            save_checkpoint(last_ckpt, weights / "qat_last.pt")
+            if improved:
+                save_checkpoint({**last_ckpt, "optimizer": None}, weights / "qat_best.pt")
+            write_report(report, save_dir)
+            LOGGER.info(f"QAT epoch {epoch + 1}/{opt.epochs}: mAP50-95 {row.get('map50_95', float('nan')):.4f}, "
+                        f"distillation error {row['distill_error']:.2e}")
+    finally:
+        if distill is not None:
+            distill.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+
+def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
+    path = Path(opt.resume) if isinstance(opt.resume, str) and opt.resume not in ("", "True") \
+        else Path(opt.project) / opt.name / "weights" / "qat_last.pt"
+    ckpt = read_checkpoint(path)
+    if ckpt.get("optimizer") is None:
+        raise UserError(f"{path}: holds no training state; resume from a qat_last.pt")
+    restored = argparse.Namespace(**ckpt["opt"])
+    for k in MACHINE_OPTIONS:
+        setattr(restored, k, getattr(opt, k))
+    restored.resume = str(path)
+    return restored, ckpt, path.parent.parent
+
+
+def run_quantize(opt: argparse.Namespace) -> Path:
+    """``qat.py quantize``: Origin, PTQ and QAT with a report; returns the run folder."""
+    device = select_device(opt.device)
+    info = init_distributed(device)
+    try:
+        return _quantize(opt, device, info)
+    finally:
+        shutdown(info)
+
+
+def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> Path:
+    from utils.data_config import load_data_config, load_hyp
+    from utils.trainer import seed_everything
+
+    t0 = time.perf_counter()
+    ckpt = None
+    if opt.resume:
+        opt, ckpt, save_dir = _resume_options(opt)
+    elif not (opt.weights and opt.data):
+        raise UserError("qat.py quantize: pass --weights and --data (or --resume a qat_last.pt)")
+    else:
+        save_dir = _run_dir(opt, info)
+    if opt.batch_size % info.world_size:
+        raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
+    seed_everything(opt.seed)
+    data = load_data_config(opt.data)
+    hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
+    opt.hyp = hyp  # the checkpoint carries the values, not a path that may change
+    teacher = load_float_model(opt.weights, device)
+    _check_classes(teacher, data, opt.weights)
+    stride = max(int(teacher.stride.max()), 32)
+    evaluate = _evaluator(opt, data, stride) if info.is_main else None
+
+    if ckpt is not None:
+        report = ckpt["qat"]
+        student = build_quantized(ckpt["quant"], device)
+        state = ResumeState(ckpt["epoch"] + 1, float(ckpt["best_fitness"]), ckpt["optimizer"], t0)
+        if state.start_epoch >= opt.epochs:
+            raise UserError(f"{opt.resume}: all {opt.epochs} QAT epochs are done; nothing to resume")
+    else:
+        report = new_report(opt.weights, opt.data, opt.task)
+        if info.is_main and not opt.no_eval_origin:
+            report["origin"] = metrics(evaluate(teacher))
+        shared = None
+        if info.is_main:
+            ptq = run_ptq(opt, teacher, data, evaluate, report, save_dir, device)
+            shared = quant_state(ptq)
+        shared = broadcast_object(shared, info)
+        student = ptq if info.is_main else build_quantized(shared, device)
+        state = ResumeState(started=t0)
+    report = broadcast_object(report, info)
+    student.to(device)
+    if opt.epochs > 0:
+        finetune(opt, student, teacher, data, hyp, evaluate, report, save_dir, device, info, state)
+    if info.is_main:
+        md, _ = write_report(report, save_dir)
+        LOGGER.info(md.read_text())
+    return save_dir
+
+
+def run_sensitive(opt: argparse.Namespace) -> Path:
+    """``qat.py sensitive``: per-layer sensitivity table, JSON and bar chart of a calibrated PTQ model."""
+    from utils.data_config import load_data_config
+    from utils.qat_sensitivity import layer_sensitivity, quantizable_layers, write_sensitivity
+
+    device = select_device(opt.device)
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+    data = load_data_config(opt.data)
+    float_model = load_float_model(opt.weights, device)
+    _check_classes(float_model, data, opt.weights)
+    stride = max(int(float_model.stride.max()), 32)
+    evaluate = _evaluator(opt, data, stride)
+    fp_map = evaluate(float_model).map50_95
+    model = prepare(deepcopy(float_model))
+    loader = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, opt.workers, shuffle=True, seed=opt.seed)
+    calibrate_ptq(model, image_batches(loader, device, opt.calib_batches), opt.calib_method, opt.percentile,
+                  evaluate if opt.calib_method == "auto" else None)
+    ptq_map = evaluate(model).map50_95
+    rows = layer_sensitivity(float_model, model.quant_info.plan, amax_state(model), quantizable_layers(model),
+                             lambda m: evaluate(m).map50_95, ptq_map)
+    for p in write_sensitivity(rows, fp_map, ptq_map, save_dir):
+        LOGGER.info(f"wrote {p}")
+    return save_dir
+
+
+def run_eval(opt: argparse.Namespace) -> EvalResult:
+    """``qat.py eval``: a saved PTQ/QAT checkpoint through the evaluator (results in the run folder)."""
+    import json
+
+    from utils.data_config import load_data_config
+
+    device = select_device(opt.device)
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+    data = load_data_config(opt.data)
+    model, _ = load_quantized(opt.weights, device)
+    _check_classes(model, data, opt.weights)
+    result = _evaluator(opt, data, max(int(model.stride.max()), 32))(model)
+    (save_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    (save_dir / "results.md").write_text(result.markdown())
+    return result
+
