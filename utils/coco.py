@@ -1,6 +1,6 @@
 """COCO JSON for predictions and ground truth, and evaluation by the reference COCO tools.
 
-Our own metrics (utils/metrics.py) follow COCOeval's rules; this module exists so any result
+Our own metrics (utils/detection_metrics.py) follow COCOeval's rules; this module exists so any result
 can be checked against pycocotools (or its faster re-implementation) on the same boxes.
 """
 from __future__ import annotations

@@ -1,0 +1,228 @@
+"""Detection metrics computed the way COCOeval computes them, so our mAP and pycocotools' agree.
+
+COCOeval's rules, reproduced here on purpose: detections are matched greedily in descending
+score order, each to the still-unmatched ground truth of its class with the highest IoU at or
+above the threshold; AP samples the precision envelope at 101 recall points; classes without
+ground truth are left out of the mean; at most 100 detections per image and class count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.boxes import box_iou
+from utils.coco import image_ids
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+COCO_MAX_DETS = 100  # COCOeval's maxDets for the headline AP, counted per image and class
+CONF_GRID = np.linspace(0.0, 1.0, 1000)  # confidences at which P, R and F1 are tabulated
+_EPS = np.spacing(1)
+
+
+def process_batch(detections: torch.Tensor, labels: torch.Tensor,
+                  iouv: torch.Tensor | np.ndarray = IOU_THRESHOLDS) -> torch.Tensor:
+    """Which detections are true positives at each IoU threshold, for one image.
+
+    detections (n, 6) [x1, y1, x2, y2, conf, cls]; labels (m, 5) [cls, x1, y1, x2, y2], same
+    coordinates. Returns a bool (n, len(iouv)) tensor on the detections' device.
+    """
+    thresholds = np.asarray(iouv.cpu() if isinstance(iouv, torch.Tensor) else iouv, dtype=np.float64)
+    correct = match_detections(_as_float64(detections), _as_float64(labels), thresholds)
+    return torch.from_numpy(correct).to(detections.device)
+
+
+def match_detections(detections: np.ndarray, labels: np.ndarray,
+                     thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
+    """``process_batch`` on numpy arrays: COCOeval's greedy matching, all thresholds at once."""
+    n, m = len(detections), len(labels)
+    correct = np.zeros((n, len(thresholds)), dtype=bool)
+    if not (n and m):
+        return correct
+    # no epsilon: an IoU exactly at a threshold must pass, as in COCOeval; 0/0 of empty boxes -> 0
+    iou = np.nan_to_num(box_iou(torch.from_numpy(detections[:, :4]), torch.from_numpy(labels[:, 1:]), eps=0).numpy())
+    iou = iou * (detections[:, 5:6] == labels[None, :, 0])
+    order = np.argsort(-detections[:, 4], kind="stable")
+    order = order[iou[order].max(1) >= thresholds.min()]  # the rest cannot match at any threshold
+    taken = np.zeros((len(thresholds), m), dtype=bool)
+    rows = np.arange(len(thresholds))
+    for i in order:
+        free = (iou[i] >= thresholds[:, None]) & ~taken
+        best = np.where(free, iou[i], -1.0).argmax(1)
+        hit = free[rows, best]
+        taken[rows[hit], best[hit]] = True
+        correct[i] = hit
+    return correct
+
+
+def within_per_class_limit(conf: np.ndarray, cls: np.ndarray, limit: int = COCO_MAX_DETS) -> np.ndarray:
+    """Mask of one image's detections that rank within the top ``limit`` of their class.
+
+    COCOeval drops the rest before matching (they count neither as true nor false positives).
+    """
+    n = len(conf)
+    keep = np.zeros(n, dtype=bool)
+    if n == 0:
+        return keep
+    by_score = np.argsort(-np.asarray(conf), kind="stable")
+    by_class = by_score[np.argsort(np.asarray(cls)[by_score], kind="stable")]
+    sorted_cls = np.asarray(cls)[by_class]
+    starts = np.r_[0, np.flatnonzero(sorted_cls[1:] != sorted_cls[:-1]) + 1]
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    keep[by_class[rank < limit]] = True
+    return keep
+
+
+@dataclass
+class APResult:
+    """Per-class metrics for the classes that have ground truth (COCOeval's category set)."""
+
+    classes: np.ndarray    # (k,) class indices
+    n_targets: np.ndarray  # (k,) ground-truth boxes per class
+    ap: np.ndarray         # (k, T) AP at each IoU threshold
+    precision: np.ndarray  # (k,) at the confidence that maximises mean F1
+    recall: np.ndarray     # (k,)
+    f1: np.ndarray         # (k,)
+    pr_curve: np.ndarray   # (k, 101) precision envelope at RECALL_POINTS, IoU 0.5
+
+    @property
+    def map50(self) -> float:
+        return float(self.ap[:, 0].mean()) if len(self.classes) else 0.0
+
+    @property
+    def map50_95(self) -> float:
+        return float(self.ap.mean()) if len(self.classes) else 0.0
+
+    @property
+    def mp(self) -> float:
+        return float(self.precision.mean()) if len(self.classes) else 0.0
+
+    @property
+    def mr(self) -> float:
+        return float(self.recall.mean()) if len(self.classes) else 0.0
+
+
+def _box_smooth(y: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """Moving average over ``fraction`` of the curve on each side, edges padded with edge values."""
+    width = round(len(y) * fraction * 2) // 2 + 1
+    padded = np.concatenate((np.full(width // 2, y[0]), y, np.full(width // 2, y[-1])))
+    return np.convolve(padded, np.ones(width) / width, mode="valid")
+
+
+def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray) -> APResult:
+    """AP per class and IoU threshold, plus P/R/F1 at the single confidence that maximises mean F1.
+
+    tp (n, T) bool, conf (n,), pred_cls (n,) for all detections of a dataset (concatenated in image
+    order); target_cls (m,) for all its ground-truth boxes.
+    """
+    tp = np.asarray(tp, dtype=bool)
+    tp = tp[:, None] if tp.ndim == 1 else tp
+    order = np.argsort(-np.asarray(conf), kind="stable")
+    tp, conf, pred_cls = tp[order], np.asarray(conf)[order], np.asarray(pred_cls)[order]
+    classes, n_targets = np.unique(np.asarray(target_cls).astype(int), return_counts=True)
+    k, n_thr = len(classes), tp.shape[1]
+    ap = np.zeros((k, n_thr))
+    pr_curve = np.zeros((k, len(RECALL_POINTS)))
+    p_at, r_at = np.zeros((k, len(CONF_GRID))), np.zeros((k, len(CONF_GRID)))
+    for ci, c in enumerate(classes):
+        sel = pred_cls == c
+        if not sel.any():
+            continue
+        tpc = tp[sel].cumsum(0)
+        fpc = (~tp[sel]).cumsum(0)
+        recall = tpc / n_targets[ci]
+        precision = tpc / (tpc + fpc + _EPS)
+        envelope = np.flip(np.maximum.accumulate(np.flip(precision, 0), 0), 0)
+        for t in range(n_thr):
+            idx = np.searchsorted(recall[:, t], RECALL_POINTS, side="left")
+            valid = idx < len(recall)
+            sampled = np.zeros(len(RECALL_POINTS))
+            sampled[valid] = envelope[idx[valid], t]
+            ap[ci, t] = sampled.mean()
+            if t == 0:
+                pr_curve[ci] = sampled
+        r_at[ci] = np.interp(-CONF_GRID, -conf[sel], recall[:, 0], left=0)
+        p_at[ci] = np.interp(-CONF_GRID, -conf[sel], precision[:, 0], left=1)
+    f1_at = 2 * p_at * r_at / (p_at + r_at + 1e-16)
+    best = int(_box_smooth(f1_at.mean(0)).argmax()) if k else 0
+    return APResult(classes, n_targets, ap, p_at[:, best], r_at[:, best], f1_at[:, best], pr_curve)
+
+
+class DetectionStats:
+    """Collects per-image matches over a dataset; ``compute`` turns them into an ``APResult``.
+
+    ``max_dets_per_class`` reproduces COCOeval's maxDets=100 (None counts every detection,
+    as upstream YOLO does). Images given by file are ranked in COCO image-id order, so equal
+    scores (common in FP16) break ties as COCOeval breaks them, whatever order the loader used.
+    """
+
+    def __init__(self, thresholds: np.ndarray = IOU_THRESHOLDS, max_dets_per_class: int | None = COCO_MAX_DETS):
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.max_dets_per_class = max_dets_per_class
+        self._images, self._correct, self._conf, self._cls, self._target_cls = [], [], [], [], []
+
+    def add(self, detections: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+            image: str | Path | None = None) -> None:
+        """One image: detections (n, 6) [x1, y1, x2, y2, conf, cls], labels (m, 5) [cls, x1, y1, x2, y2]."""
+        det, lab = _as_float64(detections).reshape(-1, 6), _as_float64(labels).reshape(-1, 5)
+        if self.max_dets_per_class is not None:
+            det = det[within_per_class_limit(det[:, 4], det[:, 5], self.max_dets_per_class)]
+        self._images.append(image)
+        self._correct.append(match_detections(det, lab, self.thresholds))
+        self._conf.append(det[:, 4])
+        self._cls.append(det[:, 5])
+        self._target_cls.append(lab[:, 0])
+
+    def compute(self) -> APResult:
+        if not self._correct:
+            return ap_per_class(np.zeros((0, len(self.thresholds)), bool), np.zeros(0), np.zeros(0), np.zeros(0))
+        order = range(len(self._images))
+        if all(image is not None for image in self._images):
+            order = np.argsort(image_ids(self._images), kind="stable")
+        return ap_per_class(*(np.concatenate([parts[i] for i in order])
+                              for parts in (self._correct, self._conf, self._cls, self._target_cls)))
+
+
+def _as_float64(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def fitness(metrics: np.ndarray) -> np.ndarray:
+    """Model-selection score from rows of [P, R, mAP50, mAP50-95]: 0.1 * mAP50 + 0.9 * mAP50-95."""
+    return np.asarray(metrics, dtype=np.float64)[..., 2:4] @ np.array([0.1, 0.9])
+
+
+class ConfusionMatrix:
+    """Counts of (predicted class, true class) pairs; index ``nc`` stands for background.
+
+    Uses a deployment-like operating point (conf 0.25, IoU 0.45) rather than mAP's 0.001,
+    because a matrix of every low-score box says nothing about real confusions.
+    """
+
+    def __init__(self, nc: int, conf: float = 0.25, iou_thres: float = 0.45):
+        self.nc, self.conf, self.iou_thres = nc, conf, iou_thres
+        self.matrix = np.zeros((nc + 1, nc + 1), dtype=np.int64)
+
+    def process_batch(self, detections: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """Add one image: detections (n, 6) [x1, y1, x2, y2, conf, cls] or None, labels (m, 5)."""
+        gt_cls = labels[:, 0].long().cpu().numpy()
+        if detections is None or detections.shape[0] == 0:
+            np.add.at(self.matrix, (self.nc, gt_cls), 1)
+            return
+        detections = detections[detections[:, 4] > self.conf]
+        det_cls = detections[:, 5].long().cpu().numpy()
+        pairs = np.zeros((0, 3))
+        if len(gt_cls) and len(det_cls):
+            iou = box_iou(labels[:, 1:].float(), detections[:, :4].float()).cpu().numpy()
+            g, d = np.nonzero(iou > self.iou_thres)
+            pairs = np.stack((g, d, iou[g, d]), 1)[np.argsort(-iou[g, d], kind="stable")]
+            pairs = pairs[np.unique(pairs[:, 1], return_index=True)[1]]  # each detection once, best IoU
+            pairs = pairs[np.argsort(-pairs[:, 2], kind="stable")]
+            pairs = pairs[np.unique(pairs[:, 0], return_index=True)[1]]  # each label once, best IoU
+        g, d = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
+        np.add.at(self.matrix, (det_cls[d], gt_cls[g]), 1)
+        np.add.at(self.matrix, (self.nc, np.delete(gt_cls, g)), 1)
+        np.add.at(self.matrix, (np.delete(det_cls, d), self.nc), 1)
