@@ -76,6 +76,15 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 
+@dataclass
+class RunState:
+    """What a resume restores besides weights and optimizer."""
+
+    start_epoch: int = 0
+    best_fitness: float = 0.0
+    best_epoch: int = -1
+
+
 def plain_options(opt: argparse.Namespace) -> dict:
     """``opt`` as plain values (paths as str) so the checkpoint loads with ``weights_only=True``."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
@@ -119,6 +128,17 @@ def finalize_checkpoint(path: Path) -> None:
         ckpt[k] = None
     ckpt["epoch"] = -1
     save_checkpoint(ckpt, path)
+
+
+def restore_training_state(ckpt: dict, optimizer, ema: ModelEMA | None, scaler) -> RunState:
+    """Load optimizer, EMA and loss-scaler state from a checkpoint; return where the run stands."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
+        ema.updates = ckpt["updates"]
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    return RunState(ckpt["epoch"] + 1, float(ckpt["best_fitness"]), int(ckpt.get("best_epoch", -1)))
 
 
 def find_resume_checkpoint(resume: str | bool, project: str | Path) -> Path:
@@ -202,15 +222,6 @@ class ResultsCSV:
             csv.writer(f).writerows(kept)
 
 
-@dataclass
-class RunState:
-    """What a resume restores besides weights and optimizer."""
-
-    start_epoch: int = 0
-    best_fitness: float = 0.0
-    best_epoch: int = -1
-
-
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
@@ -254,13 +265,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
     ckpt = None
     if opt.resume:
         opt, ckpt, save_dir = _resume(opt)
-    else:
-        save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok, mkdir=info.is_main) \
-            if info.is_main else None
-    save_dir = Path(broadcast_object(str(save_dir) if save_dir else None, info))
-    weights_dir = save_dir / "weights"
-    last, best = weights_dir / "last.pt", weights_dir / "best.pt"
-
+    # Check the inputs before a run folder exists, so a typo leaves no empty folder behind.
     hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
     opt.hyp = hyp  # the checkpoint carries the values, not a path that may change
     data = load_data_config(opt.data)
@@ -269,6 +274,12 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
         raise UserError(f"--epochs {opt.epochs} --batch-size {opt.batch_size}: both must be at least 1")
     if opt.batch_size % info.world_size:
         raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
+    if ckpt is None:
+        save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok, mkdir=info.is_main) \
+            if info.is_main else None
+        save_dir = Path(broadcast_object(str(save_dir) if save_dir else None, info))
+    weights_dir = save_dir / "weights"
+    last, best = weights_dir / "last.pt", weights_dir / "best.pt"
     if info.is_main:
         weights_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
@@ -291,13 +302,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
 
     state = RunState()
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
-            ema.updates = ckpt["updates"]
-        if ckpt.get("scaler") and precision.scaler.is_enabled():
-            precision.scaler.load_state_dict(ckpt["scaler"])
-        state = RunState(ckpt["epoch"] + 1, float(ckpt["best_fitness"]), int(ckpt.get("best_epoch", -1)))
+        state = restore_training_state(ckpt, optimizer, ema, precision.scaler)
         if state.start_epoch >= opt.epochs:
             raise UserError(f"{opt.resume}: already trained {opt.epochs} epochs; nothing to resume")
         LOGGER.info(f"Resuming {save_dir} from epoch {state.start_epoch} of {opt.epochs}")
@@ -368,7 +373,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
             if best_epoch == epoch:
                 save_checkpoint(ckpt, best)
             del ckpt
-            stop = opt.patience > 0 and epoch - best_epoch >= opt.patience
+            stop = opt.patience > 0 and not opt.noval and epoch - best_epoch >= opt.patience
             if stop:
                 LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs (best epoch {best_epoch})")
             if on_epoch_end is not None:
