@@ -54,8 +54,10 @@ def safe_globals() -> list:
     """Everything a checkpoint may name: our model classes, their torch layers, numpy arrays."""
     from models import common, yolo  # late: models import utils, never the other way at import time
 
-    ours = {*yolo.MODULES.values(), yolo.DetectionModel, yolo.BaseModel}
-    ours |= {obj for obj in vars(common).values() if isinstance(obj, type) and obj.__module__ == common.__name__}
+    # Classes are found by scanning both modules, not from our layer registry, so that the QAT layer
+    # copied into an upstream checkout allowlists upstream's classes there.
+    ours = {obj for module in (common, yolo) for obj in vars(module).values()
+            if isinstance(obj, type) and obj.__module__ == module.__name__}
     return [*sorted(ours, key=lambda c: c.__name__), *_TORCH_LAYERS, *_numpy_globals(), *_extra_globals]
 
 

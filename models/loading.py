@@ -1,0 +1,93 @@
+"""Loading a ready-to-run model from any checkpoint kind users bring.
+
+Kinds: upstream / our training checkpoints ({'model', 'ema', ...}, fp16 modules), upstream
+'converted' checkpoints ({'model': gelan module, 'ema': None, ...}), a bare pickled model, and
+plain state dicts (``{'model.0.conv.weight': tensor, ...}``, optionally under 'model' /
+'state_dict'), which need the model YAML (``cfg``) to build the network first.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _state_dict_of(ckpt: dict) -> dict | None:
+    for candidate in (ckpt, ckpt.get("ema"), ckpt.get("model"), ckpt.get("state_dict")):
+        if _is_state_dict(candidate):
+            return candidate
+    return None
+
+
+def _nc_of(state_dict: dict) -> int | None:
+    """Class count read from the last class-tower conv of the head (``...cv3.<i>.2.weight``)."""
+    cls_convs = [k for k in state_dict if k.endswith(".2.weight") and ".cv3." in k]
+    return int(state_dict[cls_convs[-1]].shape[0]) if cls_convs else None
+
+
+def model_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint", cfg: str | Path | dict | None = None
+                          ) -> nn.Module:
+    """The fp32 model inside a loaded checkpoint: its EMA if present, else 'model'; a state dict is
+    loaded into ``DetectionModel(cfg)``."""
+    for key in ("ema", "model"):
+        if isinstance(ckpt.get(key), nn.Module):
+            return ckpt[key].float()
+    state_dict = _state_dict_of(ckpt)
+    if state_dict is None:
+        raise UserError(f"{source}: no model in this checkpoint (keys: {', '.join(map(str, list(ckpt)[:8]))})")
+    if cfg is None:
+        raise UserError(f"{source}: holds only a state dict; pass the model YAML too (--cfg)")
+    from models.yolo import DetectionModel
+
+    model = DetectionModel(cfg, nc=_nc_of(state_dict))
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"{source}: does not fit {cfg} ({first[1].strip() if len(first) > 1 else first[0]})") from None
+    return model
+
+
+def _upgrade(model: nn.Module, inplace: bool) -> None:
+    """Attribute fixes for modules pickled by older code / torch releases (as upstream does)."""
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+    if isinstance(getattr(model, "names", None), (list, tuple)):
+        model.names = dict(enumerate(model.names))
+    for m in model.modules():
+        if isinstance(m, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)):
+            m.inplace = inplace
+        elif isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None
+
+
+def attempt_load(weights: str | Path | list, device: str | torch.device | None = None, inplace: bool = True,
+                 fuse: bool = True, unsafe: bool = False, cfg: str | Path | dict | None = None) -> nn.Module:
+    """An fp32 model in eval mode from a checkpoint file, fused for inference unless ``fuse=False``.
+
+    ``names`` becomes a dict {index: name} like upstream's loader. ``cfg`` is needed only for
+    plain state dicts. ``unsafe`` allows full unpickling (see utils.checkpoint).
+    """
+    if isinstance(weights, (list, tuple)):
+        if len(weights) != 1:
+            raise UserError(f"{', '.join(map(str, weights))}: model ensembles are not supported; pass one file")
+        weights = weights[0]
+    model = model_from_checkpoint(load_checkpoint(weights, unsafe=unsafe), weights, cfg)
+    _upgrade(model, inplace)
+    if device is not None:
+        model = model.to(device)
+    if fuse and hasattr(model, "fuse"):
+        # Upstream's fuse_conv_and_bn (in a patched upstream checkout) records autograd history: without
+        # no_grad the fused weights are non-leaf tensors that QAT can neither train nor deep-copy.
+        with torch.no_grad():
+            model = model.fuse()
+    return model.eval()

@@ -1,0 +1,282 @@
+"""YOLO-format detection datasets and the DataLoader that batches them.
+
+A dataset is a set of images found from folders or ``.txt`` lists; each image's labels sit at
+the same path with the last ``images`` folder replaced by ``labels`` and a ``.txt`` suffix
+(upstream's rule, so existing datasets work unchanged). Images and labels are checked once
+(``utils.label_check``) and the result is cached (``utils.label_cache``). Batches have
+upstream's layout so the loss, the evaluator and QAT calibration can consume them directly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from utils.augment import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
+from utils.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.data_config import AUGMENT_KEYS, load_hyp
+from utils.errors import UserError
+from utils.label_cache import load_or_scan
+from utils.label_check import IMG_FORMATS
+from utils.paths import ROOT
+
+LOGGER = logging.getLogger("yolov9.data")
+DEFAULT_HYP = ROOT / "data" / "hyps" / "hyp.scratch-high.yaml"
+
+
+def img2label_paths(im_files: list[str]) -> list[str]:
+    """Label file of each image: last ``/images/`` -> ``/labels/``, suffix -> ``.txt``."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    return [sb.join(f.rsplit(sa, 1)).rsplit(".", 1)[0] + ".txt" for f in im_files]
+
+
+def list_image_files(source: str | Path | list, prefix: str = "") -> list[str]:
+    """Image paths from a folder (searched recursively), a ``.txt`` list, or a list of those.
+
+    Relative lines in a list file are taken relative to the list file's folder. Paths are not
+    resolved, so a symlinked ``images/`` tree keeps finding its own ``labels/`` tree.
+    """
+    files = []
+    for src in source if isinstance(source, (list, tuple)) else [source]:
+        p = Path(src)
+        if p.is_dir():
+            files += [os.path.join(d, f) for d, _, names in os.walk(p, followlinks=True) for f in names]
+        elif p.is_file():
+            lines = [x.strip() for x in p.read_text(encoding="utf-8", errors="replace").splitlines()]
+            files += [os.path.normpath(os.path.join(p.parent, x)) for x in lines if x]
+        else:
+            raise UserError(f"{prefix}{p}: image folder or list file does not exist")
+    images = [f for f in files if f.rsplit(".", 1)[-1].lower() in IMG_FORMATS]
+    unique = sorted(set(images))
+    if len(unique) < len(images):
+        LOGGER.warning(f"{prefix}WARNING {source}: {len(images) - len(unique)} image path(s) listed twice, used once")
+    if not unique:
+        raise UserError(f"{prefix}{source}: no images found (formats: {', '.join(IMG_FORMATS)})")
+    return unique
+
+
+class YoloDataset(Dataset):
+    """Images with checked YOLO labels; training augmentation or letterbox-only validation.
+
+    ``labels`` is a list of (n, 5) float32 arrays [cls, x, y, w, h] normalised to each image,
+    ``shapes`` an (N, 2) array of original (width, height); both follow the order of ``im_files``.
+    """
+
+    def __init__(self, path: str | Path | list, img_size: int = 640, batch_size: int = 16, augment: bool = False,
+                 hyp: dict | str | Path | None = None, rect: bool = False, stride: int = 32, pad: float = 0.0,
+                 prefix: str = "", nc: int | None = None):
+        self.img_size = img_size
+        self.augment = augment
+        self.hyp = _training_hyp(hyp) if augment else hyp
+        self.rect = rect
+        self.stride = stride
+        self.mosaic_border = (-img_size // 2, -img_size // 2)
+
+        im_files = list_image_files(path, prefix)
+        label_files = img2label_paths(im_files)
+        single_list = not isinstance(path, (list, tuple)) and Path(path).is_file()
+        self.cache_path = (Path(path) if single_list else Path(label_files[0]).parent).with_suffix(".cache")
+        self.scan, self.cache_reused = load_or_scan(self.cache_path, im_files, label_files, nc, prefix)
+        if not self.scan.im_files:
+            raise UserError(f"{prefix}{path}: no usable images ({self.scan.summary()})")
+        if augment and not any(len(lb) for lb in self.scan.labels):
+            raise UserError(f"{prefix}{path}: no labels in any image, nothing to train on")
+
+        self.im_files = list(self.scan.im_files)
+        self.labels = list(self.scan.labels)
+        self.shapes = np.asarray(self.scan.shapes)
+        n = len(self.im_files)
+        self.indices = range(n)
+        self.batch = np.arange(n) // batch_size
+        if rect:
+            self._make_rect_batches(batch_size, pad)
+        self.label_files = img2label_paths(self.im_files)
+        # Kept in shared memory so that switching mosaic off reaches persistent worker processes.
+        self._mosaic = torch.tensor(augment and not rect).share_memory_()
+
+    @property
+    def mosaic(self) -> bool:
+        return bool(self._mosaic)
+
+    @mosaic.setter
+    def mosaic(self, on: bool) -> None:
+        self._mosaic.fill_(bool(on))
+
+    def close_mosaic(self) -> None:
+        """Stop mosaic for the final epochs, so the model ends on images as they will be seen."""
+        self.mosaic = False
+
+    def _make_rect_batches(self, batch_size: int, pad: float) -> None:
+        """Sort by aspect ratio and give each batch the smallest stride-multiple shape that fits it."""
+        aspect = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
+        order = aspect.argsort()
+        self.im_files = [self.im_files[i] for i in order]
+        self.labels = [self.labels[i] for i in order]
+        self.shapes = self.shapes[order]
+        aspect = aspect[order]
+        shapes = []
+        for b in range(self.batch[-1] + 1):
+            ar = aspect[self.batch == b]
+            lo, hi = ar.min(), ar.max()
+            shapes.append([hi, 1] if hi < 1 else [1, 1 / lo] if lo > 1 else [1, 1])  # (h, w) relative to img_size
+        self.batch_shapes = np.ceil(np.array(shapes) * self.img_size / self.stride + pad).astype(int) * self.stride
+
+    def __len__(self) -> int:
+        return len(self.im_files)
+
+    def __getitem__(self, index: int):
+        hyp = self.hyp
+        if self.mosaic and random.random() < hyp["mosaic"]:
+            img, labels = self.load_mosaic(index)
+            shapes = None
+            if random.random() < hyp["mixup"]:
+                img, labels = mixup(img, labels, *self.load_mosaic(random.randrange(len(self))))
+        else:
+            img, (h0, w0) = self.load_image(index)
+            hr, wr = img.shape[:2]
+            shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
+            img, (gain_w, gain_h), (padw, padh) = letterbox(img, shape, auto=False, scaleup=self.augment)
+            h, w = round(hr * gain_h), round(wr * gain_w)  # image size inside the padding
+            shapes = (h0, w0), ((h / h0, w / w0), (padw, padh))
+            labels = self.labels[index].copy()
+            if len(labels):
+                labels[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, padw, padh)
+            if self.augment:
+                img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"],
+                                                 scale=hyp["scale"], shear=hyp["shear"], perspective=hyp["perspective"])
+        if len(labels):
+            labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
+        if self.augment:
+            augment_hsv(img, hgain=hyp["hsv_h"], sgain=hyp["hsv_s"], vgain=hyp["hsv_v"])
+            img, labels = random_flip(img, labels, flipud=hyp["flipud"], fliplr=hyp["fliplr"])
+
+        targets = torch.zeros((len(labels), 6))
+        if len(labels):
+            targets[:, 1:] = torch.from_numpy(labels)
+        img = np.ascontiguousarray(img.transpose((2, 0, 1))[::-1])  # HWC BGR -> CHW RGB
+        return torch.from_numpy(img), targets, self.im_files[index], shapes
+
+    def cache_images(self) -> int:
+        """Decode and resize every image once into RAM (``train.py --cache ram``); returns the bytes held.
+
+        Call before the first batch: the loader's workers start then and inherit the cache.
+        """
+        images = [self.load_image(i) for i in tqdm(range(len(self)), desc="caching images", leave=False)]
+        self._cached = images
+        return sum(im.nbytes for im, _ in images)
+
+    def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """BGR image with its longest side resized to ``img_size``, and its original (h, w)."""
+        cached = getattr(self, "_cached", None)  # set by cache_images()
+        if cached is not None:
+            im, hw = cached[i]
+            return im.copy(), hw  # augmentations write into the image in place
+        f = self.im_files[i]
+        im = cv2.imread(f)
+        if im is None:  # formats OpenCV lacks but PIL read during the scan
+            try:
+                with Image.open(f) as pil:
+                    im = np.asarray(ImageOps.exif_transpose(pil).convert("RGB"))[:, :, ::-1]
+            except OSError as exc:
+                raise OSError(f"{f}: image became unreadable after the dataset scan ({exc})") from exc
+        h0, w0 = im.shape[:2]
+        r = self.img_size / max(h0, w0)
+        if r != 1:
+            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
+            im = cv2.resize(im, (round(w0 * r), round(h0 * r)), interpolation=interp)
+        return im, (h0, w0)
+
+    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Four images around a random centre, then random affine; returns pixel xyxy labels."""
+        s = self.img_size
+        centre = tuple(int(random.uniform(-b, 2 * s + b)) for b in self.mosaic_border)
+        picks = [index] + random.choices(self.indices, k=3)
+        random.shuffle(picks)
+        tiles = [(self.load_image(i)[0], self.labels[i]) for i in picks]
+        img, labels = mosaic4(tiles, s, centre)
+        hyp = self.hyp
+        return random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"], scale=hyp["scale"],
+                                  shear=hyp["shear"], perspective=hyp["perspective"], border=self.mosaic_border)
+
+    @staticmethod
+    def collate_fn(batch):
+        """Stack images; concatenate targets with column 0 set to the image's index in the batch."""
+        ims, targets, paths, shapes = zip(*batch)
+        for i, t in enumerate(targets):
+            t[:, 0] = i
+        return torch.stack(ims, 0), torch.cat(targets, 0), paths, shapes
+
+
+LoadImagesAndLabels = YoloDataset  # upstream's name, for code written against it
+
+
+def init_worker(worker_id: int) -> None:
+    """Seed each worker's ``random`` and numpy from torch's per-worker seed; keep OpenCV single-threaded.
+
+    Workers already run in parallel; OpenCV's own thread pool inside each of them would only
+    oversubscribe the cores.
+    """
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)
+    cv2.setNumThreads(0)
+
+
+def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, augment: bool = False,
+                      rect: bool = False, pad: float = 0.0, workers: int = 8, shuffle: bool = False, prefix: str = "",
+                      seed: int = 0, close_mosaic: bool = False, rank: int = -1, nc: int | None = None):
+    """Build a ``YoloDataset`` and its DataLoader; returns (loader, dataset).
+
+    ``nc`` lets the scan drop rows whose class id is out of range; pass the data yaml's ``nc``.
+    ``close_mosaic`` is accepted for upstream's signature: ``dataset.close_mosaic()`` works with
+    any loader here, because the switch lives in shared memory that persistent workers see.
+    ``rank`` >= 0 shards batches over DDP processes; local rank 0 scans first, the rest reuse its cache.
+    """
+    if rect and shuffle:
+        LOGGER.warning(f"{prefix}WARNING rect batches need a fixed order; shuffle turned off")
+        shuffle = False
+    with _rank_zero_first(rank):
+        dataset = YoloDataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, stride=int(stride),
+                              pad=pad, prefix=prefix, nc=nc)
+    batch_size = min(batch_size, len(dataset))
+    n_devices = max(torch.cuda.device_count(), 1)
+    n_workers = min((os.cpu_count() or 1) // n_devices, batch_size if batch_size > 1 else 0, workers)
+    sampler = None if rank == -1 else DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed + max(rank, 0))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                        num_workers=n_workers, persistent_workers=n_workers > 0, pin_memory=torch.cuda.is_available(),
+                        collate_fn=YoloDataset.collate_fn, worker_init_fn=init_worker, generator=generator)
+    return loader, dataset
+
+
+@contextlib.contextmanager
+def _rank_zero_first(rank: int):
+    """Let local rank 0 build the label cache while the other DDP ranks wait, then read it."""
+    synced = rank >= 0 and dist.is_available() and dist.is_initialized()
+    if synced and rank != 0:
+        dist.barrier()
+    yield
+    if synced and rank == 0:
+        dist.barrier()
+
+
+def _training_hyp(hyp: dict | str | Path | None) -> dict:
+    if hyp is None:
+        return load_hyp(DEFAULT_HYP)
+    if isinstance(hyp, (str, Path)):
+        return load_hyp(hyp)
+    missing = [k for k in AUGMENT_KEYS if k not in hyp]
+    if missing:
+        raise UserError(f"hyp: augmentation needs {', '.join(missing)}")
+    return hyp
