@@ -1,15 +1,13 @@
 """Device selection and small torch helpers shared by training, evaluation and export."""
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 import torch.nn as nn
 
 from utils.errors import UserError
-
-LOGGER = logging.getLogger("yolov9")
+from utils.logs import LOGGER
 
 
 def select_device(device: str | int | torch.device | None = "") -> torch.device:
