@@ -61,7 +61,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supervision-stride", type=int, default=1,
                    help="distil every N-th layer from the FP32 model (0: no distillation)")
     p.add_argument("--distill-weight", type=float, default=1.0,
-                   help="distillation term as a multiple of the detection loss (0: detection loss only)")
+                   help="weight of the mean relative feature error next to the detection loss (0: none)")
     p.add_argument("--no-eval-origin", action="store_true", help="do not evaluate the FP32 model")
     p.add_argument("--no-eval-ptq", action="store_true", help="do not evaluate the PTQ model")
     p.add_argument("--skip-layers", default="", help="layers kept in floating point, e.g. 22 or 15,22")

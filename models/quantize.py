@@ -118,6 +118,15 @@ def _tie(model: nn.Module, plan: QuantPlan) -> None:
             model.set_submodule(s, sites[present[0]])
 
 
+def set_trainable(model: nn.Module) -> nn.Module:
+    """Let QAT train every weight and bias (fusing froze them); DFL's fixed integral stays frozen."""
+    model.requires_grad_(True)
+    for m in model.modules():
+        if isinstance(m, FLOAT_ONLY):
+            m.requires_grad_(False)
+    return model
+
+
 def quantizers(model: nn.Module) -> list[TensorQuantizer]:
     """Every distinct quantizer (a tied one once)."""
     return [m for m in model.modules() if isinstance(m, TensorQuantizer)]

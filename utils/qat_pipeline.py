@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.quantize import (CALIB_METHODS, amax_state, build_quantized, collect_stats, load_amax,
-                             load_amax_state, parse_skip_layers, prepare, quant_state)
+                             load_amax_state, parse_skip_layers, prepare, quant_state, set_trainable)
 from utils.distributed import DistInfo, broadcast_object, init_distributed, shutdown
 from utils.errors import UserError
 from utils.evaluation import EvalResult
@@ -213,9 +213,10 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     from utils.engine import make_precision, train_one_epoch
     from utils.loss_tal import build_loss
     from utils.optim import build_optimizer, lr_lambda
-    from utils.qat_distill import DetectionLossMemo, FeatureDistillation, supervised_layers
+    from utils.qat_distill import FeatureDistillation, supervised_layers
     from utils.trainer import epoch_seed, seed_everything
 
+    set_trainable(student)
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
     loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
@@ -225,11 +226,11 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     lf = lr_lambda(opt.epochs, hyp["lrf"], cosine=True)
-    loss_fn = DetectionLossMemo(build_loss(student, hyp))
+    loss_fn = build_loss(student, hyp)
     distill = None
     if opt.distill_weight > 0 and opt.supervision_stride > 0:
         layers = supervised_layers(len(student.model), opt.supervision_stride)
-        distill = FeatureDistillation(student, teacher, layers, loss_fn, opt.distill_weight)
+        distill = FeatureDistillation(student, teacher, layers, opt.distill_weight)
     model = student
     if info.distributed:  # ranges are buffers that never change in QAT: no need to broadcast them
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"

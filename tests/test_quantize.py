@@ -1,0 +1,184 @@
+"""Quantizer insertion, TensorRT scale rules, calibration, skip-layers and checkpoints (models/quantize*)."""
+from __future__ import annotations
+
+from copy import deepcopy
+
+import pytest
+import torch
+import torch.nn as nn
+from modelopt.torch.quantization.nn import TensorQuantizer
+
+from models.common import DFL
+from models.quant_modules import QuantConv2d, RangeCalibrator
+from models.quantize import (amax_state, calibrate, collect_stats, float_conv_names, load_amax, parse_skip_layers,
+                             prepare, quantization_disabled, quantizers, set_quantization)
+from models.yolo import DetectionModel
+from tests.qat_helpers import CONFIGS, one_thread, scale_violations, shrunk_config
+from utils.checkpoint import save_checkpoint
+from utils.errors import UserError
+from utils.qat_checkpoint import load_quantized, make_checkpoint
+
+IMGSZ = 64
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+_built: dict[str, tuple[DetectionModel, DetectionModel]] = {}
+
+
+def float_and_quantized(cfg: str) -> tuple[DetectionModel, DetectionModel]:
+    """(fused float model, the same prepared and calibrated on random images), built once per config."""
+    if cfg not in _built:
+        torch.manual_seed(0)
+        fp = DetectionModel(shrunk_config(cfg)).fuse().eval()
+        q = prepare(deepcopy(fp))
+        calibrate(q, [torch.rand(2, 3, IMGSZ, IMGSZ)])
+        _built[cfg] = fp, q
+    return _built[cfg]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_every_conv_is_quantized(cfg):
+    fp, q = float_and_quantized(cfg)
+    fp_convs = {n for n, m in fp.named_modules() if isinstance(m, nn.Conv2d)}
+    dfl_convs = {n for n, m in fp.named_modules() if isinstance(m, nn.Conv2d) and ".dfl" in n}
+    q_convs = {n: m for n, m in q.named_modules() if isinstance(m, QuantConv2d)}
+    assert set(q_convs) == fp_convs - dfl_convs
+    assert set(float_conv_names(q)) == dfl_convs and dfl_convs  # DFL stays float on purpose, and says so
+    for name, conv in q_convs.items():
+        assert conv.input_quantizer.is_enabled, f"{name}: input quantizer off"
+        assert conv.input_quantizer.amax is not None and conv.input_quantizer.amax.numel() == 1
+        assert conv.weight_quantizer.amax.shape == (conv.out_channels, 1, 1, 1), f"{name}: not per channel"
+    assert not any(isinstance(m, TensorQuantizer) for m in q.modules() if isinstance(m, DFL))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_one_scale_per_concat_pool_add_and_shared_tensor(cfg):
+    _, q = float_and_quantized(cfg)
+    assert scale_violations(q, torch.rand(1, 3, IMGSZ, IMGSZ)) == []
+
+
+def test_checker_sees_a_broken_tie():
+    """The rule check can fail: untie one concat input and give it another range."""
+    _, q = float_and_quantized("gelan-s")
+    q = deepcopy(q)
+    cat = q.model[11].input_quantizers  # gelan-s layer 11: Concat of the upsampled P5 and P4
+    cat[0] = deepcopy(cat[0])
+    cat[0].amax = cat[0].amax * 2
+    assert any("concat" in v for v in scale_violations(q, torch.rand(1, 3, IMGSZ, IMGSZ)))
+
+
+def test_concat_groups_reach_across_layers():
+    """gelan-s: layer 12's output feeds the upsample into concat 14 and concat 17 directly, so both
+    concats (and both RepNCSPELAN4 inputs after them) must share one scale."""
+    _, q = float_and_quantized("gelan-s")
+    assert q.model[14].input_quantizers[0] is q.model[17].input_quantizers[1]
+    assert q.model[13].input_quantizer is q.model[14].input_quantizers[0]
+    assert q.model[15].cv1.conv.input_quantizer is q.model[14].input_quantizers[1]
+
+
+def test_disabling_quantization_gives_the_float_model():
+    fp, q = float_and_quantized("yolov9-s")
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        ref = fp(x)[0]
+        with quantization_disabled(q):
+            off = q(x)[0]
+        on = q(x)[0]
+    assert all(torch.equal(a, b) for a, b in zip(ref, off))
+    assert not all(torch.equal(a, b) for a, b in zip(ref, on))
+    assert all(qz.is_enabled for qz in quantizers(q))  # the context restored every quantizer
+
+
+def test_set_quantization_per_module():
+    _, q = float_and_quantized("gelan-t")
+    q = deepcopy(q)
+    set_quantization(q.model[0], False)
+    assert not q.model[0].conv.input_quantizer.is_enabled and q.model[1].conv.weight_quantizer.is_enabled
+    set_quantization(q.model[0], True)
+    assert q.model[0].conv.input_quantizer.is_enabled
+
+
+def test_skip_layers_stay_float_and_are_recorded(tmp_path):
+    fp, _ = float_and_quantized("gelan-s")
+    skip = [2, 15]
+    q = prepare(deepcopy(fp), skip_layers=skip)
+    for i, layer in enumerate(q.model):
+        quantized = [m for m in layer.modules() if isinstance(m, TensorQuantizer)]
+        float_convs = [n for n, m in layer.named_modules() if type(m) is nn.Conv2d and ".dfl" not in f".{n}"]
+        assert (not quantized and float_convs) if i in skip else not float_convs, f"layer {i}"
+    skipped_convs = {n for n in float_conv_names(q) if ".dfl" not in n}
+    assert skipped_convs and {int(n.split(".")[1]) for n in skipped_convs} == set(skip)
+    calibrate(q, [torch.rand(1, 3, IMGSZ, IMGSZ)])
+    assert scale_violations(q, torch.rand(1, 3, IMGSZ, IMGSZ)) == []
+    path = save_checkpoint(make_checkpoint(q), tmp_path / "ptq.pt")
+    loaded, ckpt = load_quantized(path)
+    assert ckpt["quant"]["skip_layers"] == skip and set(float_conv_names(loaded)) == set(float_conv_names(q))
+
+
+def test_parse_skip_layers():
+    assert parse_skip_layers("22, 3,-1", 23) == [3, 22]
+    assert parse_skip_layers("", 23) == []
+    for bad in ("23", "x"):
+        with pytest.raises(UserError):
+            parse_skip_layers(bad, 23)
+
+
+def test_checkpoint_reloads_bit_for_bit(tmp_path):
+    """Safe loading (plain torch.load with weights_only, no allowlist) rebuilds the same model."""
+    fp, _ = float_and_quantized("yolov9-t")
+    q = prepare(deepcopy(fp), skip_layers=[3])
+    calibrate(q, [torch.rand(2, 3, IMGSZ, IMGSZ)], "percentile")
+    path = save_checkpoint(make_checkpoint(q, epoch=3, opt={"weights": tmp_path / "fp.pt"}), tmp_path / "q.pt")
+    torch.load(path, weights_only=True)  # plain data only: nothing to allow-list
+    loaded, ckpt = load_quantized(path)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        a, b = q.eval()(x)[0], loaded(x)[0]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert len(quantizers(loaded)) == len(quantizers(q))
+    assert loaded.quant_info.calibration["method"] == "percentile" and ckpt["epoch"] == 3
+    assert loaded.model[5].cv1.conv.input_quantizer is not None
+
+
+def test_calibration_methods_give_different_finite_ranges():
+    torch.manual_seed(0)
+    cal = RangeCalibrator()
+    for _ in range(3):
+        x = torch.randn(20000)
+        x[:3] *= 30  # a few outliers: the methods disagree about clipping them
+        cal.collect(x)
+    amax = {m: float(cal.compute_amax(m, percentile=99.9)) for m in ("max", "percentile", "mse", "entropy")}
+    assert all(0 < v < float("inf") for v in amax.values()), amax
+    assert len({round(v, 5) for v in amax.values()}) == 4, amax
+    assert amax["max"] == pytest.approx(float(cal._max)) and amax["percentile"] < amax["max"]
+
+
+def test_calibrator_range_grows_by_merging_bins():
+    cal = RangeCalibrator()
+    small, large = torch.rand(1000) * 1e-3, torch.rand(1000) * 5.0
+    cal.collect(small)
+    cal.collect(large)
+    assert len(cal._counts) == RangeCalibrator.NUM_BINS and float(cal._counts.sum()) == 2000
+    assert float(cal.compute_amax("max")) == pytest.approx(float(large.abs().max()))
+    assert cal._range >= float(large.max())
+    assert 0 < float(cal.compute_amax("mse")) <= cal._range
+
+
+def test_model_calibration_methods_differ():
+    fp, _ = float_and_quantized("gelan-t")
+    q = prepare(deepcopy(fp))
+    collect_stats(q, [torch.rand(2, 3, IMGSZ, IMGSZ) for _ in range(2)])
+    ranges = {}
+    for method in ("max", "percentile"):
+        load_amax(q, method, percentile=99.0)
+        ranges[method] = {k: float(v) for k, v in amax_state(q).items() if v.numel() == 1}
+    assert all(v == v and v > 0 for v in ranges["percentile"].values())
+    smaller = sum(ranges["percentile"][k] < ranges["max"][k] for k in ranges["max"])
+    assert smaller > len(ranges["max"]) // 2
+    with pytest.raises(UserError):
+        load_amax(q, "median")
