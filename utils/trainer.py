@@ -9,7 +9,6 @@ import argparse
 import csv
 import datetime as _dt
 import json
-import random
 import shlex
 import sys
 import time
@@ -30,6 +29,7 @@ from utils.errors import UserError
 from utils.loss_tal import build_loss
 from utils.optim import Warmup, build_optimizer, lr_lambda
 from utils.paths import ROOT, increment_path
+from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
 
 NOMINAL_BATCH = 64  # upstream's nbs: gradients are accumulated to about this many images per step
@@ -59,17 +59,6 @@ def make_options(opt: argparse.Namespace | dict | None = None, **overrides) -> a
         raise UserError(f"train: unknown option(s) {', '.join(unknown)}")
     merged.update(given)
     return argparse.Namespace(**merged)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """One seed per (run seed, epoch, rank): a resumed epoch draws the same shuffles and augmentations."""
-    return seed * 1_000_003 + epoch * 1_009 + max(rank, 0) + 1
 
 
 # ------------------------------------------------------------------------------------------------
