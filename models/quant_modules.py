@@ -97,9 +97,11 @@ class _FromFloat:
     def from_float(cls, module: nn.Module) -> nn.Module:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        bookkeeping = set(vars(nn.Module()))  # hooks and registries of the fresh module stay fresh
+        # hooks and registries of the fresh module stay fresh; an instance-level ``forward`` (upstream's
+        # fuse sets one on some layers) is bound to the old object and must not be carried over
+        skip = set(vars(nn.Module())) | {"forward"}
         for k, v in vars(module).items():
-            if k not in bookkeeping:
+            if k not in skip:
                 setattr(new, k, v)
         new.training = module.training
         for k, v in module._parameters.items():

@@ -81,7 +81,8 @@ def prepare(model: nn.Module, skip_layers: Iterable[int] = (), plan: QuantPlan |
     """
     if is_quantized(model):
         raise ValueError("model is already quantized")
-    model.float().eval().fuse()
+    with torch.no_grad():  # upstream's fuse builds the fused weights inside autograd otherwise
+        model.float().eval().fuse()
     skip = parse_skip_layers(list(skip_layers), len(model.model))
     if plan is None:
         probe = quantize_modules(deepcopy(model))

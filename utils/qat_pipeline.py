@@ -8,6 +8,7 @@ evaluates; the calibrated model is broadcast as plain state so every rank trains
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from copy import deepcopy
 from dataclasses import dataclass
@@ -18,15 +19,26 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from models.loading import attempt_load
 from models.quantize import (CALIB_METHODS, amax_state, build_quantized, collect_stats, load_amax,
                              load_amax_state, parse_skip_layers, prepare, quant_state, set_trainable)
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.data_config import load_data_config, load_hyp, require_split
+from utils.detection_loss import build_loss
 from utils.distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from utils.engine import make_precision, train_one_epoch
 from utils.errors import UserError
-from utils.evaluation import EvalResult
+from utils.evaluation import EvalResult, evaluate
+from utils.logs import LOGGER
+from utils.optim import build_optimizer, lr_lambda
 from utils.paths import increment_path
 from utils.qat_checkpoint import is_quantized_checkpoint, load_quantized, make_checkpoint, read_checkpoint
+from utils.qat_distill import FeatureDistillation, supervised_layers
 from utils.qat_report import metrics, new_report, write_report
-from utils.torch_utils import LOGGER, de_parallel, select_device
+from utils.qat_sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
+from utils.seeding import epoch_seed, seed_everything
+from utils.torch_utils import de_parallel, select_device
+from utils.yolo_dataset import create_dataloader
 
 # Options that describe the machine rather than the run: a resumed run takes them from the new command.
 MACHINE_OPTIONS = ("device", "workers")
@@ -39,9 +51,6 @@ MACHINE_OPTIONS = ("device", "workers")
 
 def load_float_model(weights: str | Path, device: torch.device) -> nn.Module:
     """The trained FP32 model, fused (Conv+BN, RepConvN) and in eval mode."""
-    from models.experimental import attempt_load
-    from utils.checkpoint import load_checkpoint
-
     if is_quantized_checkpoint(load_checkpoint(weights)):
         raise UserError(f"{weights}: already a PTQ/QAT checkpoint; pass the trained FP32 weights")
     return attempt_load(weights, device=device, fuse=True).float().eval()
@@ -50,9 +59,6 @@ def load_float_model(weights: str | Path, device: torch.device) -> nn.Module:
 def make_loader(data: dict, split: str, imgsz: int, batch_size: int, stride: int, workers: int, *,
                 hyp: dict | None = None, shuffle: bool = False, seed: int = 0, rank: int = -1):
     """Evaluation loaders are rect-batched like val.py's; training / calibration ones are square."""
-    from utils.data_config import require_split
-    from utils.dataloaders import create_dataloader
-
     evaluation = hyp is None and not shuffle
     return create_dataloader(require_split(data, split), imgsz, batch_size, stride, hyp=hyp, augment=hyp is not None,
                              rect=evaluation, pad=0.5 if evaluation else 0.0, workers=workers, shuffle=shuffle,
@@ -68,22 +74,29 @@ def image_batches(loader, device: torch.device, n: int) -> Iterator[torch.Tensor
 
 @dataclass
 class Evaluator:
-    """val.run on one fixed loader, so that every model of a run is measured on the same images."""
+    """The evaluator on one fixed loader, so that every model of a run is measured on the same images.
+
+    Full precision on purpose: a half-precision pass would round the fake-quantized values again.
+    """
 
     data: dict
     loader: object
-    imgsz: int
-    batch_size: int
     conf_thres: float = 0.001
     iou_thres: float = 0.7
     postprocess: str = "nms"
 
     def __call__(self, model: nn.Module) -> EvalResult:
-        import val
-
-        return val.run(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=de_parallel(model),
-                       dataloader=self.loader, conf_thres=self.conf_thres, iou_thres=self.iou_thres,
-                       postprocess=self.postprocess, half=False, plots=False)
+        model = de_parallel(model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                result, _ = evaluate(model, self.loader, self.data["names"], conf_thres=self.conf_thres,
+                                     iou_thres=self.iou_thres, postprocess=self.postprocess)
+        finally:
+            model.train(was_training)
+        LOGGER.info(result.table(per_class=False))
+        return result
 
 
 def _check_imgsz(imgsz: int, stride: int) -> int:
@@ -95,7 +108,7 @@ def _check_imgsz(imgsz: int, stride: int) -> int:
 def _evaluator(opt: argparse.Namespace, data: dict, stride: int) -> Evaluator:
     imgsz = _check_imgsz(opt.imgsz, stride)
     loader = make_loader(data, opt.task, imgsz, opt.batch_size * 2, stride, opt.workers)
-    return Evaluator(data, loader, imgsz, opt.batch_size * 2, opt.conf_thres, opt.iou_thres, opt.postprocess)
+    return Evaluator(data, loader, opt.conf_thres, opt.iou_thres, opt.postprocess)
 
 
 def _run_dir(opt: argparse.Namespace, info: DistInfo) -> Path:
@@ -144,8 +157,6 @@ def calibrate_ptq(model: nn.Module, batches, method: str, percentile: float,
 
 def _auto_skip(float_model: nn.Module, calibrated: nn.Module, k: int, evaluate: Evaluator, ptq_map: float,
                save_dir: Path) -> list[int]:
-    from utils.qat_sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
-
     rows = layer_sensitivity(float_model, calibrated.quant_info.plan, amax_state(calibrated),
                              quantizable_layers(calibrated), lambda m: evaluate(m).map50_95, ptq_map,
                              measure_alone=False)
@@ -184,8 +195,6 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
         report["ptq"] = None
     ckpt = make_checkpoint(model, opt=vars(opt), report=report,
                            best_fitness=report["ptq"]["fitness"] if report["ptq"] else 0.0)
-    from utils.checkpoint import save_checkpoint
-
     save_checkpoint(ckpt, save_dir / "weights" / "ptq.pt")
     return model
 
@@ -209,13 +218,6 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
              evaluate: Evaluator | None, report: dict, save_dir: Path, device: torch.device, info: DistInfo,
              state: ResumeState) -> None:
     """QAT epochs with the training engine; the float model supervises through ``FeatureDistillation``."""
-    from utils.checkpoint import save_checkpoint
-    from utils.engine import make_precision, train_one_epoch
-    from utils.loss_tal import build_loss
-    from utils.optim import build_optimizer, lr_lambda
-    from utils.qat_distill import FeatureDistillation, supervised_layers
-    from utils.trainer import epoch_seed, seed_everything
-
     set_trainable(student)
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
@@ -307,9 +309,6 @@ def run_quantize(opt: argparse.Namespace) -> Path:
 
 
 def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> Path:
-    from utils.data_config import load_data_config, load_hyp
-    from utils.trainer import seed_everything
-
     t0 = time.perf_counter()
     ckpt = None
     if opt.resume:
@@ -358,9 +357,6 @@ def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> 
 
 def run_sensitive(opt: argparse.Namespace) -> Path:
     """``qat.py sensitive``: per-layer sensitivity table, JSON and bar chart of a calibrated PTQ model."""
-    from utils.data_config import load_data_config
-    from utils.qat_sensitivity import layer_sensitivity, quantizable_layers, write_sensitivity
-
     device = select_device(opt.device)
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     data = load_data_config(opt.data)
@@ -383,9 +379,6 @@ def run_sensitive(opt: argparse.Namespace) -> Path:
 
 def run_eval(opt: argparse.Namespace) -> EvalResult:
     """``qat.py eval``: a saved PTQ/QAT checkpoint through the evaluator (results in the run folder)."""
-    import json
-
-    from utils.data_config import load_data_config
 
     device = select_device(opt.device)
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
