@@ -12,7 +12,7 @@ src="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 manifest="$src/patch_manifest.txt"
 # Packages the QAT layer imports that upstream's requirements.txt does not name; their pins are
 # read from our requirements.txt so the hint cannot drift from it.
-qat_packages=(nvidia-modelopt huggingface_hub onnx onnxruntime onnxslim)
+qat_packages=(nvidia-modelopt huggingface_hub onnx onnxruntime onnxslim onnxsim)
 
 die() {
   echo "error: $*" >&2

@@ -1,8 +1,9 @@
 """patch_yolov9.sh: what it copies is self-contained on top of upstream, and it never clobbers.
 
 The copied scripts import upstream's own models/ and utils/ in the target checkout, so the
-manifest must be closed under imports, must not name an upstream module, and every name a copied
-file takes from an upstream module must exist there. Upstream facts come from two committed lists
+manifest must be closed under imports, must not name an upstream module, a copied file may use an
+upstream module only where ours has upstream's interface (UPSTREAM_COMPATIBLE), and every name it
+takes from one must exist there. Upstream facts come from two committed lists
 (tests/data/upstream_modules.txt, tests/data/upstream_names.txt) read from the upstream commit
 named in their headers, so these tests need no upstream checkout.
 """
@@ -23,7 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "patch_yolov9.sh"
 DATA = Path(__file__).resolve().parent / "data"
 # Imports that name neither the project nor an installable requirement: optional, or the stdlib.
-OPTIONAL_PACKAGES = {"tensorrt", "pycuda", "cuda"}
+OPTIONAL_PACKAGES = {"tensorrt", "pycuda", "cuda", "faster_coco_eval"}
+# The upstream modules (and names, None = any name upstream defines) whose interface ours copies
+# exactly, so a copied file may use upstream's version of them. Everything else at an upstream path
+# (val.run, utils/dataloaders.py, utils/loss_tal.py, utils/metrics.py, models/experimental.py ...)
+# behaves differently there, so copied files must import our non-colliding module instead.
+UPSTREAM_COMPATIBLE: dict[str, set[str] | None] = {
+    "models/common.py": None,  # the layer classes: upstream names, constructor arguments and attributes
+    "models/yolo.py": {"BaseModel", "DetectionModel", "Model", "Detect", "DDetect", "DualDetect", "DualDDetect"},
+    "utils/torch_utils.py": {"de_parallel", "select_device", "fuse_conv_and_bn", "initialize_weights"},
+    "utils/tal/anchor_generator.py": {"make_anchors", "dist2bbox", "bbox2dist"},
+}
 # Import name -> distribution name, where they differ.
 DISTRIBUTIONS = {"cv2": "opencv-python", "yaml": "PyYAML", "PIL": "Pillow", "modelopt": "nvidia-modelopt"}
 # Distributions upstream's requirements.txt installs (its uncommented lines), so the hint need not name them.
@@ -71,7 +82,7 @@ def project_roots() -> set[str]:
 def imported_names(tree: ast.Module, package: str) -> tuple[dict[str, set[str]], set[str]]:
     """Project modules a file uses with the names it takes from each, and its third-party imports.
 
-    `import m as a` counts every `a.name` in the file as a name taken from m.
+    `import m as a` and `from package import m as a` count every `a.name` in the file as a name taken from m.
     """
     roots = project_roots()
     uses: dict[str, set[str]] = {}
@@ -99,6 +110,7 @@ def imported_names(tree: ast.Module, package: str) -> tuple[dict[str, set[str]],
                 submodule = f"{dotted}.{alias.name}"
                 if is_module(submodule):
                     uses.setdefault(submodule, set())
+                    aliases[alias.asname or alias.name] = submodule
                 else:
                     uses.setdefault(dotted, set()).add(alias.name)
     for node in ast.walk(tree):
@@ -117,6 +129,10 @@ def analyse() -> tuple[list[str], set[str]]:
     """Every closure / name problem of the manifest, and the third-party packages it imports."""
     problems: list[str] = []
     packages: set[str] = set()
+    for path in (p for p in MANIFEST if p.endswith(".sh")):
+        for script in sorted(set(re.findall(r"[\w./-]+\.py\b", (ROOT / path).read_text()))):
+            if script not in MANIFEST and script not in UPSTREAM_MODULES:
+                problems.append(f"{path}: runs {script}, which patch_manifest.txt does not copy")
     for path in copied_python_files():
         package = ".".join(Path(path).parent.parts)
         uses, third_party = imported_names(ast.parse((ROOT / path).read_text(), path), package)
@@ -129,11 +145,16 @@ def analyse() -> tuple[list[str], set[str]]:
                 continue
             elif target not in UPSTREAM_MODULES:
                 problems.append(f"{path}: imports {dotted} ({target}), which patch_manifest.txt does not copy")
-            elif target not in UPSTREAM_NAMES:
-                problems.append(f"{path}: imports upstream {target}, which upstream_names.txt has no names for")
+            elif target not in UPSTREAM_COMPATIBLE:
+                problems.append(f"{path}: imports {dotted}, which is upstream's own {target} in a patched checkout "
+                                "and differs from ours; import our implementation from a module upstream lacks")
             else:
+                names = {n for n in names if not n.startswith("__")}
                 for name in sorted(names - UPSTREAM_NAMES[target]):
                     problems.append(f"{path}: uses {dotted}.{name}, which upstream's {target} does not define")
+                allowed = UPSTREAM_COMPATIBLE[target]
+                for name in sorted(names & UPSTREAM_NAMES[target] - (allowed if allowed is not None else names)):
+                    problems.append(f"{path}: uses {dotted}.{name}, whose upstream version differs from ours")
     return problems, packages
 
 
@@ -159,10 +180,12 @@ def test_hint_names_every_package_upstream_lacks():
 
 
 def test_analysis_catches_a_name_upstream_lacks():
-    tree = ast.parse("from utils.metrics import ap_per_class, DetectionStats\nimport val\nval.evaluate()\n")
-    uses, _ = imported_names(tree, "")
+    source = ("from utils.metrics import ap_per_class, DetectionStats\nimport val\nval.evaluate()\n"
+              "from models import yolo\nyolo.MODULES\nyolo.DetectionModel\n")
+    uses, _ = imported_names(ast.parse(source), "")
     assert uses["utils.metrics"] - UPSTREAM_NAMES["utils/metrics.py"] == {"DetectionStats"}
     assert uses["val"] - UPSTREAM_NAMES["val.py"] == {"evaluate"}
+    assert uses["models.yolo"] - UPSTREAM_NAMES["models/yolo.py"] == {"MODULES"}
 
 
 # --- behaviour of the script on a fake upstream checkout ---------------------------------------
