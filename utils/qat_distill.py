@@ -12,6 +12,8 @@ a tiny model at 100x the QAT learning rate and the error stays where PTQ left it
 """
 from __future__ import annotations
 
+from copy import deepcopy
+
 import torch
 import torch.nn as nn
 
@@ -39,12 +41,20 @@ def relative_error(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e
     return (s - t).pow(2).mean() / (t.pow(2).mean() + eps)
 
 
+def _truncated(model: nn.Module, last: int) -> nn.Module:
+    """A frozen copy of ``model`` that stops after layer ``last``: the teacher never needs its head,
+    which is a good part of a detector's compute."""
+    copy = deepcopy(model)
+    copy.model = copy.model[: last + 1]
+    return copy.eval().requires_grad_(False)
+
+
 class FeatureDistillation:
     """``extra_loss_fn`` for ``utils.engine.train_one_epoch``: runs the teacher on the same images and
     returns ``weight`` x the mean relative feature error of the student's last forward pass."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], weight: float = 1.0):
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = _truncated(teacher, max(layers))
         self.weight = weight
         self.layers = layers
         self._student_out: dict[int, list[torch.Tensor]] = {}

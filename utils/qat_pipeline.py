@@ -234,9 +234,9 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
         layers = supervised_layers(len(student.model), opt.supervision_stride)
         distill = FeatureDistillation(student, teacher, layers, opt.distill_weight)
     model = student
-    if info.distributed:  # ranges are buffers that never change in QAT: no need to broadcast them
+    if info.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, broadcast_buffers=False)
+                                                    else None)
     precision = make_precision(device, opt.amp)
     best = state.best_fitness
     weights = save_dir / "weights"
