@@ -27,18 +27,17 @@ SUFFIXES = {("onnx", "nms"): ".onnx", ("onnx", "none"): ".onnx",
 
 def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, list[str]]:
     """The model in a checkpoint, fused and in eval mode, and its convolutions kept in float on
-    purpose (empty for an FP model). A quantized checkpoint is rebuilt with its quantizers."""
+    purpose (empty for an FP model). A PTQ/QAT checkpoint is rebuilt with its quantizers."""
+    from models.experimental import attempt_load
     from models.quantize import build_quantized, float_conv_names
     from utils.checkpoint import load_checkpoint
+    from utils.qat_checkpoint import is_quantized_checkpoint
 
     path = existing_file(weights, "weights")
     ckpt = load_checkpoint(path)
-    quant = next((v for v in ckpt.values() if isinstance(v, dict) and {"plan", "state_dict"} <= v.keys()), None)
-    if quant is not None:
-        model = build_quantized(quant, device)
+    if is_quantized_checkpoint(ckpt):
+        model = build_quantized(ckpt["quant"], device)
         return model, float_conv_names(model)
-    from models.experimental import attempt_load
-
     return attempt_load(path, device=device, fuse=True), []
 
 

@@ -21,7 +21,7 @@ import torch
 from utils.benchmark_report import BatchTiming, summarize, to_markdown, write_report
 from utils.boxes import xyxy2xywh
 from utils.errors import UserError, run_cli
-from utils.evaluation import EvalResult, evaluate
+from utils.evaluation import EvalArtifacts, EvalResult, evaluate
 from utils.paths import ROOT, existing_file, increment_path
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -110,16 +110,15 @@ class DetectionBackend:
 
 def evaluate_exported(backend: DetectionBackend, data: dict, imgsz: int, batch_size: int, task: str,
                       postprocess: str, conf_thres: float, iou_thres: float, max_det: int, workers: int,
-                      device: torch.device) -> EvalResult:
+                      device: torch.device, keep_boxes: bool = False) -> tuple[EvalResult, EvalArtifacts]:
     """COCO-style mAP of an exported model on square ``imgsz`` letterboxed images of ``data[task]``."""
     from utils.data_config import require_split
     from utils.dataloaders import create_dataloader
 
     loader = create_dataloader(require_split(data, task), imgsz, batch_size, 32, rect=False, workers=workers,
                                prefix=f"{task}: ", nc=data["nc"])[0]
-    result, _ = evaluate(backend, loader, list(data["names"]), device=device, conf_thres=conf_thres,
-                         iou_thres=iou_thres, max_det=max_det, postprocess="none" if backend.end2end else postprocess)
-    return result
+    return evaluate(backend, loader, list(data["names"]), device=device, conf_thres=conf_thres, iou_thres=iou_thres,
+                    max_det=max_det, postprocess="none" if backend.end2end else postprocess, keep_boxes=keep_boxes)
 
 
 def benchmark(runner, batch_sizes: list[int], imgsz: int, device: torch.device, warmup: int = 10,
@@ -176,8 +175,8 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
         from utils.data_config import load_data_config
 
         cfg = load_data_config(data)
-        result = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, imgsz, batch_size, task, postprocess,
-                                   conf_thres, iou_thres, max_det, workers, dev)
+        result, _ = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, imgsz, batch_size, task, postprocess,
+                                      conf_thres, iou_thres, max_det, workers, dev)
         print(result.table(per_class=len(cfg["names"]) < 50))
         (save_dir / "results.json").write_text(json.dumps({**out, **result.to_dict()}, indent=2) + "\n")
         (save_dir / "results.md").write_text(result.markdown())

@@ -151,7 +151,9 @@ def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int]
         onnx_model = simplify_onnx(onnx_model, simplify)
     quantized = _has_quantizers(model)
     skipped = conv_nodes_for(onnx_model, float_convs or [])
-    meta = {"stride": [int(s) for s in head_of(model).stride], "names": list(getattr(model, "names", [])),
+    names = getattr(model, "names", [])
+    meta = {"stride": [int(s) for s in head_of(model).stride],
+            "names": list(names.values()) if isinstance(names, dict) else list(names),
             "imgsz": list(pred.imgsz), "batch": "dynamic" if pred.dynamic else int(pred.example.shape[0]), "postprocess": postprocess,
             "quantized": quantized, **(metadata or {})}
     if tail is not None:

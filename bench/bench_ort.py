@@ -1,0 +1,179 @@
+"""ONNX Runtime benchmarks of the Q/DQ export.
+
+latency (CPU, ~5-15 min on 2 cores): ONNX Runtime CPU latency of the INT8 Q/DQ model divided by the
+FP32 model's, same architecture, both sessions in one process, calls interleaved so that CPU load
+hits both alike. Random-init weights (calibrated on random images) unless --weights is given:
+latency does not depend on the weight values.
+
+    python bench/bench_ort.py latency --cfg gelan-s --imgsz 640 --batch-sizes 1,8
+    -> bench/results/ort_int8_fp32_latency_ratio_bs1.json, ..._bs8.json
+
+map (CPU or GPU for the PyTorch side): mAP50-95 of the exported Q/DQ ONNX on ONNX Runtime minus
+the PyTorch PTQ/QAT model's, same square letterboxed images, plus the largest raw-output difference.
+
+    python bench/bench_ort.py map --weights runs/qat/bccd/weights/qat_best.pt --data data/bccd.yaml \
+        --task test --imgsz 640
+    -> bench/results/ort_int8_minus_qat_map50_95_<weights stem>.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.record import machine_name, write_record  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def _fp_and_int8(cfg: str, imgsz: int, calib_batches: int, seed: int):
+    """A fused FP32 model and its QAT-prepared, calibrated twin (random init, random calibration images)."""
+    from models.quantize import calibrate, float_conv_names, prepare
+    from models.yolo import DetectionModel
+
+    torch.manual_seed(seed)
+    model = DetectionModel(f"{cfg}.yaml" if not cfg.endswith(".yaml") else cfg).eval()
+    fp = copy.deepcopy(model).fuse().eval()
+    prepare(model)
+    gen = torch.Generator().manual_seed(seed)
+    calibrate(model, [torch.rand(1, 3, imgsz, imgsz, generator=gen) for _ in range(calib_batches)])
+    return fp, model.eval(), float_conv_names(model)
+
+
+def bench_latency(opt: argparse.Namespace) -> list[Path]:
+    from utils.onnx_export import export_onnx
+    from utils.ort_runtime import OrtRunner
+
+    fp, q, floats = _fp_and_int8(opt.cfg, opt.imgsz, opt.calib_batches, opt.seed)
+    out_dir = Path(opt.out or tempfile.mkdtemp(prefix="bench_ort_"))
+    fp_file = export_onnx(fp, out_dir / f"{opt.cfg}-fp32.onnx", opt.imgsz, dynamic=True).path
+    q_result = export_onnx(q, out_dir / f"{opt.cfg}-int8-qdq.onnx", opt.imgsz, dynamic=True, float_convs=floats)
+    runners = {"fp32": OrtRunner(fp_file, threads=opt.threads), "int8": OrtRunner(q_result.path, threads=opt.threads)}
+    paths = []
+    for b in opt.batch_sizes:
+        x = torch.rand(b, 3, opt.imgsz, opt.imgsz)
+        times = {k: [] for k in runners}
+        for i in range(opt.warmup + opt.iters):
+            order = list(runners) if i % 2 == 0 else list(reversed(runners))  # neither always runs first
+            for k in order:
+                start = time.perf_counter()
+                runners[k](x)
+                if i >= opt.warmup:
+                    times[k].append((time.perf_counter() - start) * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = med["int8"] / med["fp32"]
+        print(f"batch {b}: FP32 median {med['fp32']:.1f} ms, INT8 Q/DQ median {med['int8']:.1f} ms, ratio {ratio:.3f}")
+        paths.append(write_record(
+            f"ort_int8_fp32_latency_ratio_bs{b}", ratio, "ratio (INT8 / FP32 median latency)", opt.cfg,
+            "random input", machine=f"{machine_name()}, {_cpu()}",
+            extra={"imgsz": opt.imgsz, "batch": b, "iters": opt.iters, "warmup": opt.warmup,
+                   "threads": opt.threads or "ORT default", "onnxruntime": __import__("onnxruntime").__version__,
+                   "median_ms": med, "mean_ms": {k: statistics.fmean(v) for k, v in times.items()},
+                   "qdq_pairs": q_result.qdq_pairs, "qdq_lint_findings": len(q_result.findings),
+                   "weights": "random init; INT8 scales calibrated on random images (latency only)"},
+            results_dir=opt.results_dir))
+    return paths
+
+
+def bench_map(opt: argparse.Namespace) -> Path:
+    import val_trt
+    from models.experimental_trt import Prediction
+    from models.quantize import float_conv_names
+    from utils.data_config import load_data_config, require_split
+    from utils.dataloaders import create_dataloader
+    from utils.evaluation import evaluate
+    from utils.onnx_export import export_onnx
+    from utils.ort_runtime import OrtRunner
+    from utils.qat_checkpoint import load_quantized
+    from utils.torch_utils import select_device
+
+    device = select_device(opt.device)
+    model = load_quantized(opt.weights, device)[0]  # an FP checkpoint is a user error here
+    floats = float_conv_names(model)
+    data = load_data_config(opt.data)
+    out_dir = Path(opt.out or tempfile.mkdtemp(prefix="bench_ort_map_"))
+    result = export_onnx(model, out_dir / f"{Path(opt.weights).stem}.onnx", opt.imgsz, dynamic=True,
+                         float_convs=floats)
+    runner = OrtRunner(result.path)
+    backend = val_trt.DetectionBackend(runner, data["nc"])
+    kwargs = dict(conf_thres=0.001, iou_thres=0.7, max_det=300)
+    ort_eval, _ = val_trt.evaluate_exported(backend, data, opt.imgsz, opt.batch_size, opt.task, "nms",
+                                            workers=opt.workers, device=torch.device("cpu"), **kwargs)
+    loader = create_dataloader(require_split(data, opt.task), opt.imgsz, opt.batch_size, 32, rect=False,
+                               workers=opt.workers, nc=data["nc"])[0]
+    torch_eval, _ = evaluate(model, loader, list(data["names"]), device=device, postprocess="nms", **kwargs)
+    max_box = max_score = 0.0
+    with torch.no_grad():
+        for i, (imgs, *_rest) in enumerate(loader):
+            if i >= opt.diff_batches:
+                break
+            x = imgs.float() / 255
+            ref = Prediction(model)(x.to(device)).cpu()
+            got = backend(x)
+            max_box = max(max_box, float((got[:, :4] - ref[:, :4]).abs().max()))
+            max_score = max(max_score, float((got[:, 4:] - ref[:, 4:]).abs().max()))
+    delta = ort_eval.map50_95 - torch_eval.map50_95
+    print(f"ORT INT8 mAP50-95 {ort_eval.map50_95:.4f} vs PyTorch {torch_eval.map50_95:.4f}: {delta:+.4f}; "
+          f"max raw diff boxes {max_box:.4g} px, scores {max_score:.4g}")
+    return write_record(
+        f"ort_int8_minus_qat_map50_95_{Path(opt.weights).stem}", delta, "mAP50-95 (ORT INT8 - PyTorch)",
+        Path(opt.weights).name, f"{Path(opt.data).name}:{opt.task}", machine=f"{machine_name()}, {_cpu()}",
+        extra={"ort_map50_95": ort_eval.map50_95, "pytorch_map50_95": torch_eval.map50_95,
+               "ort_map50": ort_eval.map50, "pytorch_map50": torch_eval.map50, "images": ort_eval.images,
+               "imgsz": opt.imgsz, "letterbox": "square (the exported input size)",
+               "max_raw_output_diff": {"boxes_px": max_box, "scores": max_score, "batches": opt.diff_batches},
+               "qdq_lint_findings": len(result.findings), "pytorch_device": str(device)},
+        results_dir=opt.results_dir)
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    lat = sub.add_parser("latency", help="INT8 Q/DQ / FP32 latency ratio on ONNX Runtime CPU")
+    lat.add_argument("--cfg", default="gelan-s")
+    lat.add_argument("--imgsz", type=int, default=640)
+    lat.add_argument("--batch-sizes", default="1,8")
+    lat.add_argument("--iters", type=int, default=10)
+    lat.add_argument("--warmup", type=int, default=2)
+    lat.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    lat.add_argument("--calib-batches", type=int, default=2)
+    lat.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("map", help="ORT INT8 mAP minus PyTorch PTQ/QAT mAP")
+    m.add_argument("--weights", required=True, help="PTQ/QAT checkpoint")
+    m.add_argument("--data", required=True)
+    m.add_argument("--task", default="val", choices=("train", "val", "test"))
+    m.add_argument("--imgsz", type=int, default=640)
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--workers", type=int, default=4)
+    m.add_argument("--device", default="cpu", help="device of the PyTorch evaluation")
+    m.add_argument("--diff-batches", type=int, default=4, help="batches compared raw, output by output")
+    for sp in (lat, m):
+        sp.add_argument("--out", help="folder for the exported ONNX files (default: a temporary folder)")
+        sp.add_argument("--results-dir", type=Path, default=None, help="default: bench/results")
+    opt = p.parse_args(argv)
+    if opt.mode == "latency":
+        opt.batch_sizes = [int(b) for b in opt.batch_sizes.split(",") if b.strip()]
+    return opt
+
+
+def main(argv: list[str] | None = None):
+    opt = parse_opt(argv)
+    return bench_latency(opt) if opt.mode == "latency" else bench_map(opt)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,37 @@
+"""Shared by the export and val_trt tests: a random-init head whose outputs look like a detector's."""
+from __future__ import annotations
+
+import torch
+
+GAIN = 2.0
+
+
+def lively_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Scale up every convolution and give the head's last box/class convolutions random weights.
+
+    A freshly initialised model predicts near-identical boxes and tiny, tied class scores (its
+    activations fade with depth), which makes every detection comparison trivial (0 == 0) or
+    order-ambiguous (ties). This gives distinct boxes and scores spread around 0.5.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for conv in model.modules():  # default init shrinks activations layer by layer: keep their scale
+        if isinstance(conv, torch.nn.Conv2d) and conv.weight.requires_grad:
+            conv.weight.data *= GAIN
+    head = model.model[-1]
+    for b in range(head.branches):
+        boxes, classes, _ = head.branch(b)
+        for tower in (*boxes, *classes):
+            last = tower[-1]
+            fan_in = last.weight[0].numel()
+            last.weight.data = torch.randn(last.weight.shape, generator=gen) * (20.0 / fan_in ** 0.5)
+            last.bias.data = torch.randn(last.bias.shape, generator=gen) * 0.5
+    return model
+
+
+def assert_same_detections(got: torch.Tensor, expected: torch.Tensor, atol: float = 1e-3) -> None:
+    """Equal (n, 6) detection sets up to row order: rows whose scores differ only by float noise
+    may sort either way between two runtimes."""
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    if len(got):
+        dist = (got[:, None, :] - expected[None, :, :]).abs().amax(-1)  # (n, n) worst element difference
+        assert float(dist.amin(1).max()) <= atol and float(dist.amin(0).max()) <= atol
