@@ -73,7 +73,7 @@ def parse_skip_layers(spec: str | Iterable[int] | None, n_layers: int) -> list[i
     return sorted(out)
 
 
-def prepare(model: nn.Module, skip_layers: Iterable[int] = (), plan: QuantPlan | None = None) -> nn.Module:
+def prepare(model: nn.Module, skip_layers: str | Iterable[int] = (), plan: QuantPlan | None = None) -> nn.Module:
     """Quantize a detection model in place (fusing it first) and return it.
 
     ``plan`` comes from a checkpoint when rebuilding; otherwise it is derived from the graph of the
@@ -83,7 +83,7 @@ def prepare(model: nn.Module, skip_layers: Iterable[int] = (), plan: QuantPlan |
         raise ValueError("model is already quantized")
     with torch.no_grad():  # upstream's fuse builds the fused weights inside autograd otherwise
         model.float().eval().fuse()
-    skip = parse_skip_layers(list(skip_layers), len(model.model))
+    skip = parse_skip_layers(skip_layers, len(model.model))
     if plan is None:
         probe = quantize_modules(deepcopy(model))
         plan = derive_plan(probe, _example_input(model))

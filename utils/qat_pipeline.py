@@ -187,8 +187,8 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
         model.quant_info.calibration = calibration
     report["skip_layers"] = model.quant_info.skip_layers
     if evaluate is not None and not opt.no_eval_ptq:
-        reuse = len(trials) == 1 and not opt.auto_skip
-        result = trials[0] if reuse else metrics(evaluate(model))
+        chosen = next(t for t in trials if t["chosen"])
+        result = metrics(evaluate(model)) if opt.auto_skip else chosen  # skipping layers changed the model
         report["ptq"] = {**{k: result[k] for k in ("map50_95", "map50", "precision", "recall", "fitness")},
                          "method": method}
     else:
