@@ -28,7 +28,7 @@ SUFFIXES = {("onnx", "nms"): ".onnx", ("onnx", "none"): ".onnx",
 def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, list[str]]:
     """The model in a checkpoint, fused and in eval mode, and its convolutions kept in float on
     purpose (empty for an FP model). A PTQ/QAT checkpoint is rebuilt with its quantizers."""
-    from models.experimental import attempt_load
+    from models.loading import attempt_load
     from models.quantize import build_quantized, float_conv_names
     from utils.checkpoint import load_checkpoint
     from utils.qat_checkpoint import is_quantized_checkpoint

@@ -113,7 +113,7 @@ def evaluate_exported(backend: DetectionBackend, data: dict, imgsz: int, batch_s
                       device: torch.device, keep_boxes: bool = False) -> tuple[EvalResult, EvalArtifacts]:
     """COCO-style mAP of an exported model on square ``imgsz`` letterboxed images of ``data[task]``."""
     from utils.data_config import require_split
-    from utils.dataloaders import create_dataloader
+    from utils.yolo_dataset import create_dataloader
 
     loader = create_dataloader(require_split(data, task), imgsz, batch_size, 32, rect=False, workers=workers,
                                prefix=f"{task}: ", nc=data["nc"])[0]
