@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from models.experimental_trt import END2END_OUTPUTS, NMSTail, Prediction, TopKTail
+from models.quantize import is_quantized
 from tools.qdq_lint import SKIP_METADATA_KEY, Finding, lint, to_json, to_markdown
 from utils.errors import UserError
 from utils.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, same_qparams
@@ -149,15 +150,15 @@ def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int]
     onnx_model = append_tail(pred, tail) if tail is not None else copy.deepcopy(pred.model)
     if simplify:
         onnx_model = simplify_onnx(onnx_model, simplify)
-    quantized = _has_quantizers(model)
+    quantized = is_quantized(model)
     skipped = conv_nodes_for(onnx_model, float_convs or [])
     names = getattr(model, "names", [])
     meta = {"stride": [int(s) for s in head_of(model).stride],
             "names": list(names.values()) if isinstance(names, dict) else list(names),
-            "imgsz": list(pred.imgsz), "batch": "dynamic" if pred.dynamic else int(pred.example.shape[0]), "postprocess": postprocess,
-            "quantized": quantized, **(metadata or {})}
+            "imgsz": list(pred.imgsz), "batch": "dynamic" if pred.dynamic else int(pred.example.shape[0]),
+            "postprocess": postprocess, "quantized": quantized, **(metadata or {})}
     if tail is not None:
-        meta.update(max_det=getattr(tail, "max_det"), iou_thres=iou_thres, conf_thres=conf_thres)
+        meta.update(max_det=tail.max_det, iou_thres=iou_thres, conf_thres=conf_thres)
     _set_metadata(onnx_model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     _set_metadata(onnx_model, {SKIP_METADATA_KEY: json.dumps(skipped)})
     onnx.checker.check_model(onnx_model)
@@ -169,12 +170,6 @@ def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int]
     file.with_suffix(".qdq_lint.md").write_text(to_markdown(findings, file.name))
     file.with_suffix(".qdq_lint.json").write_text(json.dumps(to_json(findings, str(file)), indent=2) + "\n")
     return ExportResult(file, quantized, pairs, pred.merged_qdq, findings, skipped)
-
-
-def _has_quantizers(model: nn.Module) -> bool:
-    from modelopt.torch.quantization.nn import TensorQuantizer
-
-    return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in model.modules())
 
 
 def _declare_output_shapes(model: onnx.ModelProto, shapes: list[tuple[int, ...]], dynamic: bool) -> None:
