@@ -94,7 +94,7 @@ def bench_map(opt: argparse.Namespace) -> Path:
     from models.experimental_trt import Prediction
     from models.quantize import float_conv_names
     from utils.data_config import load_data_config, require_split
-    from utils.dataloaders import create_dataloader
+    from utils.yolo_dataset import create_dataloader
     from utils.evaluation import evaluate
     from utils.onnx_export import export_onnx
     from utils.ort_runtime import OrtRunner

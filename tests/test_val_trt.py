@@ -14,7 +14,7 @@ from tests.export_helpers import lively_head
 from models.experimental_trt import decode_end2end
 from models.yolo import DetectionModel
 from utils.data_config import load_data_config
-from utils.dataloaders import create_dataloader
+from utils.yolo_dataset import create_dataloader
 from utils.errors import UserError
 from utils.evaluation import evaluate
 from utils.onnx_export import export_onnx, trace_prediction
