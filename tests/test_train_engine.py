@@ -76,13 +76,13 @@ def four_images(coco128_dir, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("cfg, steps, ratio", [("gelan-tiny", 25, 0.7), ("yolov9-tiny", 12, 0.9)])
+@pytest.mark.parametrize("cfg, steps, ratio", [("gelan-tiny", 15, 0.65), ("yolov9-tiny", 8, 0.9)])
 def test_tiny_model_overfits_a_few_images(four_images, cfg, steps, ratio):
     from models.yolo import DetectionModel
     from utils.dataloaders import create_dataloader
 
     torch.manual_seed(0)
-    loader, _ = create_dataloader(str(four_images), 96, 4, 32, workers=0)
+    loader, _ = create_dataloader(str(four_images), 64, 4, 32, workers=0)
     model = DetectionModel(ASSETS / f"{cfg}.yaml", nc=80)
     loss_fn = build_loss(model)
     opt = build_optimizer(model, "Adam", lr=0.002, momentum=0.9, weight_decay=0.0)
