@@ -22,7 +22,7 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     groups: dict[str, list[nn.Parameter]] = {"bias": [], "decay": [], "no_decay": []}
     seen: set[int] = set()
     for module in model.modules():
-        is_norm = isinstance(module, nn.modules.batchnorm._NormBase) or isinstance(module, (nn.GroupNorm, nn.LayerNorm))
+        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))  # incl. SyncBN
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
