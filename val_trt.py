@@ -79,21 +79,23 @@ def end2end_as_prediction(outputs: dict[str, torch.Tensor], nc: int) -> torch.Te
 class DetectionBackend:
     """Makes a runner look like a model to ``utils.evaluation.evaluate``: images in, (B, 4+nc, N) out.
 
-    A static-batch export is fed in chunks of its batch size, the last chunk padded.
+    A static-batch export is fed in chunks of its batch size, the last chunk padded; an engine in
+    chunks of at most its profile's largest batch.
     """
 
     def __init__(self, runner, nc: int):
         self.runner, self.nc = runner, nc
         self.fixed_batch = getattr(runner, "fixed_batch", None)
+        self.max_batch = getattr(runner, "max_batch", None)
         self.end2end = all(k in runner.output_names for k in END2END_KEYS)  # outputs are detections already
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        step = self.fixed_batch or images.shape[0]
+        step = self.fixed_batch or min(images.shape[0], self.max_batch or images.shape[0])
         preds = []
         for start in range(0, images.shape[0], step):
             chunk = images[start:start + step]
             n = chunk.shape[0]
-            if n < step:
+            if self.fixed_batch and n < step:
                 chunk = torch.cat((chunk, chunk.new_zeros(step - n, *chunk.shape[1:])))
             preds.append(self._prediction(self.runner(chunk))[:n])
         return torch.cat(preds).to(images.device)

@@ -54,6 +54,20 @@ def _fp_and_int8(cfg: str, imgsz: int, calib_batches: int, seed: int):
     return fp, model.eval(), float_conv_names(model)
 
 
+def _ort_conv_kernels(onnx_file: Path) -> dict[str, int]:
+    """Convolution kernels ONNX Runtime's CPU graph optimizer actually chose for a model: it runs
+    a Conv in INT8 (QLinearConv) only for DQ -> Conv -> Q, i.e. when no activation follows."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    with tempfile.TemporaryDirectory() as tmp:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    return {op: ops.count(op) for op in ("Conv", "QLinearConv", "ConvInteger", "FusedConv", "NchwcConv") if op in ops}
+
+
 def bench_latency(opt: argparse.Namespace) -> list[Path]:
     from utils.onnx_export import export_onnx
     from utils.ort_runtime import OrtRunner
@@ -63,6 +77,7 @@ def bench_latency(opt: argparse.Namespace) -> list[Path]:
     fp_file = export_onnx(fp, out_dir / f"{opt.cfg}-fp32.onnx", opt.imgsz, dynamic=True).path
     q_result = export_onnx(q, out_dir / f"{opt.cfg}-int8-qdq.onnx", opt.imgsz, dynamic=True, float_convs=floats)
     runners = {"fp32": OrtRunner(fp_file, threads=opt.threads), "int8": OrtRunner(q_result.path, threads=opt.threads)}
+    kernels = {"fp32": _ort_conv_kernels(fp_file), "int8": _ort_conv_kernels(q_result.path)}
     paths = []
     for b in opt.batch_sizes:
         x = torch.rand(b, 3, opt.imgsz, opt.imgsz)
@@ -84,6 +99,7 @@ def bench_latency(opt: argparse.Namespace) -> list[Path]:
                    "threads": opt.threads or "ORT default", "onnxruntime": __import__("onnxruntime").__version__,
                    "median_ms": med, "mean_ms": {k: statistics.fmean(v) for k, v in times.items()},
                    "qdq_pairs": q_result.qdq_pairs, "qdq_lint_findings": len(q_result.findings),
+                   "ort_cpu_conv_kernels": kernels,
                    "weights": "random init; INT8 scales calibrated on random images (latency only)"},
             results_dir=opt.results_dir))
     return paths

@@ -158,3 +158,18 @@ def test_val_trt_on_tensorrt_scores_like_onnxruntime(setup):
     ort_result = val_trt.run(onnx=files["topk"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime",
                              workers=0, project=root / "runs", name="ort")["eval"]
     assert trt.map50_95 == pytest.approx(ort_result.map50_95, abs=0.01)
+
+
+def test_engine_batches_are_split_at_the_profile_maximum():
+    class EngineLike:  # what DetectionBackend reads from a TrtRunner
+        output_names, max_batch, calls = ["output0"], 2, []
+
+        def __call__(self, images):
+            self.calls.append(images.shape[0])
+            return {"output0": images.mean((2, 3))[..., None].expand(-1, -1, 5)}
+
+    runner = EngineLike()
+    x = torch.rand(5, 7, 4, 4)
+    out = val_trt.DetectionBackend(runner, nc=3)(x)
+    assert runner.calls == [2, 2, 1] and out.shape == (5, 7, 5)
+    torch.testing.assert_close(out[:, :, 0], x.mean((2, 3)))
