@@ -1,10 +1,12 @@
 """Export a detection model (FP, PTQ or QAT) to ONNX for TensorRT, then clean and lint the graph.
 
 Fake quantization becomes QuantizeLinear/DequantizeLinear pairs through Model Optimizer's
-TensorQuantizer symbolic, which only the TorchScript exporter calls (``dynamo=False``). Tied
-quantizers (one scale shared by several readers of a tensor) come out as one Q/DQ pair per
-reader; ``merge_redundant_qdq`` folds those into one pair, so TensorRT sees a single
-quantization of that tensor.
+TensorQuantizer symbolic, which only the TorchScript exporter calls (``dynamo=False``). A tensor
+must reach TensorRT quantized once: the exporter's common-subexpression pass already merges the
+identical pairs that tied quantizers emit, and ``merge_redundant_qdq`` removes whatever remains
+(duplicate pairs on one tensor, DQ -> Q chains with equal parameters), e.g. after a simplifier.
+The End2End graphs are the traced prediction with a separately traced tail joined on, so a QAT
+model is traced once however many formats are exported.
 """
 from __future__ import annotations
 
