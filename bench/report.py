@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 BENCHMARKS = HERE.parent / "BENCHMARKS.md"
-BLOCK = re.compile(r"(<!-- results -->\n)(.*?)(\n<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results -->)(.*?)(<!-- /results -->)", re.S)
 FIELDS = ("name", "value", "unit", "model", "dataset", "command", "machine", "date")
 
 
@@ -48,7 +48,7 @@ def render(records: list[dict]) -> str:
 
 
 def refreshed(text: str, records: list[dict]) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + render(records) + m.group(3), text)
+    return BLOCK.sub(lambda m: m.group(1) + "\n" + render(records) + "\n" + m.group(3), text)
 
 
 def main() -> None:
