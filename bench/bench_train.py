@@ -96,7 +96,7 @@ def measure_throughput(args: argparse.Namespace) -> dict:
             dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
             images, seconds = int(totals[0].item()), float(totals[1].item())
         return {"images_per_s": images / seconds, "images": images, "seconds": seconds,
-                "fixed_batch_images_per_s": fixed, "processes": info.world_size,
+                "fixed_batch_images_per_s": fixed, "processes": info.world_size, "accumulate": accumulate,
                 "memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0}
     finally:
         shutdown(info)
