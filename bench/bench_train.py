@@ -140,16 +140,16 @@ def settings(args: argparse.Namespace) -> dict:
 
 def cmd_ddp(args: argparse.Namespace) -> None:
     """One GPU, then two under torchrun, each in a fresh process with the same arguments."""
-    common = [sys.argv[0], "throughput", "--cfg", args.cfg, "--data", args.data, "--hyp", args.hyp,
+    common = [str(Path(__file__).resolve()), "throughput", "--cfg", args.cfg, "--data", args.data, "--hyp", args.hyp,
               "--imgsz", str(args.imgsz), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
               "--warmup", str(args.warmup), "--iters", str(args.iters), "--amp", args.amp]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, 2):
             out = Path(tmp) / f"{n}.json"
-            launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run",
+            launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                           "--nproc_per_node", str(n)]
-            device = "0" if n == 1 else ",".join(str(i) for i in range(n))
+            device = "cpu" if args.device == "cpu" else ",".join(str(i) for i in range(n))  # cpu: a gloo dry run
             subprocess.run([*launcher, *common, "--device", device, "--worker-out", str(out)], check=True, cwd=ROOT)
             results[n] = json.loads(out.read_text())
     speedup = results[2]["images_per_s"] / results[1]["images_per_s"]

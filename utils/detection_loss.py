@@ -94,7 +94,8 @@ class ComputeLoss:
         return [feats]
 
     def pad_targets(self, targets: torch.Tensor, batch_size: int, img_hw: torch.Tensor):
-        """(n, 6) [image, cls, x, y, w, h] normalised -> padded (b, m, 1) labels, (b, m, 4) xyxy pixels, (b, m, 1) mask."""
+        """(n, 6) [image, cls, x, y, w, h] normalised -> padded labels (b, m, 1), xyxy pixel boxes (b, m, 4)
+        and a mask (b, m, 1) of the real rows."""
         device = img_hw.device
         targets = targets.to(device).float()
         image = targets[:, 0].long()

@@ -40,7 +40,8 @@ class ModelEMA:
             # one fused kernel per dtype group instead of ~1000 small ones per step on gelan-c
             torch._foreach_lerp_([a for a, _ in pairs], [n.to(a.dtype) for a, n in pairs], 1.0 - d)
 
-    def update_attr(self, model: nn.Module, include: tuple[str, ...] = ("yaml", "nc", "hyp", "names", "stride")) -> None:
+    def update_attr(self, model: nn.Module,
+                    include: tuple[str, ...] = ("yaml", "nc", "hyp", "names", "stride")) -> None:
         """Copy plain attributes (class names, hyp...) that a checkpoint reader expects on the model."""
         src = de_parallel(model)
         for k in include:
