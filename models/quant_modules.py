@@ -22,6 +22,7 @@ from modelopt.torch.quantization.config import QuantizerAttributeConfig
 from modelopt.torch.quantization.nn import TensorQuantizer
 
 from models.common import ADown, Concat, ELAN1, RepNBottleneck, RepNCSP, RepNCSPELAN4, SPPELAN, DFL
+from models.range_search import entropy_amax, mse_amax, percentile_amax
 
 CALIB_METHODS = ("max", "percentile", "mse", "entropy")
 MAX_SEARCH_STEPS = 128  # amax candidates tried by mse / entropy (modelopt tries every bin: seconds per tensor)
@@ -29,16 +30,14 @@ MAX_SEARCH_STEPS = 128  # amax candidates tried by mse / entropy (modelopt tries
 
 class RangeCalibrator(HistogramCalibrator):
     """Exact running max plus a histogram of |x|, so one pass over the calibration images serves
-    every method: ``max`` reads the max, the others search the histogram with Model Optimizer.
+    every method: ``max`` reads the max, the others search the histogram (``models.range_search``).
 
     Model Optimizer's own collection adds bins whenever a batch exceeds the range seen so far; a
-    near-zero first batch then grows millions of bins (its MSE search fails on them). Here the bin
-    count is fixed and the range grows by powers of two, old bins merging exactly. Counts are kept
-    in float64 and scaled under 2**31 before the search, which reads them as int32.
+    near-zero first batch then grows millions of bins. Here the bin count is fixed and the range
+    grows by powers of two, old bins merging exactly. Counts are kept in float64.
     """
 
     NUM_BINS = 2048
-    MAX_COUNT = 1e9
 
     def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False):
         super().__init__(num_bits, axis, unsigned, num_bins=self.NUM_BINS)
@@ -72,12 +71,18 @@ class RangeCalibrator(HistogramCalibrator):
             return None
         if method == "max" or self._counts is None:
             return self._max.clone()
-        scale = min(1.0, self.MAX_COUNT / float(self._counts.sum()))
-        self._calib_hist = (self._counts * scale).round().cpu()
-        self._calib_bin_edges = torch.linspace(0, self._range, self.NUM_BINS + 1, dtype=torch.float64)
+        counts, width = self._counts.cpu(), self._range / self.NUM_BINS
+        stride = max(1, self.NUM_BINS // MAX_SEARCH_STEPS)
         if method == "percentile":
-            return super().compute_amax("percentile", percentile=percentile)
-        return super().compute_amax(method, stride=max(1, self.NUM_BINS // MAX_SEARCH_STEPS))
+            amax = percentile_amax(counts, width, percentile)
+        elif method == "mse":
+            amax = mse_amax(counts, width, stride)
+        elif method == "entropy":
+            amax = entropy_amax(counts, width, stride)
+        else:
+            raise ValueError(f"unknown calibration method {method!r}")
+        # the histogram may reach twice the max; a range beyond the max only coarsens the steps
+        return torch.minimum(torch.tensor(amax, dtype=torch.float32, device=self._max.device), self._max)
 
 
 def activation_quantizer() -> TensorQuantizer:

@@ -158,6 +158,50 @@ def test_calibration_methods_give_different_finite_ranges():
     assert amax["max"] == pytest.approx(float(cal._max)) and amax["percentile"] < amax["max"]
 
 
+ACTIVATIONS = {  # |x| shapes a calibrator meets: images, SiLU outputs, heavy tails, bf16's coarse values
+    "image": lambda n: (torch.rand(n) * 255).round() / 255,
+    "silu": lambda n: nn.functional.silu(torch.randn(n) * 3),
+    "relu": lambda n: torch.relu(torch.randn(n)),
+    "student_t": lambda n: torch.distributions.StudentT(3.0).sample((n,)),
+    "silu_bf16": lambda n: nn.functional.silu(torch.randn(n) * 3).bfloat16(),
+}
+
+
+@pytest.mark.parametrize("kind", ACTIVATIONS)
+def test_every_method_gives_a_sane_range(kind):
+    """Each method's range is finite, at most the exact max, and not a small fraction of it:
+    a range far below the bulk of the data clips nearly everything (broken PTQ)."""
+    torch.manual_seed(0)
+    cal = RangeCalibrator()
+    for scale in (0.5, 1.0, 2.0):  # growing batches: the histogram range grows past the max
+        cal.collect(ACTIVATIONS[kind](50000) * scale)
+    top = float(cal._max)
+    floor = 0.1 if kind == "student_t" else 0.5  # a heavy tail may rightly be clipped hard
+    amax = {m: float(cal.compute_amax(m, percentile=99.99)) for m in ("max", "percentile", "mse", "entropy")}
+    bad = {m: a for m, a in amax.items() if not floor * top <= a <= top * (1 + 1e-6)}
+    assert not bad, (bad, top)
+
+
+def test_entropy_calibrated_model_stays_close_to_float():
+    """A toy conv net on images: quantized with each method, its output stays near the float one,
+    entropy as close as percentile."""
+    torch.manual_seed(0)
+    fp = DetectionModel(shrunk_config("gelan-t")).fuse().eval()
+    q = prepare(deepcopy(fp))
+    collect_stats(q, [torch.rand(2, 3, IMGSZ, IMGSZ) for _ in range(2)])
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        ref = fp(x)[0]
+        err = {}
+        for method in ("max", "percentile", "mse", "entropy"):
+            load_amax(q, method)
+            amax = [float(v) for v in amax_state(q).values() if v.numel() == 1]
+            assert all(0 < a < float("inf") for a in amax), method
+            err[method] = float((q(x)[0] - ref).norm() / ref.norm())
+    assert err["entropy"] <= 3 * err["percentile"] + 1e-3, err
+    assert max(err.values()) < 0.2, err
+
+
 def test_calibrator_range_grows_by_merging_bins():
     cal = RangeCalibrator()
     small, large = torch.rand(1000) * 1e-3, torch.rand(1000) * 5.0
