@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 qat.py quantize ... --device 0,1
     python qat.py sensitive --weights best.pt --data data/bccd.yaml
     python qat.py eval --weights runs/qat/exp/weights/qat_best.pt --data data/bccd.yaml --postprocess none
+    python qat.py demo        # no weights, no dataset: train, PTQ, QAT, export and check on CPU in minutes
 
 quantize writes runs/qat/<name>/weights/{ptq.pt,qat_last.pt,qat_best.pt} and report.md / report.json
 (Origin / PTQ / QAT rows of AP50-95, AP50, P, R and their deltas). Export with export_qat.py.
@@ -79,6 +80,18 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _common(p, "runs/qat_eval")
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from utils.demo import add_args
+
+    add_args(p)
+
+
+def _run_demo(opt: argparse.Namespace):
+    from utils.demo import run_demo
+
+    return run_demo(opt)
+
+
 def _run(name: str) -> Callable[[argparse.Namespace], object]:
     def run(opt: argparse.Namespace):
         from utils import qat_pipeline
@@ -92,6 +105,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "quantize": ("PTQ calibration then QAT fine-tuning, with a report", _quantize_args, _run("run_quantize")),
     "sensitive": ("per-layer quantization sensitivity (table, JSON, chart)", _sensitive_args, _run("run_sensitive")),
     "eval": ("evaluate a PTQ/QAT checkpoint", _eval_args, _run("run_eval")),
+    "demo": ("the whole workflow on a built-in shapes dataset, on a CPU, in minutes", _demo_args, _run_demo),
 }
 
 

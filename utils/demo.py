@@ -1,0 +1,122 @@
+"""``python qat.py demo``: the whole INT8 workflow on a built-in dataset, on a CPU, in minutes.
+
+Nothing is downloaded: a deterministic shapes dataset is drawn into the run folder, a narrow GELAN
+(models/detect/gelan-demo.yaml) is trained on it, then quantized (PTQ, QAT), exported to a Q/DQ
+ONNX and validated with ONNX Runtime (TensorRT when importable). Each step is the library
+function its own command uses, so the demo proves the real pipeline rather than a copy of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from utils.logs import LOGGER
+from utils.paths import ROOT, increment_path
+from utils.qat_report import METRICS
+from utils.synthetic import make_shapes_dataset
+
+CFG = ROOT / "models/detect/gelan-demo.yaml"
+
+# A few hundred optimizer steps from scratch: AdamW converges in that many where SGD would still be
+# warming up, so its learning rate replaces SGD's (and the bias warmup, which would start Adam at
+# 0.1). No mosaic: it shrinks the small shapes below the stride-8 grid. The loss weights are upstream's.
+TRAIN_OPTIMIZER = "AdamW"
+TRAIN_HYP_CHANGES = {"lr0": 0.003, "lrf": 0.05, "warmup_epochs": 1.0, "warmup_bias_lr": 0.003,
+                     "mosaic": 0.0, "mixup": 0.0, "scale": 0.3, "translate": 0.1}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``qat.py demo``; the defaults finish in minutes on two CPU cores."""
+    p.add_argument("--project", default=str(ROOT / "runs/demo"), help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=64, help="image size (multiple of 32)")
+    p.add_argument("--epochs", type=int, default=12, help="FP32 training epochs")
+    p.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
+    p.add_argument("--images", type=int, default=200, help="training images to draw (a quarter as many for val)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu, or a cuda device such as 0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="dataloader workers")
+
+
+def _train_hyp() -> dict:
+    hyp = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-high.yaml").read_text())
+    return {**hyp, **TRAIN_HYP_CHANGES}
+
+
+def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, project: Path) -> argparse.Namespace:
+    """``qat.py quantize``'s own defaults, sized for the demo; parsing them keeps every option present."""
+    from qat import parse_args
+
+    return parse_args(["quantize", "--weights", str(weights), "--data", str(data), "--imgsz", str(opt.imgsz),
+                       "--batch-size", str(opt.batch_size), "--device", opt.device, "--workers", str(opt.workers),
+                       "--epochs", str(opt.qat_epochs), "--iters", "100", "--calib-batches", "8",
+                       "--seed", str(opt.seed), "--lr", "0.001", "--project", str(project), "--name", "qat",
+                       "--exist-ok"])
+
+
+def table(rows: dict[str, dict | None]) -> str:
+    """Markdown table of AP50-95, AP50, P, R per model (a dash where a step did not run)."""
+    lines = ["| Model | " + " | ".join(label for _, label in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name, m in rows.items():
+        cells = [f"{m[k]:.4f}" for k, _ in METRICS] if m else ["-"] * len(METRICS)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(opt: argparse.Namespace) -> Path:
+    """Data -> FP32 training -> PTQ + QAT -> Q/DQ ONNX -> ONNX Runtime / TensorRT check; returns the run folder."""
+    import export_qat
+    import val_trt
+    from utils.qat_pipeline import run_quantize
+    from utils.torch_utils import select_device
+    from utils.trainer import train
+
+    select_device(opt.device)  # a missing GPU is reported before anything is written
+    if opt.imgsz % 32 or opt.imgsz < 64:
+        from utils.errors import UserError
+
+        raise UserError(f"--imgsz {opt.imgsz}: must be a multiple of 32, at least 64")
+    t0 = time.perf_counter()
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+    LOGGER.info(f"demo: drawing {opt.images} + {max(opt.images // 4, 1)} shape images into {save_dir / 'data'}")
+    data = make_shapes_dataset(save_dir / "data", n_train=opt.images, n_val=max(opt.images // 4, 1),
+                               imgsz=opt.imgsz, seed=opt.seed)
+
+    train_dir = train(cfg=str(CFG), data=str(data), hyp=_train_hyp(), epochs=opt.epochs, batch_size=opt.batch_size,
+                      imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
+                      exist_ok=True, seed=opt.seed, patience=0, cos_lr=True,
+                      optimizer=TRAIN_OPTIMIZER)
+    qat_dir = run_quantize(_quantize_options(opt, train_dir / "weights" / "best.pt", data, save_dir))
+    report = json.loads((qat_dir / "report.json").read_text())
+
+    qat_best = qat_dir / "weights" / ("qat_best.pt" if opt.qat_epochs > 0 else "ptq.pt")
+    onnx = export_qat.run(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu")[0].path
+    checked = val_trt.run(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size,
+                          backend="tensorrt" if val_trt.have_tensorrt() and opt.device != "cpu" else "onnxruntime",
+                          device="" if opt.device == "cpu" else opt.device, workers=opt.workers,
+                          project=save_dir, name="onnx_int8", exist_ok=True)
+    onnx_row = {k: getattr(checked["eval"], k) for k, _ in METRICS}
+    rows = {"Origin (FP32)": report["origin"], f"PTQ ({report['ptq']['method']})" if report["ptq"] else "PTQ":
+            report["ptq"], "QAT (best)": report["qat_best"], f"ONNX INT8 ({checked['backend']})": onnx_row}
+    md = table(rows)
+    seconds = time.perf_counter() - t0
+    written = {"data": data, "train": train_dir, "fp32_weights": train_dir / "weights" / "best.pt",
+               "ptq_weights": qat_dir / "weights" / "ptq.pt", "qat_weights": qat_best, "qat_report": qat_dir / "report.md",
+               "onnx": onnx, "onnx_eval": Path(checked["save_dir"]) / "results.md"}
+    (save_dir / "demo.md").write_text(f"# qat.py demo ({seconds:.0f} s, imgsz {opt.imgsz})\n\n{md}")
+    (save_dir / "demo.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "imgsz": opt.imgsz,
+                                                    "files": {k: str(v) for k, v in written.items()}}, indent=2) + "\n")
+    print(f"\nqat.py demo finished in {seconds:.0f} s (validation split of {data.parent.name}, imgsz {opt.imgsz})\n")
+    print(md)
+    print("Wrote:")
+    for key, path in {**written, "table": save_dir / "demo.md"}.items():
+        print(f"  {key:13s} {path}")
+    return save_dir
+
