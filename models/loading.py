@@ -3,7 +3,8 @@
 Kinds: upstream / our training checkpoints ({'model', 'ema', ...}, fp16 modules), upstream
 'converted' checkpoints ({'model': gelan module, 'ema': None, ...}), a bare pickled model, and
 plain state dicts (``{'model.0.conv.weight': tensor, ...}``, optionally under 'model' /
-'state_dict'), which need the model YAML (``cfg``) to build the network first.
+'state_dict'), which need the model YAML (``cfg``) to build the network first, and PTQ/QAT
+checkpoints ('model' None, the quantized model as plain data under 'quant'), rebuilt already fused.
 """
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ def _nc_of(state_dict: dict) -> int | None:
 def model_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint", cfg: str | Path | dict | None = None
                           ) -> nn.Module:
     """The fp32 model inside a loaded checkpoint: its EMA if present, else 'model'; a state dict is
-    loaded into ``DetectionModel(cfg)``."""
+    loaded into ``DetectionModel(cfg)``; a PTQ/QAT checkpoint's quantized model is rebuilt."""
+    if isinstance(ckpt.get("quant"), dict):  # utils.qat_checkpoint's format; imports Model Optimizer
+        from models.quantize import build_quantized
+
+        return build_quantized(ckpt["quant"])
     for key in ("ema", "model"):
         if isinstance(ckpt.get(key), nn.Module):
             return ckpt[key].float()
@@ -85,7 +90,7 @@ def attempt_load(weights: str | Path | list, device: str | torch.device | None =
     _upgrade(model, inplace)
     if device is not None:
         model = model.to(device)
-    if fuse and hasattr(model, "fuse"):
+    if fuse and hasattr(model, "fuse") and not hasattr(model, "quant_info"):  # quantized: fused when built
         # Upstream's fuse_conv_and_bn (in a patched upstream checkout) records autograd history: without
         # no_grad the fused weights are non-leaf tensors that QAT can neither train nor deep-copy.
         with torch.no_grad():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qat
+from models.loading import attempt_load
 from models.quantize import calibrate, prepare, set_trainable
 from tests.qat_helpers import one_thread, save_float_checkpoint, tiny_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -17,6 +18,7 @@ from utils.engine import train_one_epoch
 from utils.loss_tal import build_loss
 from utils.optim import build_optimizer
 from utils.paths import ROOT
+from utils.qat_checkpoint import load_quantized
 from utils.qat_distill import FeatureDistillation, relative_error, supervised_layers
 from utils.qat_pipeline import make_loader
 from utils.synthetic import make_shapes_dataset
@@ -129,6 +131,24 @@ def test_quantize_then_eval_and_resume(shapes, tmp_path):
     assert qat.main(["quantize", "--resume", str(w / "qat_last.pt"), "--device", "cpu", "--workers", "0"]) == run
     resumed = json.loads((run / "report.json").read_text())
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1]
+
+
+def test_val_py_evaluates_a_ptq_checkpoint_like_qat_eval(shapes, tmp_path):
+    """val.py (and everything on models.loading.attempt_load) accepts PTQ/QAT checkpoints."""
+    import val
+
+    run, _ = _quantize(shapes, tmp_path, "--epochs", "0", "--no-eval-origin")
+    ptq = run / "weights" / "ptq.pt"
+    ours = qat.main(["eval", "--weights", str(ptq), "--data", str(shapes), "--imgsz", str(IMGSZ), "--batch-size", "4",
+                     "--device", "cpu", "--workers", "0", "--project", str(tmp_path / "eval"), "--name", "e"])
+    theirs = val.run(shapes, weights=str(ptq), batch_size=8, imgsz=IMGSZ, device="cpu", workers=0,
+                     project=tmp_path / "val", name="v", plots=False)
+    assert theirs.map50_95 == pytest.approx(ours.map50_95, abs=1e-6)
+    assert theirs.map50 == pytest.approx(ours.map50, abs=1e-6)
+    # the same network, not merely the same score: attempt_load's model is load_quantized's, bit for bit
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        assert torch.equal(attempt_load(ptq)(x)[0], load_quantized(ptq)[0](x)[0])
 
 
 def test_auto_calibration_reports_each_method(shapes, tmp_path):
