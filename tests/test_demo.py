@@ -1,0 +1,39 @@
+"""``python qat.py demo`` runs the whole pipeline and reports every step; here at a toy size."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+import qat
+from utils.errors import UserError
+
+ROWS = ("Origin (FP32)", "PTQ (max)", "QAT (best)", "ONNX INT8 (onnxruntime)")
+
+
+def test_demo_end_to_end_at_toy_size(tmp_path, capsys):
+    save_dir = qat.main(["demo", "--project", str(tmp_path), "--name", "d", "--epochs", "1", "--qat-epochs", "1",
+                         "--images", "8", "--imgsz", "64", "--batch-size", "8", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert save_dir == tmp_path / "d"
+    table = out[out.index("| Model | AP50-95 | AP50 | P | R |"):]
+    for row in ROWS:
+        cells = next(line for line in table.splitlines() if line.startswith(f"| {row} |")).split("|")[2:-1]
+        assert len(cells) == 4 and all(0.0 <= float(c) <= 1.0 for c in cells), row
+
+    summary = json.loads((save_dir / "demo.json").read_text())
+    assert list(summary["rows"]) == list(ROWS)
+    files = summary["files"]
+    for key in ("data", "fp32_weights", "ptq_weights", "qat_weights", "qat_report", "onnx", "onnx_eval"):
+        assert key in files and files[key] in out, key
+    graph = onnx.load(files["onnx"]).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 50  # really the INT8 Q/DQ export
+    assert (save_dir / "data" / "images" / "train").is_dir() and len(list((save_dir / "data" / "images" /
+                                                                           "train").iterdir())) == 8
+
+
+def test_demo_rejects_a_bad_size_before_writing(tmp_path):
+    with pytest.raises(UserError, match="--imgsz 50"):
+        qat.main(["demo", "--project", str(tmp_path), "--imgsz", "50"])
+    assert not any(tmp_path.iterdir())
