@@ -92,7 +92,7 @@ def run_demo(opt: argparse.Namespace) -> Path:
     train_dir = train(cfg=str(CFG), data=str(data), hyp=_train_hyp(), epochs=opt.epochs, batch_size=opt.batch_size,
                       imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
                       exist_ok=True, seed=opt.seed, patience=0, cos_lr=True,
-                      optimizer=TRAIN_OPTIMIZER)
+                      optimizer=TRAIN_OPTIMIZER, nominal_batch=opt.batch_size, min_warmup_iters=0)
     qat_dir = run_quantize(_quantize_options(opt, train_dir / "weights" / "best.pt", data, save_dir))
     report = json.loads((qat_dir / "report.json").read_text())
 

@@ -41,6 +41,9 @@ DEFAULTS: dict = dict(
     epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
     exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, patience=100,
     sync_bn=False, amp="bf16", noval=False, cache="",
+    # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
+    # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
+    nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
 )
 # Options that describe the machine, not the run: a resumed run takes them from the new command.
 MACHINE_OPTIONS = ("device", "workers")
@@ -280,8 +283,8 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
     stride = max(int(model.stride.max()), 32)
     imgsz = check_imgsz(opt.imgsz, stride)
 
-    accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
-    weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / NOMINAL_BATCH
+    accumulate = max(round(opt.nominal_batch / opt.batch_size), 1)
+    weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / opt.nominal_batch
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
@@ -320,7 +323,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     nb = len(train_loader)
-    warmup = Warmup(max(round(hyp["warmup_epochs"] * nb), MIN_WARMUP_ITERS), hyp["warmup_bias_lr"],
+    warmup = Warmup(max(round(hyp["warmup_epochs"] * nb), opt.min_warmup_iters), hyp["warmup_bias_lr"],
                     hyp["warmup_momentum"], hyp["momentum"], accumulate)
     results = ResultsCSV(save_dir / "results.csv")
     if info.is_main:
