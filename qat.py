@@ -14,6 +14,7 @@ quantize writes runs/qat/<name>/weights/{ptq.pt,qat_last.pt,qat_best.pt} and rep
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from typing import Callable
@@ -105,8 +106,10 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "quantize": ("PTQ calibration then QAT fine-tuning, with a report", _quantize_args, _run("run_quantize")),
     "sensitive": ("per-layer quantization sensitivity (table, JSON, chart)", _sensitive_args, _run("run_sensitive")),
     "eval": ("evaluate a PTQ/QAT checkpoint", _eval_args, _run("run_eval")),
-    "demo": ("the whole workflow on a built-in shapes dataset, on a CPU, in minutes", _demo_args, _run_demo),
 }
+# The demo needs this repo's trainer; patch_yolov9.sh leaves it behind, so offer it only where it exists.
+if importlib.util.find_spec("utils.demo") is not None:
+    COMMANDS["demo"] = ("the whole workflow on a built-in shapes dataset, on a CPU, in minutes", _demo_args, _run_demo)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -47,7 +47,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     garbage = tmp / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
     (tmp / "folder.pt").mkdir()  # stands in for an unreadable file: tests run as root, chmod 000 does not bite
-    model = DetectionModel(ROOT / "models/detect/gelan-demo.yaml", nc=3)
+    model = DetectionModel(ROOT / "models/demo/gelan-demo.yaml", nc=3)
     weights3 = save_checkpoint({"epoch": -1, "best_fitness": 0.0, "model": model.half(), "ema": None, "updates": 0,
                                 "optimizer": None, "opt": {}, "git": None, "date": ""}, tmp / "nc3.pt")
     return {"tmp": tmp, "data3": data3, "data80": data80, "empty": empty, "bad_yaml": bad_yaml,
@@ -61,9 +61,9 @@ def _write_garbage_onnx(path: Path) -> None:
 
 # (script, argv with {placeholders} from `inputs`, words the error line must contain)
 CASES = [
-    ("train.py", "--cfg gelan-demo.yaml --data {missing_yaml} --epochs 1", "missing.yaml"),
-    ("train.py", "--cfg gelan-demo.yaml --data {bad_yaml} --epochs 1", "bad.yaml"),
-    ("train.py", "--cfg gelan-demo.yaml --data {empty} --epochs 1 --imgsz 64 --workers 0", "images"),
+    ("train.py", "--cfg models/demo/gelan-demo.yaml --data {missing_yaml} --epochs 1", "missing.yaml"),
+    ("train.py", "--cfg models/demo/gelan-demo.yaml --data {bad_yaml} --epochs 1", "bad.yaml"),
+    ("train.py", "--cfg models/demo/gelan-demo.yaml --data {empty} --epochs 1 --imgsz 64 --workers 0", "images"),
     ("train.py", "--weights {garbage} --data {data3} --epochs 1", "garbage.pt"),
     ("val.py", "--weights {missing} --data {data3}", "missing.pt"),
     ("val.py", "--weights {folder} --data {data3}", "folder.pt"),
@@ -89,7 +89,7 @@ CASES = [
 ]
 if NO_GPU:
     CASES += [(s, a + " --device 0", "cuda") for s, a in (
-        ("train.py", "--cfg gelan-demo.yaml --data {data3} --epochs 1"),
+        ("train.py", "--cfg models/demo/gelan-demo.yaml --data {data3} --epochs 1"),
         ("val.py", "--weights {w3} --data {data3}"),
         ("qat.py", "quantize --weights {w3} --data {data3}"),
         ("export_qat.py", "--weights {w3}"),

@@ -1,7 +1,7 @@
 """``python qat.py demo``: the whole INT8 workflow on a built-in dataset, on a CPU, in minutes.
 
 Nothing is downloaded: a deterministic shapes dataset is drawn into the run folder, a narrow GELAN
-(models/detect/gelan-demo.yaml) is trained on it, then quantized (PTQ, QAT), exported to a Q/DQ
+(models/demo/gelan-demo.yaml) is trained on it, then quantized (PTQ, QAT), exported to a Q/DQ
 ONNX and validated with ONNX Runtime (TensorRT when importable). Each step is the library
 function its own command uses, so the demo proves the real pipeline rather than a copy of it.
 """
@@ -20,7 +20,7 @@ from utils.paths import ROOT, increment_path
 from utils.qat_report import METRICS
 from utils.synthetic import make_shapes_dataset
 
-CFG = ROOT / "models/detect/gelan-demo.yaml"
+CFG = ROOT / "models/demo/gelan-demo.yaml"
 
 # A few hundred optimizer steps from scratch: AdamW converges in that many where SGD would still be
 # warming up, so its learning rate replaces SGD's (and the bias warmup, which would start Adam at
