@@ -17,16 +17,11 @@ from models.yolo import DetectionModel
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserError
 
+from tests.model_builders import trained_looking_model
+
 
 def _perturbed(cfg: str, nc: int = 3) -> DetectionModel:
-    """A model whose every weight and BN statistic matters for the output."""
-    torch.manual_seed(0)
-    model = DetectionModel(cfg, nc=nc)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        model.train()
-        model(torch.rand(2, 3, 64, 64))
+    model = trained_looking_model(cfg, nc)
     model.names = ["a", "b", "c"][:nc]
     return model
 

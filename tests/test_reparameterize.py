@@ -13,16 +13,11 @@ from tools.reparameterize import main, main_branch_layers, reparameterize
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 
+from tests.model_builders import trained_looking_model
+
 
 def _trained_looking(cfg: str, nc: int = 3) -> DetectionModel:
-    torch.manual_seed(0)
-    model = DetectionModel(cfg, nc=nc)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        model.train()
-        model(torch.rand(2, 3, 64, 64))  # moves the BN running statistics away from 0 / 1
-    return model.eval()
+    return trained_looking_model(cfg, nc).eval()
 
 
 @pytest.mark.parametrize("name", ["yolov9-t", "yolov9-s"])
