@@ -9,5 +9,9 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 if [ -d .ext/torch_extensions ]; then
   mkdir -p /tmp/torch_extensions && cp -r .ext/torch_extensions/. /tmp/torch_extensions/
+  # ninja rebuilds when a source is newer than its build log says the output was; pip just wrote
+  # the kernel sources, so date them back or the carried build is thrown away.
+  find /tmp/site/modelopt -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) \
+      -exec touch -d '2000-01-01' {} +
 fi
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
