@@ -46,7 +46,7 @@ def measure_throughput(args: argparse.Namespace) -> dict:
     from models.yolo import DetectionModel
     from utils.data_config import load_data_config, load_hyp, require_split
     from utils.dataloaders import create_dataloader
-    from utils.distributed import init_distributed, shutdown
+    from utils.distributed import process_group
     from utils.ema import ModelEMA
     from utils.engine import make_precision, train_one_epoch
     from utils.loss_tal import build_loss
@@ -55,8 +55,7 @@ def measure_throughput(args: argparse.Namespace) -> dict:
     from utils.trainer import NOMINAL_BATCH
 
     device = select_device(args.device)
-    info = init_distributed(device)
-    try:
+    with process_group(device) as info:
         data = load_data_config(args.data)
         hyp = load_hyp(args.hyp)
         torch.manual_seed(0)
@@ -98,8 +97,6 @@ def measure_throughput(args: argparse.Namespace) -> dict:
         return {"images_per_s": images / seconds, "images": images, "seconds": seconds,
                 "fixed_batch_images_per_s": fixed, "processes": info.world_size, "accumulate": accumulate,
                 "memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0}
-    finally:
-        shutdown(info)
 
 
 def fixed_batch_rate(model, loader, loss_fn, optimizer, step: dict, args) -> float:

@@ -7,6 +7,10 @@ quantized model, independently of how ``models.quantize_rules`` derived them.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from models.common import make_divisible
 from models.yolo import DetectionModel, load_config, resolve_config
 from utils.checkpoint import save_checkpoint
+from utils.paths import ROOT
 
 CONFIGS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c", "gelan-e",
            "yolov9-t", "yolov9-s", "yolov9-m", "yolov9-c", "yolov9-e")
@@ -144,3 +149,22 @@ def scale_violations(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
             if rec.produced_by.get(a) is None or rec.produced_by.get(a) != rec.produced_by.get(b):
                 bad.append(f"residual add with scales {rec.produced_by.get(a)} and {rec.produced_by.get(b)}")
     return bad
+
+
+def check_torchrun_quantize(data: Path, tmp_path: Path, device: str, imgsz: int) -> None:
+    """``torchrun --nproc_per_node 2 qat.py quantize`` on ``device`` ('cpu' runs gloo, '0,1' NCCL):
+    calibration once on rank 0, its ranges on both ranks (the run checks them bit for bit), DDP
+    fine-tuning, and a single run folder."""
+    weights = save_float_checkpoint(tiny_model(), tmp_path / "fp.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "qat.py",
+           "quantize", "--weights", str(weights), "--data", str(data), "--imgsz", str(imgsz), "--batch-size", "4",
+           "--device", device, "--workers", "0", "--calib-batches", "2", "--epochs", "1", "--iters", "2",
+           "--project", str(tmp_path / "runs"), "--name", "ddp"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "quantizer ranges identical on all 2 ranks" in proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "ddp"
+    report = json.loads((run / "report.json").read_text())
+    assert [e["epoch"] for e in report["epochs"]] == [0] and (run / "weights" / "qat_best.pt").is_file()
+    assert not (tmp_path / "runs" / "ddp2").exists()  # only rank 0 made a run folder

@@ -11,7 +11,7 @@ import torch
 import qat
 from models.loading import attempt_load
 from models.quantize import calibrate, prepare, set_trainable
-from tests.qat_helpers import one_thread, save_float_checkpoint, tiny_model
+from tests.qat_helpers import check_torchrun_quantize, one_thread, save_float_checkpoint, tiny_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data_config import load_data_config, load_hyp
 from utils.engine import train_one_epoch
@@ -106,6 +106,11 @@ def _quantize(shapes, tmp_path, *extra):
             "--device", "cpu", "--workers", "0", "--calib-batches", "2", "--iters", "1",
             "--project", str(tmp_path / "runs"), "--name", "q", *extra]
     return qat.main(args), weights
+
+
+@pytest.mark.slow
+def test_quantize_under_torchrun_fine_tunes_on_two_processes(shapes, tmp_path):
+    check_torchrun_quantize(shapes, tmp_path, "cpu", IMGSZ)
 
 
 def test_quantize_then_eval_and_resume(shapes, tmp_path):

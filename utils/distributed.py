@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,7 +59,28 @@ def broadcast_object(value, info: DistInfo):
     return box[0]
 
 
-def shutdown(info: DistInfo) -> None:
-    """Leave the process group so torchrun sees a clean exit."""
-    if info.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def same_on_all_ranks(value, info: DistInfo) -> bool:
+    """Whether every rank holds an equal ``value`` (a picklable digest); True for a single process."""
+    if not info.distributed:
+        return True
+    values = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return all(v == values[0] for v in values)
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[DistInfo]:
+    """Join the torchrun job for the body, then leave it so torchrun sees a clean exit.
+
+    After a body that succeeded every rank meets at a barrier first: a rank that tore its group
+    down while another was still writing its last files aborted that one (gloo, SIGABRT). After a
+    failure there is no barrier, which the failed rank's peers would wait at for ever.
+    """
+    info = init_distributed(device)
+    try:
+        yield info
+        if info.distributed:
+            dist.barrier()
+    finally:
+        if info.distributed and dist.is_initialized():
+            dist.destroy_process_group()

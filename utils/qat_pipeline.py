@@ -8,6 +8,7 @@ evaluates; the calibrated model is broadcast as plain state so every rank trains
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from copy import deepcopy
@@ -25,7 +26,7 @@ from models.quantize import (CALIB_METHODS, amax_state, build_quantized, collect
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data_config import load_data_config, load_hyp, require_split
 from utils.detection_loss import build_loss
-from utils.distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from utils.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
 from utils.engine import make_precision, train_one_epoch
 from utils.errors import UserError
 from utils.evaluation import EvalResult, evaluate
@@ -301,11 +302,19 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, 
 def run_quantize(opt: argparse.Namespace) -> Path:
     """``qat.py quantize``: Origin, PTQ and QAT with a report; returns the run folder."""
     device = select_device(opt.device)
-    info = init_distributed(device)
-    try:
+    with process_group(device) as info:
         return _quantize(opt, device, info)
-    finally:
-        shutdown(info)
+
+
+def _check_ranges_agree(model: nn.Module, info: DistInfo) -> None:
+    """Under torchrun, every rank must fine-tune with rank 0's calibrated ranges, bit for bit."""
+    digest = hashlib.sha256()
+    for name, amax in sorted(amax_state(model).items()):
+        digest.update(name.encode() + amax.detach().float().cpu().numpy().tobytes())
+    if not same_on_all_ranks(digest.hexdigest(), info):
+        raise RuntimeError("quantizer ranges differ between ranks after the broadcast from rank 0")
+    if info.distributed and info.is_main:
+        LOGGER.info(f"quantizer ranges identical on all {info.world_size} ranks")
 
 
 def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> Path:
@@ -347,6 +356,7 @@ def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> 
         state = ResumeState(started=t0)
     report = broadcast_object(report, info)
     student.to(device)
+    _check_ranges_agree(student, info)
     if opt.epochs > 0:
         finetune(opt, student, teacher, data, hyp, evaluate, report, save_dir, device, info, state)
     if info.is_main:

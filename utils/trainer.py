@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from utils.distributed import DistInfo, broadcast_object, init_distributed, shutdown
+from utils.distributed import DistInfo, broadcast_object, process_group
 from utils.ema import ModelEMA
 from utils.engine import make_precision, train_one_epoch
 from utils.errors import UserError
@@ -226,11 +226,8 @@ def train(opt: argparse.Namespace | dict | None = None,
     """
     opt = make_options(opt, **overrides)
     device = select_device(opt.device)
-    info = init_distributed(device)
-    try:
+    with process_group(device) as info:
         return _train(opt, device, info, on_epoch_end)
-    finally:
-        shutdown(info)
 
 
 def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:

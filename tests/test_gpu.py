@@ -1,0 +1,58 @@
+"""The CUDA paths the CPU suite cannot reach; on a GPU machine run them with ``pytest -m gpu``.
+
+Model Optimizer's fused fake-quantization kernels inside a bf16 QAT step, and QAT fine-tuning with
+DDP over NCCL. conftest skips them without a CUDA GPU; the DDP case also needs two.
+"""
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import pytest
+import torch
+
+from models.quantize import amax_state, calibrate, prepare, set_trainable
+from tests.qat_helpers import check_torchrun_quantize, tiny_model
+from utils.data_config import load_data_config, load_hyp
+from utils.detection_loss import build_loss
+from utils.engine import make_precision, train_one_epoch
+from utils.optim import build_optimizer
+from utils.paths import ROOT
+from utils.qat_distill import FeatureDistillation, supervised_layers
+from utils.qat_pipeline import make_loader
+from utils.synthetic import make_shapes_dataset
+
+pytestmark = pytest.mark.gpu
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=8, n_val=4, imgsz=IMGSZ)
+
+
+def test_bf16_qat_step_uses_the_cuda_kernels_and_keeps_the_ranges(shapes):
+    from modelopt.torch.quantization.extensions import get_cuda_ext
+
+    device = torch.device("cuda:0")
+    teacher = tiny_model().fuse().eval().to(device)
+    student = prepare(deepcopy(teacher))
+    calibrate(student, [torch.rand(2, 3, IMGSZ, IMGSZ, device=device)])
+    set_trainable(student)
+    ranges = amax_state(student)
+    hyp = load_hyp(ROOT / "data/hyps/hyp.qat.yaml")
+    loader = make_loader(load_data_config(shapes), "train", IMGSZ, 4, 32, 0, hyp=hyp, shuffle=True)
+    distill = FeatureDistillation(student, teacher, supervised_layers(len(student.model), 1))
+    stats = train_one_epoch(student, loader, build_loss(student, hyp), build_optimizer(student, "SGD", 0.01, 0.9, 5e-4),
+                            device=device, precision=make_precision(device, "bf16"), max_iters=2,
+                            extra_loss_fn=distill, progress=False)
+    distill.remove()
+    assert get_cuda_ext() is not None  # the fused kernels ran, not a fallback
+    assert stats.iters == 2 and all(math.isfinite(v) for v in stats.loss)
+    assert all(torch.equal(ranges[k], v) for k, v in amax_state(student).items())
+
+
+def test_quantize_under_torchrun_over_nccl(shapes, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    check_torchrun_quantize(shapes, tmp_path, "0,1", IMGSZ)
