@@ -110,17 +110,21 @@ class DetectionBackend:
         return pred
 
 
-def evaluate_exported(backend: DetectionBackend, data: dict, imgsz: int, batch_size: int, task: str,
+def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, imgsz: int, batch_size: int, task: str,
                       postprocess: str, conf_thres: float, iou_thres: float, max_det: int, workers: int,
                       device: torch.device, keep_boxes: bool = False) -> tuple[EvalResult, EvalArtifacts]:
-    """COCO-style mAP of an exported model on square ``imgsz`` letterboxed images of ``data[task]``."""
+    """COCO-style mAP of an exported model on square ``imgsz`` letterboxed images of ``data[task]``.
+
+    A PyTorch model (in eval mode) is accepted too, so that it can be compared on the very same input.
+    """
     from utils.data_config import require_split
     from utils.yolo_dataset import create_dataloader
 
     loader = create_dataloader(require_split(data, task), imgsz, batch_size, 32, rect=False, workers=workers,
                                prefix=f"{task}: ", nc=data["nc"])[0]
     return evaluate(backend, loader, list(data["names"]), device=device, conf_thres=conf_thres, iou_thres=iou_thres,
-                    max_det=max_det, postprocess="none" if backend.end2end else postprocess, keep_boxes=keep_boxes)
+                    max_det=max_det, postprocess="none" if getattr(backend, "end2end", False) else postprocess,
+                    keep_boxes=keep_boxes)
 
 
 def benchmark(runner, batch_sizes: list[int], imgsz: int, device: torch.device, warmup: int = 10,

@@ -111,7 +111,6 @@ def bench_map(opt: argparse.Namespace) -> Path:
     from models.quantize import float_conv_names
     from utils.data_config import load_data_config, require_split
     from utils.yolo_dataset import create_dataloader
-    from utils.evaluation import evaluate
     from utils.onnx_export import export_onnx
     from utils.ort_runtime import OrtRunner
     from utils.qat_checkpoint import load_quantized
@@ -129,9 +128,10 @@ def bench_map(opt: argparse.Namespace) -> Path:
     kwargs = dict(conf_thres=0.001, iou_thres=0.7, max_det=300)
     ort_eval, _ = val_trt.evaluate_exported(backend, data, opt.imgsz, opt.batch_size, opt.task, "nms",
                                             workers=opt.workers, device=torch.device("cpu"), **kwargs)
+    torch_eval, _ = val_trt.evaluate_exported(model, data, opt.imgsz, opt.batch_size, opt.task, "nms",
+                                              workers=opt.workers, device=device, **kwargs)
     loader = create_dataloader(require_split(data, opt.task), opt.imgsz, opt.batch_size, 32, rect=False,
                                workers=opt.workers, nc=data["nc"])[0]
-    torch_eval, _ = evaluate(model, loader, list(data["names"]), device=device, postprocess="nms", **kwargs)
     max_box = max_score = 0.0
     with torch.no_grad():
         for i, (imgs, *_rest) in enumerate(loader):

@@ -9,7 +9,8 @@ import pytest
 import qat
 from utils.errors import UserError
 
-ROWS = ("Origin (FP32)", "PTQ (max)", "QAT (best)", "ONNX INT8 (onnxruntime)")
+ROWS = ("Origin (FP32)", "PTQ (max)", "QAT (best)", "QAT in PyTorch, 64x64 input",
+        "ONNX INT8 (onnxruntime), 64x64 input")
 
 
 def test_demo_end_to_end_at_toy_size(tmp_path, capsys):

@@ -1,0 +1,61 @@
+"""Wall time of ``python qat.py demo`` with its default flags, as a newcomer runs it (issue 7: under
+10 minutes on a 2-core CPU), and the accuracy it reaches.
+
+    python bench/bench_demo.py --project /tmp/bench_demo
+    -> bench/results/demo_wall_seconds.json, bench/results/demo_qat_map50_95.json
+
+The demo runs as a child process, so the time includes Python's start and every import; the load
+average before it starts goes into the record, since other jobs on the machine slow it down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.record import write_record  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.paths import ROOT  # noqa: E402
+
+
+def main(argv=None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project", default=str(ROOT / "runs/bench_demo"), help="the demo's --project")
+    p.add_argument("--results-dir", default=None, help="default bench/results")
+    args = p.parse_args(argv)
+
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "qat.py", "demo", "--project", args.project], cwd=ROOT,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(f"qat.py demo failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    run = Path(next(line.split()[-1] for line in proc.stdout.splitlines() if line.strip().startswith("table")))
+    summary = json.loads((run.parent / "demo.json").read_text())
+    rows = summary["rows"]
+    common = {"model": "gelan-demo (models/demo/gelan-demo.yaml)", "dataset": f"built-in shapes, {summary['imgsz']} px",
+              "results_dir": args.results_dir}
+    qat = rows["QAT (best)"]["map50_95"]
+    written = [
+        write_record("demo_wall_seconds", seconds, "s", extra={
+            "load_average_before": load, "demo_reported_seconds": summary["seconds"], "rows": rows,
+            "run": str(run.parent), "note": "python qat.py demo with its defaults, child process wall time"},
+            **common),
+        write_record("demo_qat_map50_95", qat, "mAP50-95", extra={
+            "fp32_map50_95": rows["Origin (FP32)"]["map50_95"], "rows": rows, "split": "val"}, **common),
+    ]
+    print(f"qat.py demo: {seconds:.0f} s wall (load average {load:.2f} before), QAT mAP50-95 {qat:.4f}")
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(main)
