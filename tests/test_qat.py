@@ -121,7 +121,8 @@ def test_quantize_then_eval_and_resume(shapes, tmp_path):
     md = (run / "report.md").read_text()
     assert "| Origin |" in md and "| PTQ (max) |" in md and "| QAT (best) |" in md
     assert report["skip_layers"] == [22] and [e["epoch"] for e in report["epochs"]] == [0, 1]
-    assert report["seconds_to_qat_best"] > 0
+    assert report["seconds_to_qat_best"] > 0 and report["seconds"]["ptq"] > 0 and "## Time" in md
+    assert all(e["train_seconds"] > 0 and e["eval_seconds"] > 0 for e in report["epochs"])
 
     # the saved best evaluates exactly as it did during the run
     result = qat.main(["eval", "--weights", str(w / "qat_best.pt"), "--data", str(shapes), "--imgsz", str(IMGSZ),

@@ -255,11 +255,13 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                 continue
             row = {"epoch": epoch, "box": stats.loss[0], "cls": stats.loss[1], "dfl": stats.loss[2],
                    "distill_error": distill.take_mean_error() if distill else 0.0,
-                   "seconds_per_iter": stats.seconds / max(stats.iters, 1), "lr": lr0 * lf(epoch)}
+                   "seconds_per_iter": stats.seconds / max(stats.iters, 1), "lr": lr0 * lf(epoch),
+                   "train_seconds": stats.seconds}
             fitness = 0.0
             if evaluate is not None:
+                t = time.perf_counter()
                 r = evaluate(student)
-                row.update(metrics(r))
+                row.update(metrics(r), eval_seconds=time.perf_counter() - t)
                 fitness = r.map50_95
             report["epochs"].append(row)
             improved = fitness > best
@@ -347,9 +349,12 @@ def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> 
         report = new_report(opt.weights, opt.data, opt.task)
         if info.is_main and not opt.no_eval_origin:
             report["origin"] = metrics(evaluate(teacher))
+        report["seconds"] = {"load_and_origin": time.perf_counter() - t0}
         shared = None
         if info.is_main:
+            t = time.perf_counter()
             ptq = run_ptq(opt, teacher, data, evaluate, report, save_dir, device)
+            report["seconds"]["ptq"] = time.perf_counter() - t
             shared = quant_state(ptq)
         shared = broadcast_object(shared, info)
         student = ptq if info.is_main else build_quantized(shared, device)

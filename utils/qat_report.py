@@ -51,13 +51,26 @@ def to_markdown(report: dict) -> str:
                   for c in report["calibration"]]
         lines.append("")
     if report.get("epochs"):
-        lines += ["## QAT epochs", "", "| Epoch | AP50-95 | AP50 | box | cls | dfl | distill error | s/iter |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["## QAT epochs", "", "| Epoch | AP50-95 | AP50 | box | cls | dfl | distill error | s/iter "
+                  "| train s | eval s |", "|---" * 10 + "|"]
         lines += [f"| {e['epoch']} | {e['map50_95']:.4f} | {e['map50']:.4f} | {e['box']:.4f} | {e['cls']:.4f} | "
-                  f"{e['dfl']:.4f} | {e['distill_error']:.2e} | {e['seconds_per_iter']:.3f} |"
+                  f"{e['dfl']:.4f} | {e['distill_error']:.2e} | {e['seconds_per_iter']:.3f} | "
+                  f"{e.get('train_seconds', float('nan')):.1f} | {e.get('eval_seconds', float('nan')):.1f} |"
                   for e in report["epochs"]]
         lines.append("")
+    lines += _time_lines(report)
     return "\n".join(lines)
+
+
+def _time_lines(report: dict) -> list[str]:
+    """Where the time to ``qat_best.pt`` went; absent from reports of older runs."""
+    seconds = report.get("seconds")
+    if not seconds or "seconds_to_qat_best" not in report:
+        return []
+    return ["## Time", "",
+            f"Loading and the Origin evaluation {seconds['load_and_origin']:.1f} s; PTQ (calibration, every "
+            f"method's evaluation, ptq.pt) {seconds.get('ptq', 0.0):.1f} s; then the QAT epochs above; "
+            f"qat_best.pt written {report['seconds_to_qat_best']:.1f} s after the start.", ""]
 
 
 def write_report(report: dict, save_dir: Path) -> tuple[Path, Path]:
