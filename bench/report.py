@@ -1,8 +1,9 @@
-"""Render the measured-figures table of BENCHMARKS.md from bench/results/*.json.
+"""Render the measured-figures table of BENCHMARKS.md, and README's results table, from
+bench/results/*.json.
 
 Each figure is written once, as a JSON record, by the command that measured it; the markdown
-table is generated from those records so the two can never disagree. A test checks that
-BENCHMARKS.md holds exactly this rendering; ``--write`` refreshes it.
+tables are generated from those records so they can never disagree. A test checks that both
+files hold exactly this rendering; ``--write`` refreshes them.
 
 Usage:  python bench/report.py [--write]
 """
@@ -16,7 +17,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 BENCHMARKS = HERE.parent / "BENCHMARKS.md"
+README = HERE.parent / "README.md"
 BLOCK = re.compile(r"(<!-- results -->)(.*?)(<!-- /results -->)", re.S)
+README_BLOCK = re.compile(r"(<!-- readme-results -->)(.*?)(<!-- /readme-results -->)", re.S)
+STUDY_MODELS = ("gelan-s", "gelan-c")  # the BCCD study's models, in README's order
 FIELDS = ("name", "value", "unit", "model", "dataset", "command", "machine", "date")
 
 
@@ -47,20 +51,52 @@ def render(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def render_study(records: list[dict]) -> str:
+    """README's summary of the BCCD study: FP32, best PTQ, QAT, ONNX Runtime and step-time figures."""
+    by_name = {r["name"]: r for r in records}
+    rows = ["| model | FP32 mAP50-95 | best PTQ | QAT | QAT - FP32 | ONNX Runtime INT8 - PyTorch QAT "
+            "| QAT step / FP32 step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for model in STUDY_MODELS:
+        qat = by_name[f"qat_delta_map50_95_{model}"]
+        ptqs = [r for name, r in by_name.items() if name.startswith(f"ptq_delta_map50_95_{model}_")]
+        best = max(ptqs, key=lambda r: r["extra"]["ptq_map50_95"])
+        method = best["name"].rsplit("_", 1)[1]
+        rows.append(f"| {model} | {qat['extra']['fp32_map50_95']:.4f} | {best['extra']['ptq_map50_95']:.4f} ({method}) "
+                    f"| {qat['extra']['qat_map50_95']:.4f} | {qat['value']:+.4f} "
+                    f"| {by_name[f'ort_int8_minus_qat_map50_95_{model}']['value']:+.4f} "
+                    f"| {by_name[f'qat_step_time_ratio_{model}']['value']:.2f} |")
+    return "\n".join(rows)
+
+
+def _fill(block: re.Pattern, text: str, body: str) -> str:
+    return block.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(3), text)
+
+
 def refreshed(text: str, records: list[dict]) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + "\n" + render(records) + "\n" + m.group(3), text)
+    """BENCHMARKS.md with its records table re-rendered."""
+    return _fill(BLOCK, text, render(records))
+
+
+def refreshed_readme(text: str, records: list[dict]) -> str:
+    """README.md with its results table re-rendered."""
+    return _fill(README_BLOCK, text, render_study(records))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="rewrite BENCHMARKS.md in place")
+    ap.add_argument("--write", action="store_true", help="rewrite BENCHMARKS.md and README.md in place")
     args = ap.parse_args()
-    text = BENCHMARKS.read_text()
-    new = refreshed(text, load_records())
-    if args.write:
-        BENCHMARKS.write_text(new)
-    elif new != text:
-        print("BENCHMARKS.md is stale: run python bench/report.py --write")
+    records = load_records()
+    stale = []
+    for path, refresh in ((BENCHMARKS, refreshed), (README, refreshed_readme)):
+        text = path.read_text()
+        new = refresh(text, records)
+        if args.write:
+            path.write_text(new)
+        elif new != text:
+            stale.append(path.name)
+    if stale:
+        print(f"{', '.join(stale)} stale: run python bench/report.py --write")
         raise SystemExit(1)
 
 

@@ -21,6 +21,12 @@ def test_benchmarks_table_matches_the_records():
     assert report.refreshed(text, report.load_records()) == text, "run: python bench/report.py --write"
 
 
+def test_readme_results_table_matches_the_records():
+    text = report.README.read_text()
+    assert "<!-- readme-results -->" in text
+    assert report.refreshed_readme(text, report.load_records()) == text, "run: python bench/report.py --write"
+
+
 def test_every_record_names_command_machine_and_date():
     for rec in report.load_records():
         assert rec["command"] and rec["machine"] and rec["date"], rec["name"]
