@@ -6,7 +6,6 @@ quantized model, independently of how ``models.quantize_rules`` derived them.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -23,21 +22,16 @@ from models.common import make_divisible
 from models.yolo import DetectionModel, load_config, resolve_config
 from utils.checkpoint import save_checkpoint
 from utils.paths import ROOT
+from utils.torch_utils import cpu_threads
 
 CONFIGS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c", "gelan-e",
            "yolov9-t", "yolov9-s", "yolov9-m", "yolov9-c", "yolov9-e")
 SHAPES = ["square", "disc", "triangle"]
 
 
-@contextlib.contextmanager
 def one_thread():
     """Tiny convolutions on a loaded 2-core machine run ~20x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return cpu_threads(1)
 
 
 def shrunk_config(name: str, width: float = 0.0625, nc: int = 2) -> dict:

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from utils.logs import LOGGER
@@ -23,7 +24,8 @@ CFG = ROOT / "models/demo/gelan-demo.yaml"
 
 # About 750 optimizer steps from scratch (40 epochs of 19 batches): AdamW converges in that many
 # where SGD would still be warming up, so its learning rate replaces SGD's (and the bias warmup,
-# which would start Adam at 0.1). No mosaic: it shrinks the small shapes below the stride-8 grid. The loss weights are upstream's.
+# which would start Adam at 0.1). No mosaic: it shrinks the small shapes below the stride-8 grid.
+# The loss weights are upstream's.
 TRAIN_OPTIMIZER = "AdamW"
 TRAIN_HYP_CHANGES = {"lr0": 0.003, "lrf": 0.05, "warmup_epochs": 1.0, "warmup_bias_lr": 0.003,
                      "mosaic": 0.0, "mixup": 0.0, "scale": 0.3, "translate": 0.1}
@@ -46,6 +48,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, or a cuda device such as 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="dataloader workers")
+    p.add_argument("--threads", type=int, default=1,
+                   help="PyTorch CPU threads; more only pays on an idle machine with cores to spare")
 
 
 def _train_hyp() -> dict:
@@ -75,15 +79,23 @@ def table(rows: dict[str, dict | None]) -> str:
 
 def run_demo(opt: argparse.Namespace) -> Path:
     """Data -> FP32 training -> PTQ + QAT -> Q/DQ ONNX -> ONNX Runtime / TensorRT check; returns the run folder."""
-    import export_qat
-    import val_trt
-    from utils.qat_pipeline import run_quantize
-    from utils.data_config import load_data_config
-    from utils.qat_checkpoint import load_quantized
-    from utils.torch_utils import select_device
-    from utils.trainer import train
+    from utils.torch_utils import cpu_threads, select_device
 
     device = select_device(opt.device)  # a missing GPU is reported before anything is written
+    # This model's convolutions are too small to split across threads: on a 2-core machine that
+    # other jobs shared, two threads slowed training 5-7x while one held steady.
+    with cpu_threads(opt.threads if device.type == "cpu" else torch.get_num_threads()):
+        return _run_demo(opt, device)
+
+
+def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
+    import export_qat
+    import val_trt
+    from utils.data_config import load_data_config
+    from utils.qat_checkpoint import load_quantized
+    from utils.qat_pipeline import run_quantize
+    from utils.trainer import train
+
     if opt.imgsz % 32 or opt.imgsz < 64:
         from utils.errors import UserError
 

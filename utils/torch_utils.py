@@ -1,7 +1,9 @@
 """Device selection and small torch helpers shared by training, evaluation and export."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,18 @@ def select_device(device: str | int | torch.device | None = "") -> torch.device:
     if local_rank >= 0:  # torchrun: each process drives the GPU of its local rank
         return torch.device("cuda", local_rank)
     return torch.device("cuda", int(ids[0]))
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """PyTorch's CPU thread count set to ``n`` for the block, then restored. Tiny convolutions run
+    faster on one thread than split across the cores of a small machine that other jobs share."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(n, 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def de_parallel(model: nn.Module) -> nn.Module:
