@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from utils.engine import MAX_GRAD_NORM  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
 
@@ -76,7 +77,7 @@ def step(run: tuple, batch: tuple, device: torch.device, clock: dict | None) -> 
         mark()
     loss.backward()
     mark()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mark()

@@ -143,24 +143,22 @@ class QuantConv2d(_FromFloat, nn.Conv2d):
         self.weight_quantizer.amax = self.weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True).float()
 
 
-class QuantMaxPool2d(_FromFloat, nn.MaxPool2d):
+class _QuantInput(_FromFloat):
+    """A one-input float layer whose input is quantized first; the layer itself stays as it was."""
+
+    def add_quantizers(self) -> None:
+        self.input_quantizer = activation_quantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_quantizer(x))
+
+
+class QuantMaxPool2d(_QuantInput, nn.MaxPool2d):
     """Max-pool on an INT8 input; max commutes with the scale, so TensorRT pools in INT8."""
 
-    def add_quantizers(self) -> None:
-        self.input_quantizer = activation_quantizer()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.input_quantizer(x))
-
-
-class QuantUpsample(_FromFloat, nn.Upsample):
+class QuantUpsample(_QuantInput, nn.Upsample):
     """Nearest up-sampling of an INT8 input (a copy of values, so the scale passes through)."""
-
-    def add_quantizers(self) -> None:
-        self.input_quantizer = activation_quantizer()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.input_quantizer(x))
 
 
 class QuantConcat(_FromFloat, Concat):

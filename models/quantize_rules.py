@@ -68,11 +68,12 @@ class _UnionFind:
             self.parent[r] = roots[0]
 
 
-def _tensors(obj) -> list[torch.Tensor]:
+def flat_tensors(obj) -> list[torch.Tensor]:
+    """The tensors of a layer's output (or arguments), nested lists and tuples flattened in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _tensors(o)]
+        return [t for o in obj for t in flat_tensors(o)]
     return []
 
 
@@ -95,11 +96,11 @@ class _DataflowRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in _PASS_THROUGH or _is_nearest_interpolate(func, args, kwargs):
-            self._tie(_tensors(args[0])[:1] + _tensors(out))
+            self._tie(flat_tensors(args[0])[:1] + flat_tensors(out))
         elif func in _JOINS:
-            self._tie(_tensors(args[0]) + _tensors(out))
+            self._tie(flat_tensors(args[0]) + flat_tensors(out))
         elif func in _ADDS:
-            ins = _tensors(args[:2])
+            ins = flat_tensors(args[:2])
             if len(ins) == 2 and ins[0].shape == ins[1].shape:
                 self._tie(ins)
         return out

@@ -17,6 +17,7 @@ from copy import deepcopy
 import torch
 import torch.nn as nn
 
+from models.quantize_rules import flat_tensors
 from utils.torch_utils import de_parallel
 
 
@@ -25,14 +26,6 @@ def supervised_layers(n_layers: int, stride: int) -> list[int]:
     if stride < 1:
         raise ValueError(f"supervision stride must be >= 1, got {stride}")
     return sorted(set(range(0, n_layers - 1, stride)) | {n_layers - 2})
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    return []
 
 
 def relative_error(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -68,7 +61,7 @@ class FeatureDistillation:
     @staticmethod
     def _keep(store: dict, i: int):
         def hook(module, args, out):
-            store[i] = _tensors(out)
+            store[i] = flat_tensors(out)
         return hook
 
     def error(self) -> torch.Tensor:

@@ -310,12 +310,14 @@ def run_quantize(opt: argparse.Namespace) -> Path:
 
 def _check_ranges_agree(model: nn.Module, info: DistInfo) -> None:
     """Under torchrun, every rank must fine-tune with rank 0's calibrated ranges, bit for bit."""
+    if not info.distributed:
+        return
     digest = hashlib.sha256()
     for name, amax in sorted(amax_state(model).items()):
         digest.update(name.encode() + amax.detach().float().cpu().numpy().tobytes())
     if not same_on_all_ranks(digest.hexdigest(), info):
         raise RuntimeError("quantizer ranges differ between ranks after the broadcast from rank 0")
-    if info.distributed and info.is_main:
+    if info.is_main:
         LOGGER.info(f"quantizer ranges identical on all {info.world_size} ranks")
 
 
