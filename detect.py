@@ -20,12 +20,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.experimental import attempt_load
-from utils.augment import letterbox
+from utils.data.augment import letterbox
 from utils.boxes import scale_boxes, xyxy2xywhn
 from utils.errors import UserError, run_cli
-from utils.label_check import IMG_FORMATS
+from utils.data.label_check import IMG_FORMATS
 from utils.paths import ROOT, increment_path
-from utils.postprocess import non_max_suppression
+from utils.evaluation.postprocess import non_max_suppression
 from utils.torch_utils import select_device
 
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv", "webm")

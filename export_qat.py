@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from utils.errors import UserError, run_cli
-from utils.onnx_export import ExportResult, export_onnx
+from utils.deployment.onnx_export import ExportResult, export_onnx
 from utils.paths import existing_file
 from utils.torch_utils import select_device
 
@@ -31,7 +31,7 @@ def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, li
     from models.loading import attempt_load
     from models.quantize import build_quantized, float_conv_names
     from utils.checkpoint import load_checkpoint
-    from utils.qat_checkpoint import is_quantized_checkpoint
+    from utils.quantization.checkpoint import is_quantized_checkpoint
 
     path = existing_file(weights, "weights")
     ckpt = load_checkpoint(path)

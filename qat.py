@@ -19,9 +19,9 @@ import logging
 import os
 from typing import Callable
 
-from utils.engine import AMP_MODES
+from utils.training.engine import AMP_MODES
 from utils.errors import run_cli
-from utils.optim import OPTIMIZERS
+from utils.training.optim import OPTIMIZERS
 from utils.paths import ROOT
 
 CALIB_CHOICES = ("max", "percentile", "mse", "entropy", "auto")
@@ -95,7 +95,7 @@ def _run_demo(opt: argparse.Namespace):
 
 def _run(name: str) -> Callable[[argparse.Namespace], object]:
     def run(opt: argparse.Namespace):
-        from utils import qat_pipeline
+        from utils.quantization import pipeline as qat_pipeline
 
         return getattr(qat_pipeline, name)(opt)
     return run

@@ -13,10 +13,10 @@ import argparse
 import logging
 import os
 
-from utils.engine import AMP_MODES
+from utils.training.engine import AMP_MODES
 from utils.errors import run_cli
-from utils.optim import OPTIMIZERS
-from utils.trainer import DEFAULTS, train
+from utils.training.optim import OPTIMIZERS
+from utils.training.trainer import DEFAULTS, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

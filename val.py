@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 
 from models.experimental import attempt_load
-from utils.coco import category_ids, coco_evaluate, ground_truth_to_coco, image_ids, predictions_to_coco
-from utils.data_config import load_data_config, require_split
+from utils.evaluation.coco import category_ids, coco_evaluate, ground_truth_to_coco, image_ids, predictions_to_coco
+from utils.data.config import load_data_config, require_split
 from utils.dataloaders import create_dataloader
 from utils.errors import UserError, run_cli
-from utils.evaluation import EvalArtifacts, EvalResult, evaluate
+from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
 from utils.paths import ROOT, increment_path
-from utils.plots import plot_confusion_matrix, plot_pr_curve
+from utils.evaluation.plots import plot_confusion_matrix, plot_pr_curve
 from utils.torch_utils import de_parallel, select_device
 
 TASKS = ("train", "val", "test")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from utils.benchmark_report import BatchTiming, summarize, to_markdown, write_report
+from utils.deployment.benchmark_report import BatchTiming, summarize, to_markdown, write_report
 from utils.boxes import xyxy2xywh
 from utils.errors import UserError, run_cli
-from utils.evaluation import EvalArtifacts, EvalResult, evaluate
+from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
 from utils.paths import ROOT, existing_file, increment_path
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -49,10 +49,10 @@ def resolve_backend(backend: str, engine: str | Path | None) -> str:
 def open_runner(onnx: Path | None, engine: Path | None, backend: str, device: str, imgsz: int, max_batch: int):
     """A callable ``images -> {output name: tensor}`` for the chosen backend."""
     if backend == "onnxruntime":
-        from utils.ort_runtime import OrtRunner
+        from utils.deployment.ort_runtime import OrtRunner
 
         return OrtRunner(onnx, "cpu" if device in ("", "cpu") else "cuda")
-    from utils.trt_runtime import TrtRunner, build_engine
+    from utils.deployment.trt_runtime import TrtRunner, build_engine
 
     if engine is None:  # build once per ONNX; rebuilt when the ONNX is newer than the engine
         engine = onnx.with_suffix(".engine")
@@ -77,7 +77,7 @@ def end2end_as_prediction(outputs: dict[str, torch.Tensor], nc: int) -> torch.Te
 
 
 class DetectionBackend:
-    """Makes a runner look like a model to ``utils.evaluation.evaluate``: images in, (B, 4+nc, N) out.
+    """Makes a runner look like a model to ``utils.evaluation.evaluator.evaluate``: images in, (B, 4+nc, N) out.
 
     A static-batch export is fed in chunks of its batch size, the last chunk padded; an engine in
     chunks of at most its profile's largest batch.
@@ -117,8 +117,8 @@ def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, i
 
     A PyTorch model (in eval mode) is accepted too, so that it can be compared on the very same input.
     """
-    from utils.data_config import require_split
-    from utils.yolo_dataset import create_dataloader
+    from utils.data.config import require_split
+    from utils.data.dataset import create_dataloader
 
     loader = create_dataloader(require_split(data, task), imgsz, batch_size, 32, rect=False, workers=workers,
                                prefix=f"{task}: ", nc=data["nc"])[0]
@@ -178,7 +178,7 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     out = {"backend": chosen, "model": str(onnx or engine), "save_dir": str(save_dir)}
     if data is not None:
-        from utils.data_config import load_data_config
+        from utils.data.config import load_data_config
 
         cfg = load_data_config(data)
         result, _ = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, imgsz, batch_size, task, postprocess,

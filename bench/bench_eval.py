@@ -54,7 +54,7 @@ def bench_metrics(dataset: Path, repeats: int, false_positives: int, seed: int, 
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from utils.coco import COCO_NAMES, category_ids, coco_evaluate, ground_truth_to_coco, image_ids, predictions_to_coco
+    from utils.evaluation.coco import COCO_NAMES, category_ids, coco_evaluate, ground_truth_to_coco, image_ids, predictions_to_coco
     from utils.metrics import DetectionStats
 
     split = load_yolo_split(dataset, "val2017")
@@ -114,7 +114,7 @@ def bench_throughput(opt) -> Path:
     import torch
 
     import val
-    from utils.data_config import load_data_config, require_split
+    from utils.data.config import load_data_config, require_split
     from utils.dataloaders import create_dataloader
     from utils.torch_utils import select_device
 

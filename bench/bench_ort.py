@@ -69,8 +69,8 @@ def _ort_conv_kernels(onnx_file: Path) -> dict[str, int]:
 
 
 def bench_latency(opt: argparse.Namespace) -> list[Path]:
-    from utils.onnx_export import export_onnx
-    from utils.ort_runtime import OrtRunner
+    from utils.deployment.onnx_export import export_onnx
+    from utils.deployment.ort_runtime import OrtRunner
 
     fp, q, floats = _fp_and_int8(opt.cfg, opt.imgsz, opt.calib_batches, opt.seed)
     out_dir = Path(opt.out or tempfile.mkdtemp(prefix="bench_ort_"))
@@ -109,11 +109,11 @@ def bench_map(opt: argparse.Namespace) -> Path:
     import val_trt
     from models.experimental_trt import Prediction
     from models.quantize import float_conv_names
-    from utils.data_config import load_data_config, require_split
-    from utils.yolo_dataset import create_dataloader
-    from utils.onnx_export import export_onnx
-    from utils.ort_runtime import OrtRunner
-    from utils.qat_checkpoint import load_quantized
+    from utils.data.config import load_data_config, require_split
+    from utils.data.dataset import create_dataloader
+    from utils.deployment.onnx_export import export_onnx
+    from utils.deployment.ort_runtime import OrtRunner
+    from utils.quantization.checkpoint import load_quantized
     from utils.torch_utils import select_device
 
     device = select_device(opt.device)

@@ -44,15 +44,15 @@ def measure_throughput(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from models.yolo import DetectionModel
-    from utils.data_config import load_data_config, load_hyp, require_split
+    from utils.data.config import load_data_config, load_hyp, require_split
     from utils.dataloaders import create_dataloader
-    from utils.distributed import process_group
-    from utils.ema import ModelEMA
-    from utils.engine import make_precision, train_one_epoch
+    from utils.training.distributed import process_group
+    from utils.training.ema import ModelEMA
+    from utils.training.engine import make_precision, train_one_epoch
     from utils.loss_tal import build_loss
-    from utils.optim import build_optimizer
+    from utils.training.optim import build_optimizer
     from utils.torch_utils import select_device
-    from utils.trainer import NOMINAL_BATCH
+    from utils.training.trainer import NOMINAL_BATCH
 
     device = select_device(args.device)
     with process_group(device) as info:
@@ -103,7 +103,7 @@ def fixed_batch_rate(model, loader, loss_fn, optimizer, step: dict, args) -> flo
     """images/s of the step alone: one batch repeated, so the dataloader cannot be the limit."""
     import torch
 
-    from utils.engine import train_one_epoch
+    from utils.training.engine import train_one_epoch
 
     repeated = [next(iter(loader))] * args.iters  # a list is a loader: sized and iterable
     start = time.perf_counter()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.engine import MAX_GRAD_NORM  # noqa: E402
+from utils.training.engine import MAX_GRAD_NORM  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
 
@@ -33,11 +33,11 @@ def build_runs(args: argparse.Namespace, device: torch.device) -> dict:
     """FP32 model, and a max-calibrated QAT student with its fused FP32 teacher, on ``device``."""
     from models.quantize import calibrate, prepare, set_trainable
     from models.yolo import DetectionModel
-    from utils.data_config import load_data_config, load_hyp
-    from utils.detection_loss import build_loss
-    from utils.optim import build_optimizer
-    from utils.qat_distill import FeatureDistillation, supervised_layers
-    from utils.qat_pipeline import make_loader
+    from utils.data.config import load_data_config, load_hyp
+    from utils.training.loss import build_loss
+    from utils.training.optim import build_optimizer
+    from utils.quantization.distill import FeatureDistillation, supervised_layers
+    from utils.quantization.pipeline import make_loader
 
     hyp = load_hyp(ROOT / "data/hyps/hyp.qat.yaml")
     data = load_data_config(args.data)
@@ -58,7 +58,7 @@ def build_runs(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def step(run: tuple, batch: tuple, device: torch.device, clock: dict | None) -> None:
-    """One training step as ``utils.engine.train_one_epoch`` takes it; ``clock`` collects phase seconds."""
+    """One training step as ``utils.training.engine.train_one_epoch`` takes it; ``clock`` collects phase seconds."""
     model, loss_fn, distill, optimizer = run
     imgs, targets = batch
     marks = [time.perf_counter()]

@@ -8,7 +8,7 @@ are detections, the rest are zeros.
 - ``NMSTail``: the head's boxes and scores go into TensorRT's ``EfficientNMS_TRT`` plugin
   (class-aware NMS; every class above the threshold is a candidate, like ``multi_label`` NMS).
   ONNX Runtime cannot run the plugin; in PyTorch the op computes a reference with the plugin's
-  documented algorithm, so tests can compare it with ``utils.postprocess``.
+  documented algorithm, so tests can compare it with ``utils.evaluation.postprocess``.
 - ``TopKTail``: NMS-free: each anchor's best class, the K highest scores (ONNX ``TopK``),
   runnable anywhere, for one-to-one heads or users who want no plugin.
 """
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torchvision
 
 from utils.boxes import xywh2xyxy
-from utils.postprocess import select_prediction
+from utils.evaluation.postprocess import select_prediction
 
 END2END_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
 # EfficientNMS sorts the candidates above the score threshold and runs NMS on the best 4096 only.
@@ -124,7 +124,7 @@ class End2End(nn.Module):
 
 def decode_end2end(num_dets: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
                    classes: torch.Tensor) -> list[torch.Tensor]:
-    """Per image an (n, 6) tensor [x1, y1, x2, y2, conf, cls], the layout of ``utils.postprocess``."""
+    """Per image an (n, 6) tensor [x1, y1, x2, y2, conf, cls], the layout of ``utils.evaluation.postprocess``."""
     out = []
     for n, b, s, c in zip(num_dets.reshape(-1).tolist(), boxes, scores, classes):
         out.append(torch.cat((b[:n].float(), s[:n, None].float(), c[:n, None].float()), 1))

@@ -38,7 +38,7 @@ def model_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint", cfg: st
                           ) -> nn.Module:
     """The fp32 model inside a loaded checkpoint: its EMA if present, else 'model'; a state dict is
     loaded into ``DetectionModel(cfg)``; a PTQ/QAT checkpoint's quantized model is rebuilt."""
-    if isinstance(ckpt.get("quant"), dict):  # utils.qat_checkpoint's format; imports Model Optimizer
+    if isinstance(ckpt.get("quant"), dict):  # utils.quantization.checkpoint's format; imports Model Optimizer
         from models.quantize import build_quantized
 
         return build_quantized(ckpt["quant"])

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from utils.paths import ROOT
-from utils.synthetic import make_shapes_dataset
+from utils.data.synthetic import make_shapes_dataset
 
 NO_GPU = not torch.cuda.is_available()
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tools.coco2yolo import convert_coco
-from utils.data_config import load_data_config
+from utils.data.config import load_data_config
 from utils.errors import UserError
 from utils.paths import ROOT
 

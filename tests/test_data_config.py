@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.data_config import load_data_config, load_hyp, require_split
+from utils.data.config import load_data_config, load_hyp, require_split
 from utils.errors import UserError
 from utils.paths import ROOT
 
@@ -85,7 +85,7 @@ def test_hyp_missing_keys_is_user_error(tmp_path):
 
 def test_cli_reports_data_yaml_pointing_nowhere_with_exit_2(tmp_path):
     f = write(tmp_path / "d.yaml", f"path: {tmp_path}/gone\ntrain: images\nval: images\nnames: [a]\n")
-    code = ("from utils.errors import run_cli; from utils.data_config import load_data_config; "
+    code = ("from utils.errors import run_cli; from utils.data.config import load_data_config; "
             f"run_cli(lambda: load_data_config({str(f)!r}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2

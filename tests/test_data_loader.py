@@ -7,7 +7,7 @@ import torch
 
 from tests.data_builders import build_dataset
 from utils.boxes import scale_boxes, xywh2xyxy, xywhn2xyxy
-from utils.data_config import load_hyp
+from utils.data.config import load_hyp
 from utils.dataloaders import create_dataloader
 from utils.paths import ROOT
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import val
-from utils.evaluation import EvalResult, evaluate
+from utils.evaluation.evaluator import EvalResult, evaluate
 
 NAMES = ["cat", "dog", "bird"]
 # two originals letterboxed into 128 x 128: (h, w) = (100, 200) -> gain 0.64, pad (0, 32); (128, 64) -> gain 1, pad (32, 0)

@@ -16,7 +16,7 @@ from tests.export_helpers import lively_head
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.paths import ROOT
-from utils.qat_checkpoint import make_checkpoint
+from utils.quantization.checkpoint import make_checkpoint
 
 TINY = ROOT / "tests" / "assets" / "gelan-tiny.yaml"
 

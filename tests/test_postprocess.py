@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.postprocess import no_max_suppression, non_max_suppression, postprocess, select_prediction
+from utils.evaluation.postprocess import no_max_suppression, non_max_suppression, postprocess, select_prediction
 
 
 def _iou(a, b) -> float:

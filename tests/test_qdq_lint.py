@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tools.qdq_lint import CATEGORIES, SKIP_METADATA_KEY, counts, lint, to_json, to_markdown
+from utils.deployment.qdq_lint import CATEGORIES, SKIP_METADATA_KEY, counts, lint, to_json, to_markdown
 from utils.paths import ROOT
 
 C = 4  # channels of every feature map in these graphs

@@ -16,7 +16,7 @@ from models.yolo import DetectionModel
 from tests.qat_helpers import CONFIGS, one_thread, scale_violations, shrunk_config
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
-from utils.qat_checkpoint import load_quantized, make_checkpoint
+from utils.quantization.checkpoint import load_quantized, make_checkpoint
 
 IMGSZ = 64
 

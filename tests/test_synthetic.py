@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import yaml
 
-from utils.synthetic import CLASS_NAMES, make_shapes_dataset
+from utils.data.synthetic import CLASS_NAMES, make_shapes_dataset
 
 
 def test_same_seed_same_dataset(tmp_path):

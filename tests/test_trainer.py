@@ -14,7 +14,7 @@ import yaml
 
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils.trainer import build_model, make_options, train
+from utils.training.trainer import build_model, make_options, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "assets" / "gelan-tiny.yaml")

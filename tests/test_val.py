@@ -10,7 +10,7 @@ import yaml
 import val
 from models.yolo import DetectionModel
 from tests.data_builders import build_dataset
-from utils.coco import COCO_NAMES
+from utils.evaluation.coco import COCO_NAMES
 from utils.checkpoint import save_checkpoint
 from utils.errors import run_cli
 from utils.paths import ROOT

@@ -13,15 +13,15 @@ import val_trt
 from tests.export_helpers import assert_same_detections, lively_head
 from models.experimental_trt import decode_end2end
 from models.yolo import DetectionModel
-from utils.data_config import load_data_config
-from utils.yolo_dataset import create_dataloader
+from utils.data.config import load_data_config
+from utils.data.dataset import create_dataloader
 from utils.errors import UserError
-from utils.evaluation import evaluate
-from utils.onnx_export import export_onnx, trace_prediction
-from utils.ort_runtime import OrtRunner
+from utils.evaluation.evaluator import evaluate
+from utils.deployment.onnx_export import export_onnx, trace_prediction
+from utils.deployment.ort_runtime import OrtRunner
 from utils.paths import ROOT
-from utils.postprocess import no_max_suppression
-from utils.synthetic import make_shapes_dataset
+from utils.evaluation.postprocess import no_max_suppression
+from utils.data.synthetic import make_shapes_dataset
 
 IMGSZ = 64
 
@@ -136,7 +136,7 @@ def test_cli_exit_code_2_when_tensorrt_is_missing(setup):
 
 @pytest.mark.tensorrt
 def test_tensorrt_engine_matches_onnxruntime(setup):
-    from utils.trt_runtime import TrtRunner, build_engine
+    from utils.deployment.trt_runtime import TrtRunner, build_engine
 
     _, files, _, root = setup
     engine = build_engine(files["raw"], root / "m.engine", batch=(1, 2, 4), timing_cache=root / "m.timing.cache")

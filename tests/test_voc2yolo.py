@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tools.voc2yolo import convert_voc
-from utils.data_config import load_data_config
+from utils.data.config import load_data_config
 from utils.dataloaders import YoloDataset
 from utils.errors import UserError
 from utils.paths import ROOT

@@ -17,8 +17,8 @@ import yaml
 
 from utils.logs import LOGGER
 from utils.paths import ROOT, increment_path
-from utils.qat_report import METRICS
-from utils.synthetic import make_shapes_dataset
+from utils.quantization.report import METRICS
+from utils.data.synthetic import make_shapes_dataset
 
 CFG = ROOT / "models/demo/gelan-demo.yaml"
 
@@ -91,10 +91,10 @@ def run_demo(opt: argparse.Namespace) -> Path:
 def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     import export_qat
     import val_trt
-    from utils.data_config import load_data_config
-    from utils.qat_checkpoint import load_quantized
-    from utils.qat_pipeline import run_quantize
-    from utils.trainer import train
+    from utils.data.config import load_data_config
+    from utils.quantization.checkpoint import load_quantized
+    from utils.quantization.pipeline import run_quantize
+    from utils.training.trainer import train
 
     if opt.imgsz % 32 or opt.imgsz < 64:
         from utils.errors import UserError

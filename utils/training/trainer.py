@@ -1,7 +1,7 @@
 """A full training run: model, data, optimizer, epochs, validation, checkpoints, resume.
 
 ``train.py`` only parses flags and calls ``train``; tests and benchmarks call it directly. The
-epoch itself lives in ``utils.engine.train_one_epoch`` so that QAT reuses exactly the same step.
+epoch itself lives in ``utils.training.engine.train_one_epoch`` so that QAT reuses exactly the same step.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ import torch
 import torch.nn as nn
 import yaml
 
-from utils.distributed import DistInfo, broadcast_object, process_group
-from utils.ema import ModelEMA
-from utils.engine import make_precision, train_one_epoch
+from utils.training.distributed import DistInfo, broadcast_object, process_group
+from utils.training.ema import ModelEMA
+from utils.training.engine import make_precision, train_one_epoch
 from utils.errors import UserError
 from utils.loss_tal import build_loss
-from utils.optim import Warmup, build_optimizer, lr_lambda
+from utils.training.optim import Warmup, build_optimizer, lr_lambda
 from utils.paths import ROOT, increment_path
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
@@ -247,7 +247,7 @@ def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
 def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
            on_epoch_end: Callable[[int, dict], None] | None) -> Path:
     from utils.checkpoint import save_checkpoint
-    from utils.data_config import load_data_config, load_hyp, require_split
+    from utils.data.config import load_data_config, load_hyp, require_split
     from utils.dataloaders import create_dataloader
 
     t_start = time.perf_counter()

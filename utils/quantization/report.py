@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from utils.evaluation import EvalResult
+from utils.evaluation.evaluator import EvalResult
 
 METRICS = (("map50_95", "AP50-95"), ("map50", "AP50"), ("precision", "P"), ("recall", "R"))
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from utils.boxes import bbox_iou, xywh2xyxy
 from utils.tal.anchor_generator import bbox2dist, dist2bbox, make_anchors
-from utils.task_assigner import Assignment, TaskAlignedAssigner
+from utils.training.assigner import Assignment, TaskAlignedAssigner
 from utils.torch_utils import de_parallel
 
 DEFAULT_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}  # upstream's hyp.scratch-high values

@@ -15,8 +15,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywh2xyxy
-from utils.detection_metrics import COCO_MAX_DETS, APResult, ConfusionMatrix, DetectionStats, fitness
-from utils.postprocess import postprocess as run_postprocess
+from utils.evaluation.metrics import COCO_MAX_DETS, APResult, ConfusionMatrix, DetectionStats, fitness
+from utils.evaluation.postprocess import postprocess as run_postprocess
 
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 

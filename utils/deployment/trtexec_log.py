@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from utils.benchmark_report import BatchTiming
+from utils.deployment.benchmark_report import BatchTiming
 from utils.errors import UserError
 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"

@@ -43,7 +43,7 @@ def _truncated(model: nn.Module, last: int) -> nn.Module:
 
 
 class FeatureDistillation:
-    """``extra_loss_fn`` for ``utils.engine.train_one_epoch``: runs the teacher on the same images and
+    """``extra_loss_fn`` for ``utils.training.engine.train_one_epoch``: runs the teacher on the same images and
     returns ``weight`` x the mean relative feature error of the student's last forward pass."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], weight: float = 1.0):

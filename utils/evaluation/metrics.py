@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from utils.boxes import box_iou
-from utils.coco import image_ids
+from utils.evaluation.coco import image_ids
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)

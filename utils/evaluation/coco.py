@@ -1,6 +1,6 @@
 """COCO JSON for predictions and ground truth, and evaluation by the reference COCO tools.
 
-Our own metrics (utils/detection_metrics.py) follow COCOeval's rules; this module exists so any result
+Our own metrics (utils/evaluation/metrics.py) follow COCOeval's rules; this module exists so any result
 can be checked against pycocotools (or its faster re-implementation) on the same boxes.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def ground_truth_to_coco(labels: Sequence[np.ndarray], shapes: Sequence[tuple[in
                                 "category_id": int(cat_ids[int(cls)]), "bbox": box.tolist(),
                                 "area": float(box[2] * box[3]), "iscrowd": 0})
     categories = [{"id": int(c), "name": str(n)} for c, n in zip(cat_ids, names)]
-    return {"info": {"description": "ground truth written by yolov9-qat utils/coco.py"}, "licenses": [],
+    return {"info": {"description": "ground truth written by yolov9-qat utils/evaluation/coco.py"}, "licenses": [],
             "images": images, "annotations": annotations, "categories": categories}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils import label_check
+from utils.data import label_check as label_check
 
 CACHE_VERSION = 1
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1)))

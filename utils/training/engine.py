@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from utils.ema import ModelEMA
-from utils.optim import Warmup
+from utils.training.ema import ModelEMA
+from utils.training.optim import Warmup
 
 AMP_MODES = ("bf16", "fp16", "off")
 MAX_GRAD_NORM = 10.0  # upstream's clip; keeps one bad mosaic from blowing up a from-scratch run

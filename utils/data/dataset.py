@@ -3,7 +3,7 @@
 A dataset is a set of images found from folders or ``.txt`` lists; each image's labels sit at
 the same path with the last ``images`` folder replaced by ``labels`` and a ``.txt`` suffix
 (upstream's rule, so existing datasets work unchanged). Images and labels are checked once
-(``utils.label_check``) and the result is cached (``utils.label_cache``). Batches have
+(``utils.data.label_check``) and the result is cached (``utils.data.label_cache``). Batches have
 upstream's layout so the loss, the evaluator and QAT calibration can consume them directly.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from utils.augment import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
+from utils.data.augment import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
-from utils.data_config import AUGMENT_KEYS, load_hyp
+from utils.data.config import AUGMENT_KEYS, load_hyp
 from utils.errors import UserError
-from utils.label_cache import load_or_scan
-from utils.label_check import IMG_FORMATS
+from utils.data.label_cache import load_or_scan
+from utils.data.label_check import IMG_FORMATS
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("yolov9.data")

@@ -1,0 +1,1 @@
+"""Quantization pipeline: PTQ calibration, QAT fine-tuning with distillation, sensitivity, reports, checkpoints."""
