@@ -13,8 +13,8 @@ import argparse
 import logging
 import os
 
-from utils.training.engine import AMP_MODES
 from utils.errors import run_cli
+from utils.training.engine import AMP_MODES
 from utils.training.optim import OPTIMIZERS
 from utils.training.trainer import DEFAULTS, train
 

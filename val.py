@@ -2,135 +2,16 @@
 
     python val.py --data data/coco.yaml --weights gelan-c.pt --imgsz 640 --batch-size 32
 
-train.py and qat.py call ``run(model=..., dataloader=...)`` after each epoch and get the same
-``EvalResult`` this command prints.
+The evaluation itself is utils/evaluation/validate.py's ``run`` (also reachable as ``val.run``, as upstream).
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-from pathlib import Path
 
-from models.experimental import attempt_load
-from utils.evaluation.coco import category_ids, coco_evaluate, ground_truth_to_coco, image_ids, predictions_to_coco
-from utils.data.config import load_data_config, require_split
-from utils.dataloaders import create_dataloader
-from utils.errors import UserError, run_cli
-from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
-from utils.paths import ROOT, increment_path
-from utils.evaluation.plots import plot_confusion_matrix, plot_pr_curve
-from utils.torch_utils import de_parallel, select_device
-
-TASKS = ("train", "val", "test")
-
-
-def _class_names(data: dict) -> list[str]:
-    """The data yaml's names: a model built from a bare YAML only knows '0', '1', ... and the
-    class count has already been checked against the data."""
-    names = data["names"]
-    return list(names.values()) if isinstance(names, dict) else list(names)
-
-
-def _check_model_matches_data(model, data: dict, weights) -> None:
-    model_nc = getattr(de_parallel(model), "nc", None)
-    if model_nc is not None and int(model_nc) != int(data["nc"]):
-        raise UserError(f"{weights}: model has {model_nc} classes but the data yaml has {data['nc']}; "
-                        "pass the --data it was trained on (or --single-cls)")
-
-
-def _build_dataloader(data: dict, task: str, imgsz: int, batch_size: int, stride: int, workers: int):
-    if task not in TASKS:
-        raise UserError(f"--task {task}: expected one of {', '.join(TASKS)}")
-    if imgsz % stride:
-        raise UserError(f"--imgsz {imgsz}: must be a multiple of the model stride {stride}")
-    # rect batches with half-stride padding, as upstream validates: least padding, same mAP.
-    return create_dataloader(require_split(data, task), imgsz, batch_size, stride, rect=True, pad=0.5,
-                             workers=workers, prefix=f"{task}: ", nc=data["nc"])[0]
-
-
-def _save_coco_json(artifacts: EvalArtifacts, data: dict, names: list[str], save_dir: Path, stem: str,
-                    single_cls: bool) -> tuple[Path, Path]:
-    cat_ids = [0] if single_cls else category_ids(data)
-    img_ids = image_ids(artifacts.files)
-    pred_path, gt_path = save_dir / f"{stem}_predictions.json", save_dir / "ground_truth.json"
-    pred_path.write_text(json.dumps(predictions_to_coco(artifacts.detections, img_ids, cat_ids)))
-    gt = ground_truth_to_coco(artifacts.labels, artifacts.shapes, img_ids, cat_ids,
-                              ["all-classes"] if single_cls else names, artifacts.files)
-    gt_path.write_text(json.dumps(gt))
-    return pred_path, gt_path
-
-
-def _write_report(result: EvalResult, save_dir: Path) -> None:
-    (save_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    (save_dir / "results.md").write_text(result.markdown())
-
-
-def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: float = 0.001,
-        iou_thres: float = 0.7, max_det: int = 300, task: str = "val", device="", workers: int = 8,
-        single_cls: bool = False, half: bool = False, project=ROOT / "runs/val", name: str = "exp",
-        exist_ok: bool = False, save_json: bool = False, postprocess: str = "nms", model=None, dataloader=None,
-        save_dir=None, plots: bool = True, compute_loss=None, verbose: bool = False) -> EvalResult:
-    """Evaluate ``weights`` (or an in-memory ``model``) on ``data[task]``; print, save and return the result.
-
-    With ``model`` given (training, QAT) the model is used as is on its own device, put in eval
-    mode for the pass and given back in the mode it came in; files are written only where
-    ``save_dir`` says. Standalone runs write to a fresh ``project/name`` folder.
-    """
-    data = data if isinstance(data, dict) else load_data_config(data)
-    training = model is not None
-    if training:
-        device = next(model.parameters()).device
-    else:
-        if weights is None:
-            raise UserError("val.py: pass --weights (a .pt checkpoint)")
-        device = select_device(device)
-        model = attempt_load(weights, device=device, fuse=True)
-        if not single_cls:
-            _check_model_matches_data(model, data, weights)
-        save_dir = save_dir or increment_path(Path(project) / name, exist_ok=exist_ok)
-    save_dir = Path(save_dir) if save_dir else None
-    if save_dir:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    half = half and device.type == "cuda"  # CPU kernels for fp16 convolutions are missing or slow
-    names = _class_names(data)
-    if dataloader is None:
-        stride = max(int(de_parallel(model).stride.max()), 32)
-        dataloader = _build_dataloader(data, task, imgsz, batch_size, stride, workers)
-
-    was_training = model.training
-    # A caller's model is evaluated in FP16 through a copy: halving it in place and back would
-    # round its (EMA / QAT) weights to FP16 for good.
-    net = (copy.deepcopy(model) if training else model).half() if half else model
-    net.eval()
-    try:
-        result, artifacts = evaluate(net, dataloader, names, device=device, half=half, conf_thres=conf_thres,
-                                     iou_thres=iou_thres, max_det=max_det, postprocess=postprocess,
-                                     single_cls=single_cls, compute_loss=compute_loss,
-                                     keep_boxes=save_json and save_dir is not None)
-    finally:
-        model.train(was_training)
-
-    print(result.table(per_class=(verbose or (len(names) < 50 and not training)) and len(names) > 1))
-    if not training:
-        s = result.speed_ms
-        print(f"Speed: {s['pre']:.1f}ms pre-process, {s['inference']:.1f}ms inference, {s['nms']:.1f}ms NMS "
-              f"per image at batch-size {batch_size}, imgsz {imgsz}")
-    if save_dir and save_json:
-        stem = Path(weights).stem if weights else "model"
-        pred_path, gt_path = _save_coco_json(artifacts, data, names, save_dir, stem, single_cls)
-        result.coco = {"backend": "pycocotools", **coco_evaluate(gt_path, pred_path),
-                       "predictions": str(pred_path)}
-        print(f"pycocotools: mAP50-95 {result.coco['map50_95']:.4f}, mAP50 {result.coco['map50']:.4f} "
-              f"({pred_path})")
-    if save_dir and plots:
-        plot_pr_curve(artifacts.ap, names, save_dir / "PR_curve.png")
-        plot_confusion_matrix(artifacts.confusion, ["all-classes"] if single_cls else names,
-                              save_dir / "confusion_matrix.png")
-    if save_dir and not training:
-        _write_report(result, save_dir)
-        print(f"Results saved to {save_dir}")
-    return result
+from utils.errors import run_cli
+from utils.evaluation.evaluator import EvalResult
+from utils.evaluation.validate import TASKS, run  # noqa: F401  (val.run: upstream's entry point name)
+from utils.paths import ROOT
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -54,8 +54,15 @@ def bench_metrics(dataset: Path, repeats: int, false_positives: int, seed: int, 
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from utils.evaluation.coco import COCO_NAMES, category_ids, coco_evaluate, ground_truth_to_coco, image_ids, predictions_to_coco
-    from utils.metrics import DetectionStats
+    from utils.evaluation.coco import (
+        COCO_NAMES,
+        category_ids,
+        coco_evaluate,
+        ground_truth_to_coco,
+        image_ids,
+        predictions_to_coco,
+    )
+    from utils.evaluation.metrics import DetectionStats
 
     split = load_yolo_split(dataset, "val2017")
     dets = jittered_detections(split, seed=seed, false_positives=false_positives)
@@ -113,15 +120,15 @@ def bench_metrics(dataset: Path, repeats: int, false_positives: int, seed: int, 
 def bench_throughput(opt) -> Path:
     import torch
 
-    import val
     from utils.data.config import load_data_config, require_split
-    from utils.dataloaders import create_dataloader
+    from utils.data.dataset import create_dataloader
+    from utils.evaluation.validate import run as validate
     from utils.torch_utils import select_device
 
     device = select_device(opt.device)
     data = load_data_config(opt.data)
     if opt.weights:
-        from models.experimental import attempt_load
+        from models.loading import attempt_load
 
         model, source = attempt_load(opt.weights, device=device, fuse=True), Path(opt.weights).name
     else:
@@ -134,7 +141,7 @@ def bench_throughput(opt) -> Path:
     n_images = len(loader.dataset)
 
     def one_pass():
-        return val.run(data, model=model, dataloader=loader, batch_size=opt.batch_size, half=opt.half, plots=False,
+        return validate(data, model=model, dataloader=loader, batch_size=opt.batch_size, half=opt.half, plots=False,
                        conf_thres=opt.conf_thres)
 
     one_pass()  # warm-up: cuDNN autotune, worker start-up, page cache

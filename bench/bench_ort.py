@@ -106,13 +106,14 @@ def bench_latency(opt: argparse.Namespace) -> list[Path]:
 
 
 def bench_map(opt: argparse.Namespace) -> Path:
-    import val_trt
     from models.experimental_trt import Prediction
     from models.quantize import float_conv_names
     from utils.data.config import load_data_config, require_split
     from utils.data.dataset import create_dataloader
+    from utils.deployment.backends import DetectionBackend
     from utils.deployment.onnx_export import export_onnx
     from utils.deployment.ort_runtime import OrtRunner
+    from utils.deployment.validate import evaluate_exported
     from utils.quantization.checkpoint import load_quantized
     from utils.torch_utils import select_device
 
@@ -124,11 +125,11 @@ def bench_map(opt: argparse.Namespace) -> Path:
     result = export_onnx(model, out_dir / f"{Path(opt.weights).stem}.onnx", opt.imgsz, dynamic=True,
                          float_convs=floats)
     runner = OrtRunner(result.path)
-    backend = val_trt.DetectionBackend(runner, data["nc"])
+    backend = DetectionBackend(runner, data["nc"])
     kwargs = dict(conf_thres=0.001, iou_thres=0.7, max_det=300)
-    ort_eval, _ = val_trt.evaluate_exported(backend, data, opt.imgsz, opt.batch_size, opt.task, "nms",
+    ort_eval, _ = evaluate_exported(backend, data, opt.imgsz, opt.batch_size, opt.task, "nms",
                                             workers=opt.workers, device=torch.device("cpu"), **kwargs)
-    torch_eval, _ = val_trt.evaluate_exported(model, data, opt.imgsz, opt.batch_size, opt.task, "nms",
+    torch_eval, _ = evaluate_exported(model, data, opt.imgsz, opt.batch_size, opt.task, "nms",
                                               workers=opt.workers, device=device, **kwargs)
     loader = create_dataloader(require_split(data, opt.task), opt.imgsz, opt.batch_size, 32, rect=False,
                                workers=opt.workers, nc=data["nc"])[0]

@@ -66,13 +66,13 @@ def step_seconds(args: argparse.Namespace, qat_weights: Path, repeats: int = 2) 
     from models.loading import attempt_load
     from models.quantize import set_trainable
     from utils.data.config import load_data_config, load_hyp
-    from utils.training.loss import build_loss
-    from utils.training.engine import make_precision, train_one_epoch
-    from utils.training.optim import build_optimizer
     from utils.quantization.checkpoint import load_quantized
     from utils.quantization.distill import FeatureDistillation, supervised_layers
     from utils.quantization.pipeline import make_loader
     from utils.torch_utils import select_device
+    from utils.training.engine import make_precision, train_one_epoch
+    from utils.training.loss import build_loss
+    from utils.training.optim import build_optimizer
 
     device = select_device(args.device)
     hyp = load_hyp(ROOT / "data/hyps/hyp.qat.yaml")

@@ -31,8 +31,8 @@ def lint_config(cfg: str, imgsz: int, out_dir: Path) -> dict:
     """Findings per export kind for one config, and what the Q/DQ graph holds."""
     from models.quantize import calibrate, float_conv_names, prepare
     from models.yolo import DetectionModel
-    from utils.deployment.qdq_lint import counts
     from utils.deployment.onnx_export import export_onnx, trace_prediction
+    from utils.deployment.qdq_lint import counts
 
     torch.manual_seed(0)
     model = prepare(DetectionModel(f"{cfg}.yaml"))

@@ -45,13 +45,13 @@ def measure_throughput(args: argparse.Namespace) -> dict:
 
     from models.yolo import DetectionModel
     from utils.data.config import load_data_config, load_hyp, require_split
-    from utils.dataloaders import create_dataloader
+    from utils.data.dataset import create_dataloader
+    from utils.torch_utils import select_device
     from utils.training.distributed import process_group
     from utils.training.ema import ModelEMA
     from utils.training.engine import make_precision, train_one_epoch
-    from utils.loss_tal import build_loss
+    from utils.training.loss import build_loss
     from utils.training.optim import build_optimizer
-    from utils.torch_utils import select_device
     from utils.training.trainer import NOMINAL_BATCH
 
     device = select_device(args.device)
@@ -159,14 +159,14 @@ def cmd_ddp(args: argparse.Namespace) -> None:
 
 def cmd_bccd(args: argparse.Namespace) -> None:
     """Record best.pt's mAP on the test split, with the train command and time from train_summary.json."""
-    import val
+    from utils.evaluation.validate import run as validate
 
     run = Path(args.run)
     best, summary_file = run / "weights" / "best.pt", run / "train_summary.json"
     if not best.is_file() or not summary_file.is_file():
         raise UserError(f"{run}: no weights/best.pt and train_summary.json; did train.py finish there?")
     summary = json.loads(summary_file.read_text())
-    result = val.run(args.data, weights=str(best), task="test", imgsz=args.imgsz, batch_size=32, device=args.device,
+    result = validate(args.data, weights=str(best), task="test", imgsz=args.imgsz, batch_size=32, device=args.device,
                      project=str(run), name="test", exist_ok=True)
     command = args.train_command or summary["command"]
     model = model_name(summary["cfg"])

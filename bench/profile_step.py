@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.training.engine import MAX_GRAD_NORM  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
+from utils.training.engine import MAX_GRAD_NORM  # noqa: E402
 
 PHASES = ("forward", "loss", "backward", "optimizer")
 
@@ -34,10 +34,10 @@ def build_runs(args: argparse.Namespace, device: torch.device) -> dict:
     from models.quantize import calibrate, prepare, set_trainable
     from models.yolo import DetectionModel
     from utils.data.config import load_data_config, load_hyp
-    from utils.training.loss import build_loss
-    from utils.training.optim import build_optimizer
     from utils.quantization.distill import FeatureDistillation, supervised_layers
     from utils.quantization.pipeline import make_loader
+    from utils.training.loss import build_loss
+    from utils.training.optim import build_optimizer
 
     hyp = load_hyp(ROOT / "data/hyps/hyp.qat.yaml")
     data = load_data_config(args.data)

@@ -14,10 +14,9 @@ import torch
 
 from models.experimental import attempt_load
 from models.yolo import DetectionModel
+from tests.model_builders import trained_looking_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserError
-
-from tests.model_builders import trained_looking_model
 
 
 def _perturbed(cfg: str, nc: int = 3) -> DetectionModel:

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from utils.paths import ROOT
 from utils.data.synthetic import make_shapes_dataset
+from utils.paths import ROOT
 
 NO_GPU = not torch.cuda.is_available()
 

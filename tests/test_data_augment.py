@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tests.data_builders import CLASS_COLOURS, PAINTED_BOXES, build_painted_dataset, painted_image
-from utils.data.augment import augment_hsv, letterbox, mosaic4, random_perspective
 from utils.boxes import xywh2xyxy
+from utils.data.augment import augment_hsv, letterbox, mosaic4, random_perspective
 from utils.data.config import load_hyp
 from utils.dataloaders import YoloDataset
 from utils.paths import ROOT

@@ -10,9 +10,9 @@ import pytest
 
 from tests.data_builders import build_dataset
 from utils.data import label_check as label_check
+from utils.data.label_check import parse_label_text
 from utils.dataloaders import YoloDataset, img2label_paths
 from utils.errors import UserError
-from utils.data.label_check import parse_label_text
 
 GOOD = "0 0.5 0.5 0.2 0.2"
 

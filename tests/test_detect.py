@@ -11,6 +11,8 @@ import torch.nn as nn
 
 import detect
 from models.yolo import DetectionModel
+from utils.data import media
+from utils.deployment import predict
 from utils.errors import UserError
 
 
@@ -38,10 +40,10 @@ def test_boxes_map_back_to_original_pixels():
     top = (64 - round(100 * g)) // 2  # 64 - 64 = 0 rows of padding here
     x1, y1, x2, y2 = box_in_original * g + np.array([0, top, 0, top])
     model = _OneBox(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), cls=2)
-    det = detect.detect_image(model, image, imgsz=128)
+    det = predict.detect_image(model, image, imgsz=128)
     assert det.shape == (1, 6) and det[0, 5] == 2 and abs(det[0, 4] - 0.9) < 1e-6
     assert torch.allclose(det[0, :4], torch.tensor(box_in_original), atol=0.5)
-    assert detect.label_lines(det, image.shape[:2], save_conf=True) == ["2 0.5 0.4 0.5 0.4 0.9"]
+    assert predict.label_lines(det, image.shape[:2], save_conf=True) == ["2 0.5 0.4 0.5 0.4 0.9"]
 
 
 def test_run_on_folder_with_images_and_video(tmp_path):
@@ -61,7 +63,7 @@ def test_run_on_folder_with_images_and_video(tmp_path):
     head = model.model[-1]
     for cls_tower in head.cv3:  # make every class confident so that there is something to draw
         cls_tower[-1].bias.data[:] = 5.0
-    out = detect.run(model=model, source=src, imgsz=64, max_det=5, save_txt=True, project=tmp_path / "runs")
+    out = predict.run(model=model, source=src, imgsz=64, max_det=5, save_txt=True, project=tmp_path / "runs")
     assert out == tmp_path / "runs" / "exp"
     for name in ("a.jpg", "b.png"):
         assert cv2.imread(str(out / name)).shape == (72, 96, 3)
@@ -73,19 +75,19 @@ def test_run_on_folder_with_images_and_video(tmp_path):
     assert len((out / "labels" / "a.txt").read_text().splitlines()) == 5
     summary = json.loads((out / "summary.json").read_text())["detections"]
     assert summary == {"a.jpg": 5, "b.png": 5, "clip.avi": 15}
-    assert detect.run(model=model, source=src / "a.jpg", imgsz=64, nosave=True, project=tmp_path / "runs") \
+    assert predict.run(model=model, source=src / "a.jpg", imgsz=64, nosave=True, project=tmp_path / "runs") \
         == tmp_path / "runs" / "exp2"
 
 
 def test_bad_sources(tmp_path):
     with pytest.raises(UserError, match="source not found"):
-        detect.media_files(tmp_path / "missing")
+        media.media_files(tmp_path / "missing")
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(UserError, match="no images or videos"):
-        detect.media_files(tmp_path)
+        media.media_files(tmp_path)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match="broken.jpg: cannot read"):
-        list(detect.read_frames(tmp_path / "broken.jpg"))
+        list(media.read_frames(tmp_path / "broken.jpg"))
 
 
 def test_cli_flags_reach_run(tmp_path):

@@ -16,10 +16,10 @@ from models.experimental_trt import End2End, NMSTail, Prediction, decode_end2end
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import DetectionModel
 from tests.export_helpers import assert_same_detections, lively_head
-from utils.deployment.qdq_lint import SKIP_METADATA_KEY, lint
 from utils.deployment.onnx_export import export_onnx, merge_redundant_qdq, trace_prediction
-from utils.paths import ROOT
+from utils.deployment.qdq_lint import SKIP_METADATA_KEY, lint
 from utils.evaluation.postprocess import no_max_suppression, non_max_suppression
+from utils.paths import ROOT
 
 CONFIGS = sorted(p.stem for p in (ROOT / "models" / "detect").glob("*.yaml"))
 ASSETS = ROOT / "tests" / "assets"

@@ -14,6 +14,7 @@ from models.quantize import calibrate, prepare
 from models.yolo import DetectionModel
 from tests.export_helpers import lively_head
 from utils.checkpoint import save_checkpoint
+from utils.deployment.export import export_checkpoint
 from utils.errors import UserError
 from utils.paths import ROOT
 from utils.quantization.checkpoint import make_checkpoint
@@ -62,9 +63,9 @@ def test_fp_checkpoint_exports_without_qdq(checkpoints):
 def test_bad_arguments(checkpoints, tmp_path):
     fp, _ = checkpoints
     with pytest.raises(UserError, match="unknown format"):
-        export_qat.run(fp, include=("engine",))
+        export_checkpoint(fp, include=("engine",))
     with pytest.raises(UserError, match="opset"):
-        export_qat.run(fp, imgsz=64, opset=12)
+        export_checkpoint(fp, imgsz=64, opset=12)
     run = subprocess.run([sys.executable, str(ROOT / "export_qat.py"), "--weights", str(tmp_path / "missing.pt")],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "missing.pt" in run.stderr

@@ -14,13 +14,13 @@ import torch
 from models.quantize import amax_state, calibrate, prepare, set_trainable
 from tests.qat_helpers import check_torchrun_quantize, tiny_model
 from utils.data.config import load_data_config, load_hyp
-from utils.training.loss import build_loss
-from utils.training.engine import make_precision, train_one_epoch
-from utils.training.optim import build_optimizer
+from utils.data.synthetic import make_shapes_dataset
 from utils.paths import ROOT
 from utils.quantization.distill import FeatureDistillation, supervised_layers
 from utils.quantization.pipeline import make_loader
-from utils.data.synthetic import make_shapes_dataset
+from utils.training.engine import make_precision, train_one_epoch
+from utils.training.loss import build_loss
+from utils.training.optim import build_optimizer
 
 pytestmark = pytest.mark.gpu
 IMGSZ = 64

@@ -6,11 +6,17 @@ import pytest
 import torch
 
 from bench.synthetic_detections import jittered_detections, load_yolo_split
-from utils.evaluation.coco import (COCO_CATEGORY_IDS, COCO_NAMES, category_ids, coco_evaluate, ground_truth_to_coco, image_ids,
-                        predictions_to_coco)
 from utils.errors import UserError
-from utils.metrics import (ConfusionMatrix, DetectionStats, ap_per_class, fitness, process_batch,
-                           within_per_class_limit)
+from utils.evaluation.coco import (
+    COCO_CATEGORY_IDS,
+    COCO_NAMES,
+    category_ids,
+    coco_evaluate,
+    ground_truth_to_coco,
+    image_ids,
+    predictions_to_coco,
+)
+from utils.metrics import ConfusionMatrix, DetectionStats, ap_per_class, fitness, process_batch, within_per_class_limit
 
 
 @pytest.fixture(scope="module")

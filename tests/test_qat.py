@@ -14,14 +14,14 @@ from models.quantize import calibrate, prepare, set_trainable
 from tests.qat_helpers import check_torchrun_quantize, one_thread, save_float_checkpoint, tiny_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp
-from utils.training.engine import train_one_epoch
+from utils.data.synthetic import make_shapes_dataset
 from utils.loss_tal import build_loss
-from utils.training.optim import build_optimizer
 from utils.paths import ROOT
 from utils.quantization.checkpoint import load_quantized
 from utils.quantization.distill import FeatureDistillation, relative_error, supervised_layers
 from utils.quantization.pipeline import make_loader
-from utils.data.synthetic import make_shapes_dataset
+from utils.training.engine import train_one_epoch
+from utils.training.optim import build_optimizer
 
 IMGSZ = 64
 HYP = ROOT / "data/hyps/hyp.qat.yaml"

@@ -10,8 +10,18 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 
 from models.common import DFL
 from models.quant_modules import QuantConv2d, RangeCalibrator
-from models.quantize import (amax_state, calibrate, collect_stats, float_conv_names, load_amax, parse_skip_layers,
-                             prepare, quantization_disabled, quantizers, set_quantization)
+from models.quantize import (
+    amax_state,
+    calibrate,
+    collect_stats,
+    float_conv_names,
+    load_amax,
+    parse_skip_layers,
+    prepare,
+    quantization_disabled,
+    quantizers,
+    set_quantization,
+)
 from models.yolo import DetectionModel
 from tests.qat_helpers import CONFIGS, one_thread, scale_violations, shrunk_config
 from utils.checkpoint import save_checkpoint

@@ -8,12 +8,11 @@ import torch
 
 from models.experimental import attempt_load
 from models.yolo import DetectionModel
+from tests.model_builders import trained_looking_model
 from tests.test_checkpoint import upstream_style_checkpoint
 from tools.reparameterize import main, main_branch_layers, reparameterize
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
-
-from tests.model_builders import trained_looking_model
 
 
 def _trained_looking(cfg: str, nc: int = 3) -> DetectionModel:

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from utils.loss_tal import build_loss
 from utils.training.ema import ModelEMA
 from utils.training.engine import train_one_epoch
-from utils.loss_tal import build_loss
 from utils.training.optim import Warmup, build_optimizer, lr_lambda, param_groups
 
 ASSETS = Path(__file__).parent / "assets"

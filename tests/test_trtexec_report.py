@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from utils.deployment.benchmark_report import summarize, to_markdown, write_report
+from utils.deployment.trtexec_log import parse_latency_stats, parse_trtexec_file, parse_trtexec_log
 from utils.errors import UserError
 from utils.paths import ROOT
-from utils.deployment.trtexec_log import parse_latency_stats, parse_trtexec_file, parse_trtexec_log
 
 DATA = Path(__file__).parent / "data"
 

@@ -10,9 +10,9 @@ import yaml
 import val
 from models.yolo import DetectionModel
 from tests.data_builders import build_dataset
-from utils.evaluation.coco import COCO_NAMES
 from utils.checkpoint import save_checkpoint
 from utils.errors import run_cli
+from utils.evaluation.coco import COCO_NAMES
 from utils.paths import ROOT
 
 TINY_CFG = ROOT / "tests" / "assets" / "gelan-tiny.yaml"

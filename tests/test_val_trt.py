@@ -9,19 +9,19 @@ import sys
 import pytest
 import torch
 
-import val_trt
-from tests.export_helpers import assert_same_detections, lively_head
 from models.experimental_trt import decode_end2end
 from models.yolo import DetectionModel
+from tests.export_helpers import assert_same_detections, lively_head
 from utils.data.config import load_data_config
 from utils.data.dataset import create_dataloader
-from utils.errors import UserError
-from utils.evaluation.evaluator import evaluate
+from utils.data.synthetic import make_shapes_dataset
+from utils.deployment import backends, validate
 from utils.deployment.onnx_export import export_onnx, trace_prediction
 from utils.deployment.ort_runtime import OrtRunner
-from utils.paths import ROOT
+from utils.errors import UserError
+from utils.evaluation.evaluator import evaluate
 from utils.evaluation.postprocess import no_max_suppression
-from utils.data.synthetic import make_shapes_dataset
+from utils.paths import ROOT
 
 IMGSZ = 64
 
@@ -45,10 +45,10 @@ def test_raw_onnx_evaluates_like_the_pytorch_model(setup):
     original-image pixels) and metrics; then the CLI-level run writes its results."""
     model, files, data, root = setup
     cfg = load_data_config(data)
-    backend = val_trt.DetectionBackend(OrtRunner(files["raw"]), 3)
+    backend = backends.DetectionBackend(OrtRunner(files["raw"]), 3)
     # NMS-free decoding: with ~250 overlapping random boxes per image, NMS could flip a pair whose
     # IoU sits within float noise of the threshold; the pipeline under test is the same either way.
-    got, got_art = val_trt.evaluate_exported(backend, cfg, IMGSZ, 4, "val", "none", 0.001, 0.7, 300, 0,
+    got, got_art = validate.evaluate_exported(backend, cfg, IMGSZ, 4, "val", "none", 0.001, 0.7, 300, 0,
                                              torch.device("cpu"), keep_boxes=True)
     loader = create_dataloader(cfg["val"], IMGSZ, 4, 32, rect=False, workers=0, nc=3)[0]
     expected, exp_art = evaluate(model, loader, cfg["names"], device=torch.device("cpu"), postprocess="none",
@@ -59,7 +59,7 @@ def test_raw_onnx_evaluates_like_the_pytorch_model(setup):
         assert_same_detections(torch.from_numpy(g), torch.from_numpy(e))
     for field in ("map50", "map50_95", "precision", "recall"):
         assert getattr(got, field) == pytest.approx(getattr(expected, field), abs=1e-6), field
-    out = val_trt.run(onnx=files["raw"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime", workers=0,
+    out = validate.run(onnx=files["raw"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime", workers=0,
                       project=root / "runs", name="raw")
     saved = json.loads((root / "runs" / "raw" / "results.json").read_text())
     assert saved["backend"] == "onnxruntime" and saved["map50_95"] == pytest.approx(out["eval"].map50_95)
@@ -67,9 +67,9 @@ def test_raw_onnx_evaluates_like_the_pytorch_model(setup):
 
 def test_end2end_onnx_scores_like_the_raw_export(setup):
     _, files, data, root = setup
-    raw = val_trt.run(onnx=files["raw"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime",
+    raw = validate.run(onnx=files["raw"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime",
                       postprocess="none", workers=0, project=root / "runs", name="raw-none")["eval"]
-    e2e = val_trt.run(onnx=files["topk"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime",
+    e2e = validate.run(onnx=files["topk"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime",
                       workers=0, project=root / "runs", name="e2e")["eval"]
     assert e2e.images == raw.images == 6
     for field in ("map50", "map50_95", "precision", "recall"):
@@ -81,8 +81,8 @@ def test_end2end_as_prediction_round_trips_through_nms_free_decoding(setup):
     runner = OrtRunner(files["topk"])
     x = torch.rand(3, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(3))
     outputs = runner(x)
-    dets = decode_end2end(*(outputs[k] for k in val_trt.END2END_KEYS))
-    again = no_max_suppression(val_trt.end2end_as_prediction(outputs, 3), conf_thres=0.0, max_det=1000)
+    dets = decode_end2end(*(outputs[k] for k in backends.END2END_KEYS))
+    again = no_max_suppression(backends.end2end_as_prediction(outputs, 3), conf_thres=0.0, max_det=1000)
     for d, a in zip(dets, again):
         torch.testing.assert_close(a, d, atol=1e-4, rtol=1e-5)
 
@@ -90,15 +90,15 @@ def test_end2end_as_prediction_round_trips_through_nms_free_decoding(setup):
 def test_static_batch_export_is_fed_in_padded_chunks(setup):
     _, files, _, _ = setup
     x = torch.rand(5, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(4))
-    static = val_trt.DetectionBackend(OrtRunner(files["static2"]), 3)
+    static = backends.DetectionBackend(OrtRunner(files["static2"]), 3)
     assert static.fixed_batch == 2
-    dynamic = val_trt.DetectionBackend(OrtRunner(files["raw"]), 3)
+    dynamic = backends.DetectionBackend(OrtRunner(files["raw"]), 3)
     torch.testing.assert_close(static(x), dynamic(x), atol=1e-4, rtol=1e-5)
 
 
 def test_benchmark_sweep_writes_table_json_plot(setup):
     _, files, _, root = setup
-    out = val_trt.run(onnx=files["raw"], benchmark_sweep=True, batch_sizes=(1, 2), warmup=1, iters=3, imgsz=IMGSZ,
+    out = validate.run(onnx=files["raw"], benchmark_sweep=True, batch_sizes=(1, 2), warmup=1, iters=3, imgsz=IMGSZ,
                       backend="onnxruntime", project=root / "runs", name="bench")
     assert [r.batch for r in out["benchmark"]] == [1, 2]
     assert all(r.latency_p99_ms >= r.latency_median_ms > 0 for r in out["benchmark"])
@@ -106,27 +106,27 @@ def test_benchmark_sweep_writes_table_json_plot(setup):
     rows = json.loads((bench_dir / "benchmark.json").read_text())["rows"]
     assert rows[1]["images_per_s"] == pytest.approx(2 * rows[1]["qps"])
     assert (bench_dir / "benchmark.png").read_bytes()[:4] == b"\x89PNG" and "| 2 |" in (bench_dir / "benchmark.md").read_text()
-    skipped = val_trt.run(onnx=files["static2"], benchmark_sweep=True, batch_sizes=(1, 2), warmup=0, iters=1,
+    skipped = validate.run(onnx=files["static2"], benchmark_sweep=True, batch_sizes=(1, 2), warmup=0, iters=1,
                           imgsz=IMGSZ, backend="onnxruntime", project=root / "runs", name="bench-static")
     assert [r.batch for r in skipped["benchmark"]] == [2]
 
 
 def test_bad_requests_are_user_errors(setup, monkeypatch):
     _, files, data, root = setup
-    monkeypatch.setattr(val_trt, "have_tensorrt", lambda: False)
+    monkeypatch.setattr(backends, "have_tensorrt", lambda: False)
     with pytest.raises(UserError, match="tensorrt Python package is not installed"):
-        val_trt.run(onnx=files["raw"], data=data, backend="tensorrt", project=root / "runs")
+        validate.run(onnx=files["raw"], data=data, backend="tensorrt", project=root / "runs")
     with pytest.raises(UserError, match="exactly one"):
-        val_trt.run(data=data, project=root / "runs")
+        validate.run(data=data, project=root / "runs")
     with pytest.raises(UserError, match="runs only on TensorRT"):
-        val_trt.resolve_backend("onnxruntime", root / "m.engine")
-    assert val_trt.resolve_backend("auto", None) == "onnxruntime"
+        backends.resolve_backend("onnxruntime", root / "m.engine")
+    assert backends.resolve_backend("auto", None) == "onnxruntime"
     nms = export_onnx(setup[0], root / "m-nms.onnx", IMGSZ, postprocess="nms").path
     with pytest.raises(UserError, match="EfficientNMS_TRT"):
         OrtRunner(nms)
 
 
-@pytest.mark.skipif(val_trt.have_tensorrt(), reason="checks the message shown where TensorRT is missing")
+@pytest.mark.skipif(backends.have_tensorrt(), reason="checks the message shown where TensorRT is missing")
 def test_cli_exit_code_2_when_tensorrt_is_missing(setup):
     _, files, data, root = setup
     run = subprocess.run([sys.executable, str(ROOT / "val_trt.py"), "--onnx", str(files["raw"]), "--data", str(data),
@@ -152,9 +152,9 @@ def test_tensorrt_engine_matches_onnxruntime(setup):
 @pytest.mark.tensorrt
 def test_val_trt_on_tensorrt_scores_like_onnxruntime(setup):
     _, files, data, root = setup
-    trt = val_trt.run(onnx=files["topk"], data=data, batch_size=4, imgsz=IMGSZ, backend="tensorrt", workers=0,
+    trt = validate.run(onnx=files["topk"], data=data, batch_size=4, imgsz=IMGSZ, backend="tensorrt", workers=0,
                       project=root / "runs", name="trt")["eval"]
-    ort_result = val_trt.run(onnx=files["topk"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime",
+    ort_result = validate.run(onnx=files["topk"], data=data, batch_size=4, imgsz=IMGSZ, backend="onnxruntime",
                              workers=0, project=root / "runs", name="ort")["eval"]
     assert trt.map50_95 == pytest.approx(ort_result.map50_95, abs=0.01)
 
@@ -169,6 +169,6 @@ def test_engine_batches_are_split_at_the_profile_maximum():
 
     runner = EngineLike()
     x = torch.rand(5, 7, 4, 4)
-    out = val_trt.DetectionBackend(runner, nc=3)(x)
+    out = backends.DetectionBackend(runner, nc=3)(x)
     assert runner.calls == [2, 2, 1] and out.shape == (5, 7, 5)
     torch.testing.assert_close(out[:, :, 0], x.mean((2, 3)))

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from models.common import Silence  # noqa: E402
-from models.experimental import model_from_checkpoint  # noqa: E402
+from models.loading import model_from_checkpoint  # noqa: E402
 from models.yolo import DetectionModel, DualDDetect, DualDetect  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402

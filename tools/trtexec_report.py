@@ -12,8 +12,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.deployment.benchmark_report import to_markdown, write_report  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
 from utils.deployment.trtexec_log import parse_trtexec_file  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

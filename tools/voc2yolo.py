@@ -24,10 +24,16 @@ if str(ROOT) not in sys.path:
 
 from PIL import Image  # noqa: E402
 
-from utils.errors import UserError, run_cli  # noqa: E402
 from utils.data.label_check import IMG_FORMATS  # noqa: E402
-from utils.data.yolo_format import (SplitStats, link_image, pixel_box_to_yolo, prepare_out_dir,  # noqa: E402
-                               write_data_yaml, write_label_file)
+from utils.data.yolo_format import (  # noqa: E402
+    SplitStats,
+    link_image,
+    pixel_box_to_yolo,
+    prepare_out_dir,
+    write_data_yaml,
+    write_label_file,
+)
+from utils.errors import UserError, run_cli  # noqa: E402
 
 LOGGER = logging.getLogger("yolov9.data")
 SPLITS = ("train", "val", "test")

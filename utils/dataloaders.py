@@ -5,5 +5,10 @@ calibrates and fine-tunes on our loader, into upstream checkouts, where utils/da
 upstream's own file with another create_dataloader signature.
 """
 from utils.data.dataset import (  # noqa: F401
-    DEFAULT_HYP, YoloDataset, create_dataloader, img2label_paths, init_worker, list_image_files,
+    DEFAULT_HYP,
+    YoloDataset,
+    create_dataloader,
+    img2label_paths,
+    init_worker,
+    list_image_files,
 )

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from utils.data.synthetic import make_shapes_dataset
 from utils.logs import LOGGER
 from utils.paths import ROOT, increment_path
 from utils.quantization.report import METRICS
-from utils.data.synthetic import make_shapes_dataset
 
 CFG = ROOT / "models/demo/gelan-demo.yaml"
 
@@ -59,9 +59,9 @@ def _train_hyp() -> dict:
 
 def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, project: Path) -> argparse.Namespace:
     """``qat.py quantize``'s own defaults, sized for the demo; parsing them keeps every option present."""
-    from qat import parse_args
+    from utils.quantization.options import quantize_options
 
-    return parse_args(["quantize", "--weights", str(weights), "--data", str(data), "--imgsz", str(opt.imgsz),
+    return quantize_options(["--weights", str(weights), "--data", str(data), "--imgsz", str(opt.imgsz),
                        "--batch-size", str(opt.batch_size), "--device", opt.device, "--workers", str(opt.workers),
                        "--epochs", str(opt.qat_epochs), "--iters", "100", "--calib-batches", "8",
                        "--seed", str(opt.seed), "--lr", "0.001", "--project", str(project), "--name", "qat",
@@ -89,9 +89,11 @@ def run_demo(opt: argparse.Namespace) -> Path:
 
 
 def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
-    import export_qat
-    import val_trt
     from utils.data.config import load_data_config
+    from utils.deployment import backends
+    from utils.deployment.export import export_checkpoint
+    from utils.deployment.validate import evaluate_exported
+    from utils.deployment.validate import run as validate_exported
     from utils.quantization.checkpoint import load_quantized
     from utils.quantization.pipeline import run_quantize
     from utils.training.trainer import train
@@ -114,12 +116,12 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     report = json.loads((qat_dir / "report.json").read_text())
 
     qat_best = qat_dir / "weights" / ("qat_best.pt" if opt.qat_epochs > 0 else "ptq.pt")
-    onnx = export_qat.run(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu")[0].path
-    checked = val_trt.run(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size,
-                          backend="tensorrt" if val_trt.have_tensorrt() and opt.device != "cpu" else "onnxruntime",
+    onnx = export_checkpoint(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu")[0].path
+    checked = validate_exported(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size,
+                          backend="tensorrt" if backends.have_tensorrt() and opt.device != "cpu" else "onnxruntime",
                           device="" if opt.device == "cpu" else opt.device, workers=opt.workers,
                           project=save_dir, name="onnx_int8", exist_ok=True)
-    same_input, _ = val_trt.evaluate_exported(load_quantized(qat_best, device)[0], load_data_config(data), opt.imgsz,
+    same_input, _ = evaluate_exported(load_quantized(qat_best, device)[0], load_data_config(data), opt.imgsz,
                                               opt.batch_size, "val", "nms", conf_thres=0.001, iou_thres=0.7,
                                               max_det=300, workers=opt.workers, device=device)
     square = f"{opt.imgsz}x{opt.imgsz} input"

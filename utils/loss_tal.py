@@ -4,5 +4,11 @@ The implementation lives in utils/training/loss.py: patch_yolov9.sh copies the Q
 fine-tunes with our loss, into upstream checkouts, where utils/loss_tal.py is upstream's own file.
 """
 from utils.training.loss import (  # noqa: F401
-    AUX_BRANCH_WEIGHT, DEFAULT_GAINS, BranchLoss, ComputeLoss, DualComputeLoss, build_loss, distribution_focal_loss,
+    AUX_BRANCH_WEIGHT,
+    DEFAULT_GAINS,
+    BranchLoss,
+    ComputeLoss,
+    DualComputeLoss,
+    build_loss,
+    distribution_focal_loss,
 )

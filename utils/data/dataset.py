@@ -22,12 +22,12 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from utils.data.augment import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.data.augment import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
 from utils.data.config import AUGMENT_KEYS, load_hyp
-from utils.errors import UserError
 from utils.data.label_cache import load_or_scan
 from utils.data.label_check import IMG_FORMATS
+from utils.errors import UserError
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("yolov9.data")

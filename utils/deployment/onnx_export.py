@@ -26,9 +26,9 @@ import torch.nn as nn
 
 from models.experimental_trt import END2END_OUTPUTS, NMSTail, Prediction, TopKTail
 from models.quantize import is_quantized
+from utils.deployment.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, same_qparams
 from utils.deployment.qdq_lint import SKIP_METADATA_KEY, Finding, lint, to_json, to_markdown
 from utils.errors import UserError
-from utils.deployment.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, same_qparams
 
 POSTPROCESS_KINDS = ("raw", "nms", "topk")
 MIN_OPSET = 13  # per-channel (axis) QuantizeLinear

@@ -6,8 +6,8 @@ can be checked against pycocotools (or its faster re-implementation) on the same
 from __future__ import annotations
 
 import contextlib
-import json
 import io
+import json
 from pathlib import Path
 from typing import Sequence
 

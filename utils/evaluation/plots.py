@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; training machines have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils.metrics import RECALL_POINTS, APResult, ConfusionMatrix  # noqa: E402
+from utils.evaluation.metrics import RECALL_POINTS, APResult, ConfusionMatrix  # noqa: E402
 
 # Past this many classes per-class legends and tick labels become unreadable.
 MAX_LABELLED_CLASSES = 21

@@ -21,17 +21,24 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.loading import attempt_load
-from models.quantize import (CALIB_METHODS, amax_state, build_quantized, collect_stats, load_amax,
-                             load_amax_state, parse_skip_layers, prepare, quant_state, set_trainable)
+from models.quantize import (
+    CALIB_METHODS,
+    amax_state,
+    build_quantized,
+    collect_stats,
+    load_amax,
+    load_amax_state,
+    parse_skip_layers,
+    prepare,
+    quant_state,
+    set_trainable,
+)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp, require_split
-from utils.training.loss import build_loss
-from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
-from utils.training.engine import make_precision, train_one_epoch
+from utils.data.dataset import create_dataloader
 from utils.errors import UserError
 from utils.evaluation.evaluator import EvalResult, evaluate
 from utils.logs import LOGGER
-from utils.training.optim import build_optimizer, lr_lambda
 from utils.paths import increment_path
 from utils.quantization.checkpoint import is_quantized_checkpoint, load_quantized, make_checkpoint, read_checkpoint
 from utils.quantization.distill import FeatureDistillation, supervised_layers
@@ -39,7 +46,10 @@ from utils.quantization.report import metrics, new_report, write_report
 from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import de_parallel, select_device
-from utils.data.dataset import create_dataloader
+from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
+from utils.training.engine import make_precision, train_one_epoch
+from utils.training.loss import build_loss
+from utils.training.optim import build_optimizer, lr_lambda
 
 # Options that describe the machine rather than the run: a resumed run takes them from the new command.
 MACHINE_OPTIONS = ("device", "workers")

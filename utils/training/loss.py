@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from utils.boxes import bbox_iou, xywh2xyxy
 from utils.tal.anchor_generator import bbox2dist, dist2bbox, make_anchors
-from utils.training.assigner import Assignment, TaskAlignedAssigner
 from utils.torch_utils import de_parallel
+from utils.training.assigner import Assignment, TaskAlignedAssigner
 
 DEFAULT_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}  # upstream's hyp.scratch-high values
 AUX_BRANCH_WEIGHT = 0.25  # upstream loss_tal_dual: auxiliary branch counts a quarter of the main one

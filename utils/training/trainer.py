@@ -22,15 +22,15 @@ import torch
 import torch.nn as nn
 import yaml
 
-from utils.training.distributed import DistInfo, broadcast_object, process_group
-from utils.training.ema import ModelEMA
-from utils.training.engine import make_precision, train_one_epoch
 from utils.errors import UserError
-from utils.loss_tal import build_loss
-from utils.training.optim import Warmup, build_optimizer, lr_lambda
 from utils.paths import ROOT, increment_path
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
+from utils.training.distributed import DistInfo, broadcast_object, process_group
+from utils.training.ema import ModelEMA
+from utils.training.engine import make_precision, train_one_epoch
+from utils.training.loss import build_loss
+from utils.training.optim import Warmup, build_optimizer, lr_lambda
 
 NOMINAL_BATCH = 64  # upstream's nbs: gradients are accumulated to about this many images per step
 MIN_WARMUP_ITERS = 100
@@ -248,7 +248,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
            on_epoch_end: Callable[[int, dict], None] | None) -> Path:
     from utils.checkpoint import save_checkpoint
     from utils.data.config import load_data_config, load_hyp, require_split
-    from utils.dataloaders import create_dataloader
+    from utils.data.dataset import create_dataloader
 
     t_start = time.perf_counter()
     ckpt = None
@@ -408,12 +408,12 @@ class Evaluator:
 
     def epoch(self, model: nn.Module, epoch: int) -> tuple[dict, float]:
         """Metrics and fitness; with --noval only the final epoch is measured (others report zeros)."""
-        import val
+        from utils.evaluation.validate import run as validate
 
         if self.noval and epoch != self.epochs - 1:
             return {"precision": 0.0, "recall": 0.0, "map50": 0.0, "map50_95": 0.0, "val_loss": (0.0, 0.0, 0.0)}, 0.0
         # half=False: a half/float round trip would truncate the EMA weights themselves.
-        r = val.run(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
+        r = validate(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
                     half=False, plots=False, compute_loss=self.loss_fn)
         val_loss = tuple(float(x) for x in r.loss) if r.loss is not None else (0.0, 0.0, 0.0)
         metrics = {"precision": r.precision, "recall": r.recall, "map50": r.map50, "map50_95": r.map50_95,
@@ -422,11 +422,11 @@ class Evaluator:
 
     def final(self, best: Path, device: torch.device, save_dir: Path) -> None:
         """best.pt on the validation split with per-class table, plots and best_val.json."""
-        import val
         from utils.checkpoint import load_checkpoint
+        from utils.evaluation.validate import run as validate
 
         model = load_checkpoint(best)["model"].float().to(device)
         LOGGER.info(f"Validating {best}")
-        r = val.run(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
+        r = validate(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
                     save_dir=save_dir, plots=True, verbose=True)
         (save_dir / "best_val.json").write_text(json.dumps(r.to_dict(), indent=2) + "\n")

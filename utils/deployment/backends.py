@@ -1,0 +1,101 @@
+"""One way to run a model whatever holds it: PyTorch, ONNX Runtime or TensorRT.
+
+Every tool that runs a model (val_trt.py, detect.py, the demo, bench) opens it here and gets a
+*runner*: a callable ``images -> {output name: tensor}`` with ``output_names`` and, where the
+runtime fixes them, ``fixed_batch`` / ``max_batch``. ``DetectionBackend`` turns any runner into
+what the evaluator expects of a model, so raw and End2End exports are scored alike.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from utils.boxes import xyxy2xywh
+from utils.errors import UserError
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+END2END_KEYS = ("num_dets", "det_boxes", "det_scores", "det_classes")
+
+
+def have_tensorrt() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def resolve_backend(backend: str, engine: str | Path | None) -> str:
+    """'tensorrt' or 'onnxruntime'; asking for TensorRT where it is not installed is a user error."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "tensorrt" if engine or have_tensorrt() else "onnxruntime"
+    if backend == "tensorrt" and not have_tensorrt():
+        raise UserError("--backend tensorrt: the tensorrt Python package is not installed "
+                        "(pip install 'tensorrt>=10,<11'), or use --backend onnxruntime with --onnx")
+    if backend == "onnxruntime" and engine:
+        raise UserError(f"{engine}: a TensorRT engine runs only on TensorRT; pass the --onnx it was built from")
+    return backend
+
+
+def open_runner(onnx: Path | None, engine: Path | None, backend: str, device: str, imgsz: int, max_batch: int):
+    """A callable ``images -> {output name: tensor}`` for the chosen backend."""
+    if backend == "onnxruntime":
+        from utils.deployment.ort_runtime import OrtRunner
+
+        return OrtRunner(onnx, "cpu" if device in ("", "cpu") else "cuda")
+    from utils.deployment.trt_runtime import TrtRunner, build_engine
+
+    if engine is None:  # build once per ONNX; rebuilt when the ONNX is newer than the engine
+        engine = onnx.with_suffix(".engine")
+        if not engine.exists() or engine.stat().st_mtime < onnx.stat().st_mtime:
+            build_engine(onnx, engine, batch=(1, max(1, max_batch // 2), max_batch), imgsz=imgsz,
+                         timing_cache=onnx.with_suffix(".timing.cache"))
+    return TrtRunner(engine, f"cuda:{device}" if device.isdigit() else (device or "cuda:0"))
+
+
+def end2end_as_prediction(outputs: dict[str, torch.Tensor], nc: int) -> torch.Tensor:
+    """End2End detections as a (B, 4 + nc, K) prediction: xywh boxes and a one-hot score per row.
+
+    NMS-free decoding of this tensor returns exactly the End2End detections (each row's only
+    non-zero score is its class), so the evaluator scores End2End and raw exports alike.
+    """
+    num, boxes, scores, classes = (outputs[k] for k in END2END_KEYS)
+    b, k = scores.shape
+    valid = torch.arange(k, device=scores.device)[None] < num.reshape(b, 1).to(scores.device)
+    onehot = torch.zeros(b, k, nc, dtype=torch.float32, device=scores.device)
+    onehot.scatter_(2, classes.long().clamp(0, nc - 1).unsqueeze(-1), (scores.float() * valid).unsqueeze(-1))
+    return torch.cat((xyxy2xywh(boxes.float()), onehot), 2).transpose(1, 2)
+
+
+class DetectionBackend:
+    """Makes a runner look like a model to ``utils.evaluation.evaluator.evaluate``: images in, (B, 4+nc, N) out.
+
+    A static-batch export is fed in chunks of its batch size, the last chunk padded; an engine in
+    chunks of at most its profile's largest batch.
+    """
+
+    def __init__(self, runner, nc: int):
+        self.runner, self.nc = runner, nc
+        self.fixed_batch = getattr(runner, "fixed_batch", None)
+        self.max_batch = getattr(runner, "max_batch", None)
+        self.end2end = all(k in runner.output_names for k in END2END_KEYS)  # outputs are detections already
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        step = self.fixed_batch or min(images.shape[0], self.max_batch or images.shape[0])
+        preds = []
+        for start in range(0, images.shape[0], step):
+            chunk = images[start:start + step]
+            n = chunk.shape[0]
+            if self.fixed_batch and n < step:
+                chunk = torch.cat((chunk, chunk.new_zeros(step - n, *chunk.shape[1:])))
+            preds.append(self._prediction(self.runner(chunk))[:n])
+        return torch.cat(preds).to(images.device)
+
+    def _prediction(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.end2end:
+            return end2end_as_prediction(outputs, self.nc)
+        pred = next(iter(outputs.values())).float()
+        if pred.ndim != 3 or pred.shape[1] != 4 + self.nc:
+            raise UserError(f"model output {tuple(pred.shape)} does not match (batch, 4 + {self.nc} classes, anchors);"
+                            " is --data the dataset it was trained on?")
+        return pred

@@ -1,0 +1,72 @@
+"""Export a checkpoint (FP, PTQ or QAT) to ONNX files beside it: raw prediction and/or End2End.
+
+export_qat.py is this module's command line; the demo and bench call ``export_checkpoint`` directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from utils.deployment.onnx_export import ExportResult, export_onnx
+from utils.errors import UserError
+from utils.paths import existing_file
+from utils.torch_utils import select_device
+
+SUFFIXES = {("onnx", "nms"): ".onnx", ("onnx", "none"): ".onnx",
+            ("onnx_end2end", "nms"): "-end2end.onnx", ("onnx_end2end", "none"): "-end2end-topk.onnx"}
+
+
+def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, list[str]]:
+    """The model in a checkpoint, fused and in eval mode, and its convolutions kept in float on
+    purpose (empty for an FP model). A PTQ/QAT checkpoint is rebuilt with its quantizers."""
+    from models.loading import attempt_load
+    from models.quantize import build_quantized, float_conv_names
+    from utils.checkpoint import load_checkpoint
+    from utils.quantization.checkpoint import is_quantized_checkpoint
+
+    path = existing_file(weights, "weights")
+    ckpt = load_checkpoint(path)
+    if is_quantized_checkpoint(ckpt):
+        model = build_quantized(ckpt["quant"], device)
+        return model, float_conv_names(model)
+    return attempt_load(path, device=device, fuse=True), []
+
+
+def export_checkpoint(weights: str | Path, include: tuple[str, ...] = ("onnx",), imgsz: int | tuple[int, int] = 640,
+        batch_size: int = 1, dynamic: bool = False, simplify: bool = False, slim: bool = False, opset: int = 17,
+        postprocess: str = "nms", topk_all: int = 100, iou_thres: float = 0.45, conf_thres: float = 0.25,
+        device: str = "cpu") -> list[ExportResult]:
+    """Export ``weights`` in each format of ``include``; files go beside the weights."""
+    unknown = set(include) - {"onnx", "onnx_end2end"}
+    if unknown:
+        raise UserError(f"--include {' '.join(include)}: unknown format(s) {sorted(unknown)}; "
+                        "expected onnx and/or onnx_end2end")
+    if postprocess not in ("nms", "none"):
+        raise UserError(f"--postprocess {postprocess}: expected nms or none")
+    if simplify and slim:
+        raise UserError("--simplify and --slim: choose one simplifier")
+    model, float_convs = load_model(weights, select_device(device))
+    results = []
+    for fmt in include:
+        kind = "raw" if fmt == "onnx" else ("nms" if postprocess == "nms" else "topk")
+        file = Path(weights).with_name(Path(weights).stem + SUFFIXES[(fmt, postprocess)])
+        result = export_onnx(model, file, imgsz, batch_size, dynamic, opset, kind, topk_all, iou_thres, conf_thres,
+                             "onnxsim" if simplify else "onnxslim" if slim else None, float_convs,
+                             metadata={"weights": Path(weights).name})
+        results.append(result)
+        print(summary(result))
+    return results
+
+
+def summary(result: ExportResult) -> str:
+    """One paragraph per export: what was written and what the lint says."""
+    kind = f"INT8 Q/DQ ({result.qdq_pairs} Q/DQ pairs, {result.merged_qdq} redundant merged)" if result.quantized \
+        else "floating point (no Q/DQ)"
+    lines = [f"{result.path}: {kind}"]
+    if result.float_convs:
+        lines.append(f"  kept in floating point on purpose: {len(result.float_convs)} conv(s)")
+    lint_md = result.path.with_suffix(".qdq_lint.md")
+    lines.append(f"  Q/DQ lint: {len(result.findings)} finding(s)" + (f", see {lint_md}" if result.findings else ""))
+    return "\n".join(lines)

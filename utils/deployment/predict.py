@@ -1,0 +1,125 @@
+"""Detect objects in images and videos with a loaded model and save annotated copies and label files.
+
+detect.py is this module's command line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from models.loading import attempt_load
+from utils.boxes import scale_boxes, xyxy2xywhn
+from utils.data.augment import letterbox
+from utils.data.media import VideoSink, media_files, read_frames
+from utils.errors import UserError
+from utils.evaluation.postprocess import non_max_suppression
+from utils.paths import ROOT, increment_path
+from utils.torch_utils import select_device
+
+# Box colours (BGR), cycled by class index.
+PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
+           (23, 204, 146), (134, 219, 61), (52, 147, 26), (187, 212, 0), (168, 153, 44), (255, 194, 0),
+           (147, 69, 52), (255, 115, 100), (236, 24, 0), (255, 56, 132), (133, 0, 82), (255, 56, 203)]
+
+
+def detect_image(model: nn.Module, image: np.ndarray, imgsz: int = 640, conf_thres: float = 0.25,
+                 iou_thres: float = 0.45, max_det: int = 1000, classes: Sequence[int] | None = None,
+                 agnostic: bool = False, half: bool = False) -> torch.Tensor:
+    """(n, 6) detections [x1, y1, x2, y2, conf, cls] in ``image``'s pixels (BGR uint8 input)."""
+    stride = int(max(model.stride.max(), 32))
+    padded, (gain_w, gain_h), (left, top) = letterbox(image, imgsz, stride=stride, auto=True)
+    p = next(model.parameters())
+    x = torch.from_numpy(np.ascontiguousarray(padded[..., ::-1].transpose(2, 0, 1))).to(p.device)
+    x = (x.half() if half else x.float())[None] / 255
+    with torch.no_grad():
+        det = non_max_suppression(model(x), conf_thres, iou_thres, classes, agnostic, max_det=max_det)[0]
+    det[:, :4] = scale_boxes(x.shape[2:], det[:, :4].float(), image.shape[:2], ((gain_h, gain_w), (left, top)))
+    return det.float().cpu()
+
+
+def draw_detections(image: np.ndarray, det: torch.Tensor, names: dict | Sequence[str], line_width: int = 3,
+                    hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
+    """``image`` with a box and a 'name conf' tag per detection (drawn in place, also returned)."""
+    for *xyxy, conf, cls in det.tolist():
+        c = int(cls)
+        color = PALETTE[c % len(PALETTE)]
+        p1, p2 = (int(xyxy[0]), int(xyxy[1])), (int(xyxy[2]), int(xyxy[3]))
+        cv2.rectangle(image, p1, p2, color, line_width, cv2.LINE_AA)
+        if hide_labels:
+            continue
+        label = str(names[c]) if hide_conf else f"{names[c]} {conf:.2f}"
+        font_scale, thickness = line_width / 3, max(line_width - 1, 1)
+        (w, h), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        above = p1[1] - h - 3 >= 0
+        corner = (p1[0] + w, p1[1] - h - 3 if above else p1[1] + h + 3)
+        cv2.rectangle(image, p1, corner, color, -1, cv2.LINE_AA)
+        text_y = p1[1] - 2 if above else p1[1] + h + 2
+        cv2.putText(image, label, (p1[0], text_y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
+                    thickness, cv2.LINE_AA)
+    return image
+
+
+def label_lines(det: torch.Tensor, shape: tuple[int, int], save_conf: bool = False) -> list[str]:
+    """YOLO label lines 'cls x y w h [conf]' (normalised to the image) for ``det``."""
+    xywhn = xyxy2xywhn(det[:, :4], w=shape[1], h=shape[0])
+    lines = []
+    for (x, y, w, h), conf, cls in zip(xywhn.tolist(), det[:, 4].tolist(), det[:, 5].tolist()):
+        fields = [int(cls), x, y, w, h] + ([conf] if save_conf else [])
+        lines.append(" ".join(str(fields[0]) if i == 0 else f"{v:.6g}" for i, v in enumerate(fields)))
+    return lines
+
+
+def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int = 640,
+        conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000, device: str = "",
+        save_txt: bool = False, save_conf: bool = False, nosave: bool = False, classes: Sequence[int] | None = None,
+        agnostic_nms: bool = False, project: str | Path = ROOT / "runs/detect", name: str = "exp",
+        exist_ok: bool = False, line_thickness: int = 3, hide_labels: bool = False, hide_conf: bool = False,
+        half: bool = False, vid_stride: int = 1, unsafe_load: bool = False, cfg: str | Path | None = None,
+        model: nn.Module | None = None) -> Path:
+    """Detect on every file of ``source``; returns the run folder. ``model`` skips loading ``weights``."""
+    files = media_files(source)
+    dev = select_device(device)
+    half = half and dev.type == "cuda"  # CPU convolutions have no fp16 kernels
+    if model is None:
+        if weights is None:
+            raise UserError("detect: give --weights")
+        model = attempt_load(weights, device=dev, unsafe=unsafe_load, cfg=cfg)
+    model = (model.half() if half else model.float()).eval()
+    names = getattr(model, "names", None) or {i: str(i) for i in range(int(model.nc))}
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    if save_txt:
+        (save_dir / "labels").mkdir(exist_ok=True)
+
+    summary = {}
+    for path in tqdm(files, desc="detect", unit="file"):
+        sink, count = None, 0
+        for frame in read_frames(path, vid_stride):
+            det = detect_image(model, frame.image, imgsz, conf_thres, iou_thres, max_det, classes, agnostic_nms, half)
+            count += len(det)
+            stem = path.stem if frame.index is None else f"{path.stem}_{frame.index}"
+            if save_txt:
+                lines = label_lines(det, frame.image.shape[:2], save_conf)
+                (save_dir / "labels" / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))
+            if nosave:
+                continue
+            annotated = draw_detections(frame.image, det, names, line_thickness, hide_labels, hide_conf)
+            if frame.index is None:
+                cv2.imwrite(str(save_dir / path.name), annotated)
+            else:
+                if sink is None:
+                    h, w = annotated.shape[:2]
+                    sink = VideoSink(save_dir / f"{path.stem}.mp4", path, (w, h))
+                sink.write(annotated)
+        if sink is not None:
+            sink.close()
+        summary[path.name] = count
+    (save_dir / "summary.json").write_text(json.dumps({"source": str(source), "detections": summary}, indent=2))
+    print(f"{sum(summary.values())} detections in {len(files)} file(s); results saved to {save_dir}")
+    return save_dir

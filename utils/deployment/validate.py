@@ -1,0 +1,111 @@
+"""Validate and time an exported model (ONNX or TensorRT engine): COCO mAP and a batch-size sweep.
+
+val_trt.py is this module's command line. Evaluation goes through the same evaluator as val.py,
+fed by ``utils.deployment.backends``, so PyTorch, ONNX Runtime and TensorRT are scored alike.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from utils.deployment.backends import DetectionBackend, open_runner, resolve_backend
+from utils.deployment.benchmark_report import (
+    BatchTiming,
+    summarize,
+    to_markdown,
+    write_report,
+)
+from utils.errors import UserError
+from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
+from utils.paths import ROOT, existing_file, increment_path
+
+
+def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, imgsz: int, batch_size: int, task: str,
+                      postprocess: str, conf_thres: float, iou_thres: float, max_det: int, workers: int,
+                      device: torch.device, keep_boxes: bool = False) -> tuple[EvalResult, EvalArtifacts]:
+    """COCO-style mAP of an exported model on square ``imgsz`` letterboxed images of ``data[task]``.
+
+    A PyTorch model (in eval mode) is accepted too, so that it can be compared on the very same input.
+    """
+    from utils.data.config import require_split
+    from utils.data.dataset import create_dataloader
+
+    loader = create_dataloader(require_split(data, task), imgsz, batch_size, 32, rect=False, workers=workers,
+                               prefix=f"{task}: ", nc=data["nc"])[0]
+    return evaluate(backend, loader, list(data["names"]), device=device, conf_thres=conf_thres, iou_thres=iou_thres,
+                    max_det=max_det, postprocess="none" if getattr(backend, "end2end", False) else postprocess,
+                    keep_boxes=keep_boxes)
+
+
+def benchmark(runner, batch_sizes: list[int], imgsz: int, device: torch.device, warmup: int = 10,
+              iters: int = 50) -> list[BatchTiming]:
+    """Latency of one call per batch size on a device-resident random batch (no host copies on GPU)."""
+    from tqdm import tqdm
+
+    fixed = getattr(runner, "fixed_batch", None)
+    limit = getattr(runner, "max_batch", None)
+    rows = []
+    for b in tqdm(batch_sizes, desc="benchmark"):
+        if (fixed and b != fixed) or (limit and b > limit):
+            print(f"benchmark: batch {b} skipped (the model takes {'exactly ' + str(fixed) if fixed else f'<= {limit}'})")
+            continue
+        images = torch.rand(b, 3, imgsz, imgsz, device=device)
+        times = []
+        for i in range(warmup + iters):
+            _sync(device)
+            start = time.perf_counter()
+            runner(images)
+            _sync(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+        rows.append(summarize(b, times))
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: str | Path | None = None,
+        batch_size: int = 32, imgsz: int = 640, postprocess: str = "nms", backend: str = "auto",
+        conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, task: str = "val",
+        device: str = "", workers: int = 8, benchmark_sweep: bool = False,
+        batch_sizes: tuple[int, ...] = (1, 4, 8, 12, 16, 32), warmup: int = 10, iters: int = 50,
+        project: str | Path = ROOT / "runs/val_trt", name: str = "exp", exist_ok: bool = False) -> dict:
+    """Evaluate (when ``data`` is given) and/or benchmark; results go to a fresh project/name folder."""
+    if (onnx is None) == (engine is None):
+        raise UserError("val_trt.py: pass exactly one of --onnx and --engine")
+    if data is None and not benchmark_sweep:
+        raise UserError("val_trt.py: nothing to do; pass --data to evaluate and/or --benchmark to time")
+    if postprocess not in ("nms", "none"):
+        raise UserError(f"--postprocess {postprocess}: expected nms or none")
+    onnx = existing_file(onnx, "ONNX file") if onnx else None
+    engine = existing_file(engine, "TensorRT engine") if engine else None
+    chosen = resolve_backend(backend, engine)
+    runner = open_runner(onnx, engine, chosen, device, imgsz, max(batch_sizes + (batch_size,)))
+    dev = torch.device("cuda", int(device) if device.isdigit() else 0) if chosen == "tensorrt" else torch.device("cpu")
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    out = {"backend": chosen, "model": str(onnx or engine), "save_dir": str(save_dir)}
+    if data is not None:
+        from utils.data.config import load_data_config
+
+        cfg = load_data_config(data)
+        result, _ = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, imgsz, batch_size, task, postprocess,
+                                      conf_thres, iou_thres, max_det, workers, dev)
+        print(result.table(per_class=len(cfg["names"]) < 50))
+        (save_dir / "results.json").write_text(json.dumps({**out, **result.to_dict()}, indent=2) + "\n")
+        (save_dir / "results.md").write_text(result.markdown())
+        out["eval"] = result
+    if benchmark_sweep:
+        rows = benchmark(runner, list(batch_sizes), imgsz, dev, warmup, iters)
+        title = f"{Path(onnx or engine).name} on {chosen} ({dev.type}), {imgsz}x{imgsz}"
+        write_report(rows, save_dir, "benchmark", title, meta={"backend": chosen, "model": out["model"],
+                                                                 "imgsz": imgsz, "warmup": warmup, "iters": iters})
+        print(to_markdown(rows, title), end="")
+        out["benchmark"] = rows
+    print(f"Results saved to {save_dir}")
+    return out
