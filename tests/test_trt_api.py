@@ -62,7 +62,7 @@ def api(request) -> trt_api_check.StubAPI:
     try:
         return load_stubs(request.param)
     except FileNotFoundError as err:
-        pytest.fail(str(err))
+        pytest.fail(str(err), pytrace=False)
 
 
 def test_every_tensorrt_caller_uses_api_the_stubs_describe(api):
