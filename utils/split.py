@@ -11,10 +11,10 @@ import math
 import random
 from typing import Sequence
 
+from utils.data_config import SPLITS
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov9.data")
-SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 SUM_TOLERANCE = 1e-6
 
@@ -22,7 +22,7 @@ SUM_TOLERANCE = 1e-6
 def check_fractions(fractions: Sequence[float], flag: str = "--split") -> tuple[float, ...]:
     """Three fractions for train, val and test in [0, 1] that sum to 1; ``UserError`` otherwise."""
     given = " ".join(str(f) for f in fractions)
-    if len(fractions) != len(SPLIT_NAMES):
+    if len(fractions) != len(SPLITS):
         raise UserError(f"{flag} {given}: give three fractions, TRAIN VAL TEST")
     values = tuple(float(f) for f in fractions)
     if not all(math.isfinite(v) and 0 <= v <= 1 for v in values):
@@ -60,7 +60,7 @@ def seeded_split(keys: Sequence[str], fractions: Sequence[float], seed: int) -> 
     order = sorted(set(keys))
     random.Random(seed).shuffle(order)
     splits, start = {}, 0
-    for name, fraction, size in zip(SPLIT_NAMES, fractions, split_sizes(len(order), fractions)):
+    for name, fraction, size in zip(SPLITS, fractions, split_sizes(len(order), fractions)):
         if size:
             splits[name] = sorted(order[start:start + size])
         elif fraction > 0:
