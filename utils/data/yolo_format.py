@@ -1,20 +1,22 @@
 """Write a converted dataset in YOLO layout without touching the source dataset.
 
-Layout under the output folder (what ``utils.dataloaders`` and ``load_data_config`` expect):
+Layout under the output folder (what ``utils.data.dataset`` and ``load_data_config`` expect):
 ``images/<split>/<file>`` symlinks to the original images (no copies), ``labels/<split>/<stem>.txt``
-with one ``class x y w h`` row per box (normalised, 6 decimals), and ``data.yaml`` with an
-absolute ``path``, so the yaml works from any working directory.
+with one ``class x y w h`` row per box (normalised, 6 decimals), ``data.yaml`` with an
+absolute ``path``, so the yaml works from any working directory, and the conversion report.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from utils.data.config import SPLITS
+from utils.data.conversion_report import ConversionReport
 from utils.errors import UserError
 
 LOGGER = logging.getLogger("yolov9.data")
@@ -22,17 +24,13 @@ CLIP_TOLERANCE_PX = 0.01  # float noise from pixel <-> normalised round trips is
 
 
 @dataclass
-class SplitStats:
-    """What a converter did for one split; ``dropped``/``repaired`` count boxes, ``skipped`` images."""
-    images: int = 0
-    boxes: int = 0
-    dropped: int = 0
-    repaired: int = 0
-    skipped: int = 0
-
-    def line(self, split: str) -> str:
-        return (f"{split}: {self.images} images, {self.boxes} boxes written; {self.dropped} boxes dropped, "
-                f"{self.repaired} clipped to the image; {self.skipped} images skipped")
+class LabeledImage:
+    """One image of a converted dataset: its source file, its file name in the output, its boxes."""
+    image: Path
+    name: str
+    rows: list[tuple[int, float, float, float, float]] = field(default_factory=list)
+    dropped: int = 0  # boxes of the source annotation left out
+    clipped: int = 0  # boxes moved inside the image
 
 
 def pixel_box_to_yolo(x1: float, y1: float, x2: float, y2: float, width: int, height: int):
@@ -93,3 +91,23 @@ def write_data_yaml(out: Path, names: list[str], splits: list[str], comment: str
     file = out / "data.yaml"
     file.write_text(f"# {comment}\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return file
+
+
+def write_converted(out: str | Path, sources: list[str | Path], splits: dict[str, list[LabeledImage]],
+                    report: ConversionReport, comment: str, exist_ok: bool = False, extra: dict | None = None) -> Path:
+    """Write every split, the data yaml and the report into ``out``; returns the data yaml.
+
+    Called only once the whole source has been read and checked, so bad input stops a run
+    before anything is written into ``out``.
+    """
+    # Every standard split is replaced, so a split the new conversion does not make cannot linger.
+    out = prepare_out_dir(out, sources, list(dict.fromkeys([*SPLITS, *splits])), exist_ok)
+    for split, items in splits.items():
+        for item in items:
+            link_image(item.image, out / "images" / split / item.name)
+            write_label_file(out / "labels" / split / f"{Path(item.name).stem}.txt", item.rows)
+        report.count_split(split, [[row[0] for row in item.rows] for item in items],
+                           sum(item.dropped for item in items), sum(item.clipped for item in items))
+    yaml_file = write_data_yaml(out, report.names, list(splits), comment, extra)
+    report.write(out)
+    return yaml_file
