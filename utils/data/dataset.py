@@ -70,12 +70,17 @@ class YoloDataset(Dataset):
 
     ``labels`` is a list of (n, 5) float32 arrays [cls, x, y, w, h] normalised to each image,
     ``shapes`` an (N, 2) array of original (width, height); both follow the order of ``im_files``.
+    ``fixed_hw`` letterboxes every image to exactly that (h, w) instead of ``img_size`` square: the
+    input of an exported model, which may be non-square (validation only).
     """
 
     def __init__(self, path: str | Path | list, img_size: int = 640, batch_size: int = 16, augment: bool = False,
                  hyp: dict | str | Path | None = None, rect: bool = False, stride: int = 32, pad: float = 0.0,
-                 prefix: str = "", nc: int | None = None):
+                 prefix: str = "", nc: int | None = None, fixed_hw: tuple[int, int] | None = None):
+        if fixed_hw is not None and (augment or rect):
+            raise ValueError("fixed_hw is a validation input size: it takes neither augment nor rect")
         self.img_size = img_size
+        self.fit_hw = tuple(fixed_hw) if fixed_hw is not None else (img_size, img_size)
         self.augment = augment
         self.hyp = _training_hyp(hyp) if augment else hyp
         self.rect = rect
@@ -144,7 +149,7 @@ class YoloDataset(Dataset):
         else:
             img, (h0, w0) = self.load_image(index)
             hr, wr = img.shape[:2]
-            shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
+            shape = self.batch_shapes[self.batch[index]] if self.rect else self.fit_hw
             img, (gain_w, gain_h), (padw, padh) = letterbox(img, shape, auto=False, scaleup=self.augment)
             h, w = round(hr * gain_h), round(wr * gain_w)  # image size inside the padding
             shapes = (h0, w0), ((h / h0, w / w0), (padw, padh))
@@ -176,7 +181,7 @@ class YoloDataset(Dataset):
         return sum(im.nbytes for im, _ in images)
 
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """BGR image with its longest side resized to ``img_size``, and its original (h, w)."""
+        """BGR image resized to fit ``fit_hw`` (square: its longest side is ``img_size``), and its original (h, w)."""
         cached = getattr(self, "_cached", None)  # set by cache_images()
         if cached is not None:
             im, hw = cached[i]
@@ -190,7 +195,7 @@ class YoloDataset(Dataset):
             except OSError as exc:
                 raise OSError(f"{f}: image became unreadable after the dataset scan ({exc})") from exc
         h0, w0 = im.shape[:2]
-        r = self.img_size / max(h0, w0)
+        r = min(self.fit_hw[0] / h0, self.fit_hw[1] / w0)
         if r != 1:
             interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
             im = cv2.resize(im, (round(w0 * r), round(h0 * r)), interpolation=interp)
@@ -234,10 +239,12 @@ def init_worker(worker_id: int) -> None:
 
 def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, augment: bool = False,
                       rect: bool = False, pad: float = 0.0, workers: int = 8, shuffle: bool = False, prefix: str = "",
-                      seed: int = 0, close_mosaic: bool = False, rank: int = -1, nc: int | None = None):
+                      seed: int = 0, close_mosaic: bool = False, rank: int = -1, nc: int | None = None,
+                      fixed_hw: tuple[int, int] | None = None):
     """Build a ``YoloDataset`` and its DataLoader; returns (loader, dataset).
 
     ``nc`` lets the scan drop rows whose class id is out of range; pass the data yaml's ``nc``.
+    ``fixed_hw``: letterbox to exactly this (h, w), e.g. a non-square exported model's input.
     ``close_mosaic`` is accepted for upstream's signature: ``dataset.close_mosaic()`` works with
     any loader here, because the switch lives in shared memory that persistent workers see.
     ``rank`` >= 0 shards batches over DDP processes; local rank 0 scans first, the rest reuse its cache.
@@ -247,7 +254,7 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, 
         shuffle = False
     with _rank_zero_first(rank):
         dataset = YoloDataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, stride=int(stride),
-                              pad=pad, prefix=prefix, nc=nc)
+                              pad=pad, prefix=prefix, nc=nc, fixed_hw=fixed_hw)
     batch_size = min(batch_size, len(dataset))
     n_devices = max(torch.cuda.device_count(), 1)
     n_workers = min((os.cpu_count() or 1) // n_devices, batch_size if batch_size > 1 else 0, workers)
