@@ -5,8 +5,9 @@
 
 ``--backend auto`` takes TensorRT when it is installed (building and caching an engine beside an
 ``--onnx``), else ONNX Runtime. Raw outputs are decoded with ``--postprocess nms|none``; End2End
-outputs are already detections. mAP goes through the same evaluator as val.py, on square
-letterboxed images of ``--imgsz`` (the exported input size).
+outputs are already detections. mAP goes through the same evaluator as val.py, on images
+letterboxed to the input size the ONNX file or engine declares (non-square too); the batch range
+comes from the file (a static batch, an engine profile's maximum) as well.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--engine", help="serialized TensorRT engine")
     p.add_argument("--data", help="dataset.yaml; evaluate mAP on its --task split")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="the exported input size")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+                   help="only for a model whose image size is dynamic (default 640); a fixed-size model uses its own "
+                        "size, a different --imgsz is ignored with a note")
     p.add_argument("--postprocess", default="nms", choices=("nms", "none"), help="decoding of raw outputs")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--conf-thres", type=float, default=0.001)

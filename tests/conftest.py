@@ -1,11 +1,12 @@
 """Shared test fixtures: where the real datasets live, and skips for missing hardware."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+from utils.deployment.backends import have_tensorrt
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -14,7 +15,7 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
     no_trt = pytest.mark.skip(reason="needs TensorRT (pip install tensorrt from NVIDIA's index); not installed here")
-    have_trt = importlib.util.find_spec("tensorrt") is not None
+    have_trt = have_tensorrt()
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)

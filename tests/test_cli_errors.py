@@ -16,15 +16,10 @@ import torch
 import yaml
 
 from utils.data.synthetic import make_shapes_dataset
+from utils.deployment.backends import have_tensorrt
 from utils.paths import ROOT
 
 NO_GPU = not torch.cuda.is_available()
-
-
-def _tensorrt_missing() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is None
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +89,7 @@ if NO_GPU:
         ("qat.py", "quantize --weights {w3} --data {data3}"),
         ("export_qat.py", "--weights {w3}"),
         ("detect.py", "--weights {w3} --source {tmp}/shapes/images/val"))]
-if _tensorrt_missing():
+if not have_tensorrt():
     CASES.append(("val_trt.py", "--onnx {garbage_onnx} --data {data3} --backend tensorrt", "tensorrt"))
 
 
@@ -148,7 +143,7 @@ def test_failed_run_keeps_earlier_results_and_runs_increment(inputs, capsys, mon
 ], ids=["qat-missing-weights", "val_trt-tensorrt"])
 def test_exit_code_reaches_the_shell(argv, inputs):
     _write_garbage_onnx(inputs["garbage_onnx"])
-    if "tensorrt" in argv and not _tensorrt_missing():
+    if "tensorrt" in argv and have_tensorrt():
         pytest.skip("TensorRT is installed here")
     argv = [a.format(**inputs) for a in argv]
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)

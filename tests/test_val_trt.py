@@ -18,6 +18,7 @@ from utils.data.synthetic import make_shapes_dataset
 from utils.deployment import backends, validate
 from utils.deployment.onnx_export import export_onnx, trace_prediction
 from utils.deployment.ort_runtime import OrtRunner
+from utils.deployment.signature import InputGeometry, Signature
 from utils.errors import UserError
 from utils.evaluation.evaluator import evaluate
 from utils.evaluation.postprocess import no_max_suppression
@@ -91,7 +92,7 @@ def test_static_batch_export_is_fed_in_padded_chunks(setup):
     _, files, _, _ = setup
     x = torch.rand(5, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(4))
     static = backends.DetectionBackend(OrtRunner(files["static2"]), 3)
-    assert static.fixed_batch == 2
+    assert static.geometry.fixed_batch == 2 and static.geometry.hw == (IMGSZ, IMGSZ)
     dynamic = backends.DetectionBackend(OrtRunner(files["raw"]), 3)
     torch.testing.assert_close(static(x), dynamic(x), atol=1e-4, rtol=1e-5)
 
@@ -142,7 +143,7 @@ def test_tensorrt_engine_matches_onnxruntime(setup):
     engine = build_engine(files["raw"], root / "m.engine", batch=(1, 2, 4), timing_cache=root / "m.timing.cache")
     assert (root / "m.timing.cache").stat().st_size > 0
     runner = TrtRunner(engine)
-    assert runner.max_batch == 4 and runner.input_names == ["images"]
+    assert runner.geometry == InputGeometry((IMGSZ, IMGSZ), 1, 4) and runner.input_names == ["images"]
     x = torch.rand(3, 3, IMGSZ, IMGSZ)
     got = runner(x.cuda())["output0"].cpu()
     ref = OrtRunner(files["raw"])(x)["output0"]
@@ -161,7 +162,8 @@ def test_val_trt_on_tensorrt_scores_like_onnxruntime(setup):
 
 def test_engine_batches_are_split_at_the_profile_maximum():
     class EngineLike:  # what DetectionBackend reads from a TrtRunner
-        output_names, max_batch, calls = ["output0"], 2, []
+        geometry, calls = InputGeometry(None, 1, 2), []
+        signature = Signature({"images": (None, 3, None, None)}, {"output0": (None, 7, None)})
 
         def __call__(self, images):
             self.calls.append(images.shape[0])

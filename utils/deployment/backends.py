@@ -1,9 +1,10 @@
 """One way to run a model whatever holds it: PyTorch, ONNX Runtime or TensorRT.
 
 Every tool that runs a model (val_trt.py, detect.py, the demo, bench) opens it here and gets a
-*runner*: a callable ``images -> {output name: tensor}`` with ``output_names`` and, where the
-runtime fixes them, ``fixed_batch`` / ``max_batch``. ``DetectionBackend`` turns any runner into
-what the evaluator expects of a model, so raw and End2End exports are scored alike.
+*runner*: a callable ``images -> {output name: tensor}`` with the file's checked ``signature``
+(``utils.deployment.signature``) and the ``geometry`` of the images it accepts (size, batch
+range). ``DetectionBackend`` turns any runner into what the evaluator and detect.py expect of a
+model, so raw and End2End exports are decoded alike.
 """
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from pathlib import Path
 import torch
 
 from utils.boxes import xyxy2xywh
+from utils.deployment.signature import END2END_KEYS, onnx_signature
 from utils.errors import UserError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
-END2END_KEYS = ("num_dets", "det_boxes", "det_scores", "det_classes")
 
 
 def have_tensorrt() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    """Whether a real TensorRT is importable: a ``tensorrt`` folder of .pyi stubs only (what the
+    tensorrt-stubs wheel leaves in site-packages) imports as an empty namespace package."""
+    spec = importlib.util.find_spec("tensorrt")
+    return spec is not None and spec.origin is not None
 
 
 def resolve_backend(backend: str, engine: str | Path | None) -> str:
@@ -37,8 +41,11 @@ def resolve_backend(backend: str, engine: str | Path | None) -> str:
     return backend
 
 
-def open_runner(onnx: Path | None, engine: Path | None, backend: str, device: str, imgsz: int, max_batch: int):
-    """A callable ``images -> {output name: tensor}`` for the chosen backend."""
+def open_runner(onnx: Path | None, engine: Path | None, backend: str, device: str, imgsz: int | None,
+                max_batch: int):
+    """A runner for the chosen backend. Its file's signature is checked before anything else, so a
+    file that is not a detector export stops with one line (and no engine is built from it).
+    ``imgsz`` pins a dynamic image size when an engine is built; ``max_batch`` bounds its profile."""
     if backend == "onnxruntime":
         from utils.deployment.ort_runtime import OrtRunner
 
@@ -46,6 +53,7 @@ def open_runner(onnx: Path | None, engine: Path | None, backend: str, device: st
     from utils.deployment.trt_runtime import TrtRunner, build_engine
 
     if engine is None:  # build once per ONNX; rebuilt when the ONNX is newer than the engine
+        onnx_signature(onnx).check(onnx)
         engine = onnx.with_suffix(".engine")
         if not engine.exists() or engine.stat().st_mtime < onnx.stat().st_mtime:
             build_engine(onnx, engine, batch=(1, max(1, max_batch // 2), max_batch), imgsz=imgsz,
@@ -53,14 +61,17 @@ def open_runner(onnx: Path | None, engine: Path | None, backend: str, device: st
     return TrtRunner(engine, f"cuda:{device}" if device.isdigit() else (device or "cuda:0"))
 
 
-def end2end_as_prediction(outputs: dict[str, torch.Tensor], nc: int) -> torch.Tensor:
+def end2end_as_prediction(outputs: dict[str, torch.Tensor], nc: int | None) -> torch.Tensor:
     """End2End detections as a (B, 4 + nc, K) prediction: xywh boxes and a one-hot score per row.
 
     NMS-free decoding of this tensor returns exactly the End2End detections (each row's only
-    non-zero score is its class), so the evaluator scores End2End and raw exports alike.
+    non-zero score is its class), so End2End and raw exports are decoded alike. ``nc`` None
+    (a file that does not say): just wide enough for the largest class present.
     """
     num, boxes, scores, classes = (outputs[k] for k in END2END_KEYS)
     b, k = scores.shape
+    if nc is None:
+        nc = int(classes.max()) + 1 if classes.numel() else 1
     valid = torch.arange(k, device=scores.device)[None] < num.reshape(b, 1).to(scores.device)
     onehot = torch.zeros(b, k, nc, dtype=torch.float32, device=scores.device)
     onehot.scatter_(2, classes.long().clamp(0, nc - 1).unsqueeze(-1), (scores.float() * valid).unsqueeze(-1))
@@ -68,26 +79,26 @@ def end2end_as_prediction(outputs: dict[str, torch.Tensor], nc: int) -> torch.Te
 
 
 class DetectionBackend:
-    """Makes a runner look like a model to ``utils.evaluation.evaluator.evaluate``: images in, (B, 4+nc, N) out.
+    """Makes a runner look like a model to the evaluator and detect.py: images in, (B, 4+nc, N) out.
 
-    A static-batch export is fed in chunks of its batch size, the last chunk padded; an engine in
-    chunks of at most its profile's largest batch.
+    Batches are fed in chunks the runner accepts: at most its largest batch (an engine profile's
+    maximum, a static export's batch), a short chunk padded up to its smallest. ``nc`` None skips
+    the check that a raw output has the dataset's class count (detect.py has no dataset).
     """
 
-    def __init__(self, runner, nc: int):
+    def __init__(self, runner, nc: int | None = None):
         self.runner, self.nc = runner, nc
-        self.fixed_batch = getattr(runner, "fixed_batch", None)
-        self.max_batch = getattr(runner, "max_batch", None)
-        self.end2end = all(k in runner.output_names for k in END2END_KEYS)  # outputs are detections already
+        self.geometry = runner.geometry
+        self.end2end = runner.signature.end2end  # outputs are detections already
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        step = self.fixed_batch or min(images.shape[0], self.max_batch or images.shape[0])
+        step = min(images.shape[0], self.geometry.max_batch or images.shape[0])
         preds = []
         for start in range(0, images.shape[0], step):
             chunk = images[start:start + step]
             n = chunk.shape[0]
-            if self.fixed_batch and n < step:
-                chunk = torch.cat((chunk, chunk.new_zeros(step - n, *chunk.shape[1:])))
+            if n < self.geometry.min_batch:
+                chunk = torch.cat((chunk, chunk.new_zeros(self.geometry.min_batch - n, *chunk.shape[1:])))
             preds.append(self._prediction(self.runner(chunk))[:n])
         return torch.cat(preds).to(images.device)
 
@@ -95,7 +106,7 @@ class DetectionBackend:
         if self.end2end:
             return end2end_as_prediction(outputs, self.nc)
         pred = next(iter(outputs.values())).float()
-        if pred.ndim != 3 or pred.shape[1] != 4 + self.nc:
+        if self.nc is not None and (pred.ndim != 3 or pred.shape[1] != 4 + self.nc):
             raise UserError(f"model output {tuple(pred.shape)} does not match (batch, 4 + {self.nc} classes, anchors);"
                             " is --data the dataset it was trained on?")
         return pred

@@ -155,7 +155,7 @@ def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int]
     quantized = is_quantized(model)
     skipped = conv_nodes_for(onnx_model, float_convs or [])
     names = getattr(model, "names", [])
-    meta = {"stride": [int(s) for s in head_of(model).stride],
+    meta = {"stride": [int(s) for s in head_of(model).stride], "nc": int(head_of(model).nc),
             "names": list(names.values()) if isinstance(names, dict) else list(names),
             "imgsz": list(pred.imgsz), "batch": "dynamic" if pred.dynamic else int(pred.example.shape[0]),
             "postprocess": postprocess, "quantized": quantized, **(metadata or {})}

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from utils.deployment.signature import INPUT_NAME, onnx_signature
 from utils.errors import UserError
 
 _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
@@ -23,12 +24,18 @@ def providers(device: torch.device | str = "cpu") -> list[str]:
 
 
 class OrtRunner:
-    """An ``InferenceSession`` called with a torch image batch; returns outputs by name (torch, CPU)."""
+    """An ``InferenceSession`` called with a torch image batch; returns outputs by name (torch, CPU).
+
+    ``signature`` and ``geometry`` are what the file declares (checked to be a detector export
+    before the session is made); a dynamic-batch file accepts any batch.
+    """
 
     def __init__(self, onnx_path: str | Path, device: torch.device | str = "cpu", threads: int | None = None):
         path = Path(onnx_path)
         if not path.is_file():
             raise UserError(f"{path}: ONNX file not found")
+        self.signature = onnx_signature(path).check(path)
+        self.geometry = self.signature.geometry
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -39,15 +46,9 @@ class OrtRunner:
                 raise UserError(f"{path}: ONNX Runtime cannot run the EfficientNMS_TRT plugin; use TensorRT or "
                                 "export with --postprocess none") from exc
             raise UserError(f"{path}: ONNX Runtime cannot load this model ({exc})") from exc
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise UserError(f"{path}: expected one image input, found {[i.name for i in inputs]}")
-        self.input_name = inputs[0].name
-        self.input_dtype = _TORCH_DTYPES.get(inputs[0].type, torch.float32)
-        batch = inputs[0].shape[0]
-        self.fixed_batch = batch if isinstance(batch, int) else None
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.input_name = INPUT_NAME
+        self.input_dtype = _TORCH_DTYPES.get(self.session.get_inputs()[0].type, torch.float32)
+        self.output_names = list(self.signature.outputs)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feed = {self.input_name: images.detach().to("cpu", self.input_dtype).contiguous().numpy()}

@@ -11,6 +11,7 @@ from pathlib import Path
 import tensorrt as trt
 import torch
 
+from utils.deployment.signature import InputGeometry, Signature
 from utils.errors import UserError
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
@@ -81,7 +82,11 @@ def _profile_shape(shape: tuple[int, ...], batch: int, imgsz: int | None, name: 
 
 
 class TrtRunner:
-    """A deserialized engine with one execution context; call it with a CUDA image batch."""
+    """A deserialized engine with one execution context; call it with a CUDA image batch.
+
+    ``signature`` is the engine's I/O (checked to be a detector export; engines carry no ONNX
+    metadata, so no class names), ``geometry`` its input size and batch range from profile 0.
+    """
 
     def __init__(self, engine_path: str | Path, device: torch.device | str = "cuda:0"):
         path = Path(engine_path)
@@ -99,12 +104,19 @@ class TrtRunner:
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
         self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n)] for n in names}
-        if len(self.input_names) != 1:
-            raise UserError(f"{path}: expected one image input, found {self.input_names}")
+        shapes = {n: tuple(None if d == -1 else d for d in self.engine.get_tensor_shape(n)) for n in names}
+        self.signature = Signature({n: shapes[n] for n in self.input_names},
+                                   {n: shapes[n] for n in self.output_names}).check(path)
+        self.geometry = self._geometry(self.input_names[0])
 
-    @property
-    def max_batch(self) -> int:
-        return self.engine.get_tensor_profile_shape(self.input_names[0], 0)[2][0]
+    def _geometry(self, name: str) -> InputGeometry:
+        """Dynamic dimensions take their range from optimization profile 0; a size is fixed where min == max."""
+        declared = tuple(self.engine.get_tensor_shape(name))
+        low = high = declared
+        if -1 in declared:
+            low, _, high = (tuple(dims) for dims in self.engine.get_tensor_profile_shape(name, 0))
+        hw = tuple(low[2:]) if tuple(low[2:]) == tuple(high[2:]) else None
+        return InputGeometry(hw, low[0], high[0])
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Outputs by name for ``images`` (B,3,H,W); ordered on the current torch stream."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from utils.deployment.backends import DetectionBackend, open_runner, resolve_backend
+from utils.deployment.signature import InputGeometry
 from utils.deployment.benchmark_report import (
     BatchTiming,
     summarize,
@@ -23,36 +24,38 @@ from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
 from utils.paths import ROOT, existing_file, increment_path
 
 
-def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, imgsz: int, batch_size: int, task: str,
-                      postprocess: str, conf_thres: float, iou_thres: float, max_det: int, workers: int,
-                      device: torch.device, keep_boxes: bool = False) -> tuple[EvalResult, EvalArtifacts]:
-    """COCO-style mAP of an exported model on square ``imgsz`` letterboxed images of ``data[task]``.
+def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, imgsz: int | tuple[int, int],
+                      batch_size: int, task: str, postprocess: str, conf_thres: float, iou_thres: float, max_det: int,
+                      workers: int, device: torch.device, keep_boxes: bool = False) -> tuple[EvalResult, EvalArtifacts]:
+    """COCO-style mAP of an exported model on images of ``data[task]`` letterboxed to exactly ``imgsz``
+    (an int: square; a pair: (h, w), the input of a non-square export).
 
     A PyTorch model (in eval mode) is accepted too, so that it can be compared on the very same input.
     """
     from utils.data.config import require_split
     from utils.data.dataset import create_dataloader
 
-    loader = create_dataloader(require_split(data, task), imgsz, batch_size, 32, rect=False, workers=workers,
-                               prefix=f"{task}: ", nc=data["nc"])[0]
+    hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    loader = create_dataloader(require_split(data, task), max(hw), batch_size, 32, rect=False, workers=workers,
+                               prefix=f"{task}: ", nc=data["nc"], fixed_hw=hw)[0]
     return evaluate(backend, loader, list(data["names"]), device=device, conf_thres=conf_thres, iou_thres=iou_thres,
                     max_det=max_det, postprocess="none" if getattr(backend, "end2end", False) else postprocess,
                     keep_boxes=keep_boxes)
 
 
-def benchmark(runner, batch_sizes: list[int], imgsz: int, device: torch.device, warmup: int = 10,
+def benchmark(runner, batch_sizes: list[int], hw: tuple[int, int], device: torch.device, warmup: int = 10,
               iters: int = 50) -> list[BatchTiming]:
-    """Latency of one call per batch size on a device-resident random batch (no host copies on GPU)."""
+    """Latency of one call per batch size on a device-resident random (h, w) batch (no host copies on GPU);
+    batch sizes the runner does not accept are skipped with a note."""
     from tqdm import tqdm
 
-    fixed = getattr(runner, "fixed_batch", None)
-    limit = getattr(runner, "max_batch", None)
+    geometry = runner.geometry
     rows = []
     for b in tqdm(batch_sizes, desc="benchmark"):
-        if (fixed and b != fixed) or (limit and b > limit):
-            print(f"benchmark: batch {b} skipped (the model takes {'exactly ' + str(fixed) if fixed else f'<= {limit}'})")
+        if not geometry.accepts(b):
+            print(f"benchmark: batch {b} skipped (the model takes batches {_batch_range(geometry)})")
             continue
-        images = torch.rand(b, 3, imgsz, imgsz, device=device)
+        images = torch.rand(b, 3, *hw, device=device)
         times = []
         for i in range(warmup + iters):
             _sync(device)
@@ -65,18 +68,28 @@ def benchmark(runner, batch_sizes: list[int], imgsz: int, device: torch.device, 
     return rows
 
 
+def _batch_range(geometry: InputGeometry) -> str:
+    if geometry.fixed_batch:
+        return f"of exactly {geometry.fixed_batch}"
+    return f"{geometry.min_batch} to {geometry.max_batch}" if geometry.max_batch else f">= {geometry.min_batch}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: str | Path | None = None,
-        batch_size: int = 32, imgsz: int = 640, postprocess: str = "nms", backend: str = "auto",
+        batch_size: int = 32, imgsz: int | None = None, postprocess: str = "nms", backend: str = "auto",
         conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, task: str = "val",
         device: str = "", workers: int = 8, benchmark_sweep: bool = False,
         batch_sizes: tuple[int, ...] = (1, 4, 8, 12, 16, 32), warmup: int = 10, iters: int = 50,
         project: str | Path = ROOT / "runs/val_trt", name: str = "exp", exist_ok: bool = False) -> dict:
-    """Evaluate (when ``data`` is given) and/or benchmark; results go to a fresh project/name folder."""
+    """Evaluate (when ``data`` is given) and/or benchmark; results go to a fresh project/name folder.
+
+    The input size is the model's own (read from the ONNX or engine, non-square too); ``imgsz``
+    only sizes a model whose image size is dynamic, and is otherwise ignored with a note.
+    """
     if (onnx is None) == (engine is None):
         raise UserError("val_trt.py: pass exactly one of --onnx and --engine")
     if data is None and not benchmark_sweep:
@@ -87,6 +100,7 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     engine = existing_file(engine, "TensorRT engine") if engine else None
     chosen = resolve_backend(backend, engine)
     runner = open_runner(onnx, engine, chosen, device, imgsz, max(batch_sizes + (batch_size,)))
+    hw = runner.geometry.input_hw(imgsz, onnx or engine)
     dev = torch.device("cuda", int(device) if device.isdigit() else 0) if chosen == "tensorrt" else torch.device("cpu")
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     out = {"backend": chosen, "model": str(onnx or engine), "save_dir": str(save_dir)}
@@ -94,17 +108,17 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
         from utils.data.config import load_data_config
 
         cfg = load_data_config(data)
-        result, _ = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, imgsz, batch_size, task, postprocess,
+        result, _ = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, hw, batch_size, task, postprocess,
                                       conf_thres, iou_thres, max_det, workers, dev)
         print(result.table(per_class=len(cfg["names"]) < 50))
         (save_dir / "results.json").write_text(json.dumps({**out, **result.to_dict()}, indent=2) + "\n")
         (save_dir / "results.md").write_text(result.markdown())
         out["eval"] = result
     if benchmark_sweep:
-        rows = benchmark(runner, list(batch_sizes), imgsz, dev, warmup, iters)
-        title = f"{Path(onnx or engine).name} on {chosen} ({dev.type}), {imgsz}x{imgsz}"
+        rows = benchmark(runner, list(batch_sizes), hw, dev, warmup, iters)
+        title = f"{Path(onnx or engine).name} on {chosen} ({dev.type}), {hw[0]}x{hw[1]}"
         write_report(rows, save_dir, "benchmark", title, meta={"backend": chosen, "model": out["model"],
-                                                                 "imgsz": imgsz, "warmup": warmup, "iters": iters})
+                                                                 "imgsz": list(hw), "warmup": warmup, "iters": iters})
         print(to_markdown(rows, title), end="")
         out["benchmark"] = rows
     print(f"Results saved to {save_dir}")
