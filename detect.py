@@ -1,6 +1,10 @@
 """Run a detector on an image, a folder of images and videos, or a video; save annotated copies.
 
     python detect.py --weights gelan-c.pt --source data/images --imgsz 640 --conf-thres 0.25
+    python detect.py --weights runs/qat/exp/weights/qat_best.onnx --source data/images
+
+An exported model (.onnx on ONNX Runtime, or TensorRT with --backend; .engine on TensorRT) runs at
+its own input size and draws the detections the PyTorch model draws on the same letterboxed input.
 
 Results go to runs/detect/exp (exp2, exp3... when it exists): annotated images / videos, with
 --save-txt one YOLO label file per image or video frame, and summary.json with detection counts.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from utils.deployment.backends import BACKENDS
 from utils.deployment.predict import run
 from utils.errors import run_cli
 from utils.paths import ROOT
@@ -17,10 +22,15 @@ from utils.paths import ROOT
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Detect objects in images and videos; save annotated copies.")
-    parser.add_argument("--weights", type=str, required=True, help="model checkpoint (.pt)")
+    parser.add_argument("--weights", type=str, required=True,
+                        help="model checkpoint (.pt), exported ONNX (.onnx) or TensorRT engine (.engine)")
     parser.add_argument("--source", type=str, required=True, help="image, video or folder of them")
     parser.add_argument("--cfg", type=str, default=None, help="model YAML, only for plain state-dict weights")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+                        help="inference size (pixels; default 640); an exported model uses its own size, "
+                             "a different --imgsz is ignored with a note")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help=".onnx only: auto takes TensorRT when installed, else ONNX Runtime")
     parser.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
@@ -36,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--line-thickness", type=int, default=3, help="box line width (pixels)")
     parser.add_argument("--hide-labels", action="store_true", help="draw boxes only")
     parser.add_argument("--hide-conf", action="store_true", help="draw class names without confidences")
-    parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA only, .pt weights)")
     parser.add_argument("--vid-stride", type=int, default=1, help="use every n-th video frame")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="unpickle the checkpoint without the class allowlist (trusted files only)")

@@ -35,3 +35,20 @@ def assert_same_detections(got: torch.Tensor, expected: torch.Tensor, atol: floa
     if len(got):
         dist = (got[:, None, :] - expected[None, :, :]).abs().amax(-1)  # (n, n) worst element difference
         assert float(dist.amin(1).max()) <= atol and float(dist.amin(0).max()) <= atol
+
+
+def assert_matching_detections(got: torch.Tensor, expected: torch.Tensor, box_atol: float, score_atol: float,
+                               conf_thres: float) -> None:
+    """Two runtimes' (n, 6) detections agree: each detection scoring clearly above ``conf_thres`` on
+    either side has a partner on the other side with the same class, a box within ``box_atol`` and
+    a score within ``score_atol``. A detection within ``score_atol`` of the threshold may fall on
+    either side of it (a rounding tie in one runtime moves its score that much)."""
+    for side, other in ((got, expected), (expected, got)):
+        sure = side[side[:, 4] > conf_thres + score_atol]
+        if not len(sure):
+            continue
+        box_close = (sure[:, None, :4] - other[None, :, :4]).abs().amax(-1) <= box_atol
+        score_close = (sure[:, None, 4] - other[None, :, 4]).abs() <= score_atol
+        partnered = (box_close & score_close & (sure[:, None, 5] == other[None, :, 5])).any(1)
+        assert bool(partnered.all()), (f"{int((~partnered).sum())} of {len(sure)} detections have no partner, "
+                                       f"e.g. {sure[~partnered][:3].tolist()}")

@@ -1,12 +1,14 @@
 """Detect objects in images and videos with a loaded model and save annotated copies and label files.
 
-detect.py is this module's command line.
+detect.py is this module's command line. The model is a PyTorch checkpoint or an exported file
+(ONNX on ONNX Runtime or TensorRT, a TensorRT engine) behind ``utils.deployment.backends``: raw
+outputs go through the same NMS as PyTorch's, End2End outputs are detections already.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -18,10 +20,14 @@ from models.loading import attempt_load
 from utils.boxes import scale_boxes, xyxy2xywhn
 from utils.data.augment import letterbox
 from utils.data.media import VideoSink, media_files, read_frames
+from utils.deployment.backends import DetectionBackend, open_runner, resolve_backend
+from utils.deployment.signature import DEFAULT_IMGSZ
 from utils.errors import UserError
-from utils.evaluation.postprocess import non_max_suppression
-from utils.paths import ROOT, increment_path
+from utils.evaluation.postprocess import postprocess
+from utils.paths import ROOT, existing_file, increment_path
 from utils.torch_utils import select_device
+
+EXPORTED_SUFFIXES = (".onnx", ".engine")
 
 # Box colours (BGR), cycled by class index.
 PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 210, 207), (10, 249, 72),
@@ -29,24 +35,46 @@ PALETTE = [(56, 56, 255), (151, 157, 255), (31, 112, 255), (29, 178, 255), (49, 
            (147, 69, 52), (255, 115, 100), (236, 24, 0), (255, 56, 132), (133, 0, 82), (255, 56, 203)]
 
 
-def detect_image(model: nn.Module, image: np.ndarray, imgsz: int = 640, conf_thres: float = 0.25,
-                 iou_thres: float = 0.45, max_det: int = 1000, classes: Sequence[int] | None = None,
-                 agnostic: bool = False, half: bool = False) -> torch.Tensor:
-    """(n, 6) detections [x1, y1, x2, y2, conf, cls] in ``image``'s pixels (BGR uint8 input)."""
-    stride = int(max(model.stride.max(), 32))
-    padded, (gain_w, gain_h), (left, top) = letterbox(image, imgsz, stride=stride, auto=True)
-    p = next(model.parameters())
-    x = torch.from_numpy(np.ascontiguousarray(padded[..., ::-1].transpose(2, 0, 1))).to(p.device)
-    x = (x.half() if half else x.float())[None] / 255
+def detect_image(model: nn.Module | DetectionBackend, image: np.ndarray, imgsz: int | tuple[int, int] = 640,
+                 conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000,
+                 classes: Sequence[int] | None = None, agnostic: bool = False, half: bool = False) -> torch.Tensor:
+    """(n, 6) detections [x1, y1, x2, y2, conf, cls] in ``image``'s pixels (BGR uint8 input).
+
+    ``imgsz`` an int: the longest side, the other padded only up to the stride (PyTorch takes any
+    stride multiple); an (h, w) pair: letterboxed to exactly that size, as a fixed-size export needs.
+    """
+    if isinstance(imgsz, int):
+        stride = int(max(model.stride.max(), 32))
+        padded, (gain_w, gain_h), (left, top) = letterbox(image, imgsz, stride=stride, auto=True)
+    else:
+        padded, (gain_w, gain_h), (left, top) = letterbox(image, imgsz, auto=False)
+    x = torch.from_numpy(np.ascontiguousarray(padded[..., ::-1].transpose(2, 0, 1)))[None]
+    if isinstance(model, nn.Module):
+        x = x.to(next(model.parameters()).device)
+    x = (x.half() if half else x.float()) / 255
     with torch.no_grad():
-        det = non_max_suppression(model(x), conf_thres, iou_thres, classes, agnostic, max_det=max_det)[0]
+        kind = "none" if getattr(model, "end2end", False) else "nms"
+        det = postprocess(model(x), kind, conf_thres, iou_thres, max_det, classes, agnostic)[0]
     det[:, :4] = scale_boxes(x.shape[2:], det[:, :4].float(), image.shape[:2], ((gain_h, gain_w), (left, top)))
     return det.float().cpu()
 
 
-def draw_detections(image: np.ndarray, det: torch.Tensor, names: dict | Sequence[str], line_width: int = 3,
+def load_exported(weights: str | Path, backend: str = "auto", device: str = "",
+                  imgsz: int | None = None) -> tuple[DetectionBackend, tuple[int, int], dict[int, str]]:
+    """An exported model ready for ``detect_image``, the (h, w) it takes, and its class names (from
+    the ONNX metadata; numbers where the file has none, as engines do)."""
+    path = existing_file(weights, "model file")
+    onnx, engine = (None, path) if path.suffix == ".engine" else (path, None)
+    runner = open_runner(onnx, engine, resolve_backend(backend, engine), device, imgsz, max_batch=1)
+    signature = runner.signature
+    names = dict(enumerate(signature.names or [str(i) for i in range(signature.nc or 0)]))
+    return DetectionBackend(runner, signature.nc), runner.geometry.input_hw(imgsz, path), names
+
+
+def draw_detections(image: np.ndarray, det: torch.Tensor, names: Mapping[int, str], line_width: int = 3,
                     hide_labels: bool = False, hide_conf: bool = False) -> np.ndarray:
-    """``image`` with a box and a 'name conf' tag per detection (drawn in place, also returned)."""
+    """``image`` with a box and a 'name conf' tag per detection (drawn in place, also returned); a class
+    without a name is shown by its number."""
     for *xyxy, conf, cls in det.tolist():
         c = int(cls)
         color = PALETTE[c % len(PALETTE)]
@@ -54,7 +82,8 @@ def draw_detections(image: np.ndarray, det: torch.Tensor, names: dict | Sequence
         cv2.rectangle(image, p1, p2, color, line_width, cv2.LINE_AA)
         if hide_labels:
             continue
-        label = str(names[c]) if hide_conf else f"{names[c]} {conf:.2f}"
+        name = names.get(c, str(c))
+        label = name if hide_conf else f"{name} {conf:.2f}"
         font_scale, thickness = line_width / 3, max(line_width - 1, 1)
         (w, h), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
         above = p1[1] - h - 3 >= 0
@@ -76,23 +105,36 @@ def label_lines(det: torch.Tensor, shape: tuple[int, int], save_conf: bool = Fal
     return lines
 
 
-def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int = 640,
+def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int | None = None,
         conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000, device: str = "",
         save_txt: bool = False, save_conf: bool = False, nosave: bool = False, classes: Sequence[int] | None = None,
         agnostic_nms: bool = False, project: str | Path = ROOT / "runs/detect", name: str = "exp",
         exist_ok: bool = False, line_thickness: int = 3, hide_labels: bool = False, hide_conf: bool = False,
         half: bool = False, vid_stride: int = 1, unsafe_load: bool = False, cfg: str | Path | None = None,
-        model: nn.Module | None = None) -> Path:
-    """Detect on every file of ``source``; returns the run folder. ``model`` skips loading ``weights``."""
+        backend: str = "auto", model: nn.Module | None = None) -> Path:
+    """Detect on every file of ``source``; returns the run folder. ``model`` skips loading ``weights``.
+
+    ``weights`` ending in .onnx / .engine run through ``backend`` at the file's own input size
+    (``imgsz`` only sizes a dynamic-size export); anything else is a PyTorch checkpoint.
+    """
     files = media_files(source)
-    dev = select_device(device)
-    half = half and dev.type == "cuda"  # CPU convolutions have no fp16 kernels
-    if model is None:
-        if weights is None:
-            raise UserError("detect: give --weights")
-        model = attempt_load(weights, device=dev, unsafe=unsafe_load, cfg=cfg)
-    model = (model.half() if half else model.float()).eval()
-    names = getattr(model, "names", None) or {i: str(i) for i in range(int(model.nc))}
+    exported = model is None and weights is not None and Path(weights).suffix.lower() in EXPORTED_SUFFIXES
+    if backend != "auto" and not exported:
+        raise UserError(f"--backend {backend}: only for .onnx / .engine weights; a checkpoint runs on PyTorch")
+    if exported:
+        model, size, names = load_exported(weights, backend, device, imgsz)
+        half = False  # the exported file's own precision decides
+    else:
+        dev = select_device(device)
+        half = half and dev.type == "cuda"  # CPU convolutions have no fp16 kernels
+        if model is None:
+            if weights is None:
+                raise UserError("detect: give --weights")
+            model = attempt_load(weights, device=dev, unsafe=unsafe_load, cfg=cfg)
+        model = (model.half() if half else model.float()).eval()
+        names = getattr(model, "names", None) or [str(i) for i in range(int(model.nc))]
+        names = names if isinstance(names, dict) else dict(enumerate(names))
+        size = imgsz or DEFAULT_IMGSZ
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     if save_txt:
         (save_dir / "labels").mkdir(exist_ok=True)
@@ -101,7 +143,7 @@ def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int =
     for path in tqdm(files, desc="detect", unit="file"):
         sink, count = None, 0
         for frame in read_frames(path, vid_stride):
-            det = detect_image(model, frame.image, imgsz, conf_thres, iou_thres, max_det, classes, agnostic_nms, half)
+            det = detect_image(model, frame.image, size, conf_thres, iou_thres, max_det, classes, agnostic_nms, half)
             count += len(det)
             stem = path.stem if frame.index is None else f"{path.stem}_{frame.index}"
             if save_txt:
