@@ -221,6 +221,11 @@ def test_exported_file_requests_that_cannot_run_are_user_errors(exported, tmp_pa
     with pytest.raises(UserError, match="--backend onnxruntime: only for .onnx / .engine weights"):
         detect.main(["--weights", str(tmp_path / "w.pt"), "--source", str(exported.source),
                      "--backend", "onnxruntime", "--project", str(runs)])
+    data80 = tmp_path / "coco80.yaml"
+    data80.write_text(yaml.safe_dump({**yaml.safe_load(exported.data.read_text()), "nc": 80,
+                                      "names": [str(i) for i in range(80)]}))
+    with pytest.raises(UserError, match="the model predicts 3 classes but .*coco80.yaml has nc=80"):
+        validate.run(onnx=exported.files["topk"], data=data80, backend="onnxruntime", project=runs)
     assert not runs.exists()
 
 

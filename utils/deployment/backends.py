@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from utils.boxes import xyxy2xywh
-from utils.deployment.signature import END2END_KEYS, onnx_signature
+from utils.deployment.signature import DEFAULT_IMGSZ, END2END_KEYS, onnx_signature
 from utils.errors import UserError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -45,7 +45,7 @@ def open_runner(onnx: Path | None, engine: Path | None, backend: str, device: st
                 max_batch: int):
     """A runner for the chosen backend. Its file's signature is checked before anything else, so a
     file that is not a detector export stops with one line (and no engine is built from it).
-    ``imgsz`` pins a dynamic image size when an engine is built; ``max_batch`` bounds its profile."""
+    ``imgsz`` (default 640) pins a dynamic image size when an engine is built; ``max_batch`` bounds its profile."""
     if backend == "onnxruntime":
         from utils.deployment.ort_runtime import OrtRunner
 
@@ -56,7 +56,7 @@ def open_runner(onnx: Path | None, engine: Path | None, backend: str, device: st
         onnx_signature(onnx).check(onnx)
         engine = onnx.with_suffix(".engine")
         if not engine.exists() or engine.stat().st_mtime < onnx.stat().st_mtime:
-            build_engine(onnx, engine, batch=(1, max(1, max_batch // 2), max_batch), imgsz=imgsz,
+            build_engine(onnx, engine, batch=(1, max(1, max_batch // 2), max_batch), imgsz=imgsz or DEFAULT_IMGSZ,
                          timing_cache=onnx.with_suffix(".timing.cache"))
     return TrtRunner(engine, f"cuda:{device}" if device.isdigit() else (device or "cuda:0"))
 

@@ -79,6 +79,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _matching_data(data: str | Path, nc: int | None, model: Path) -> dict:
+    """The dataset config, refused before any run folder is made when the model's class count differs."""
+    from utils.data.config import load_data_config
+
+    cfg = load_data_config(data)
+    if nc is not None and nc != cfg["nc"]:
+        raise UserError(f"{model}: the model predicts {nc} classes but {data} has nc={cfg['nc']}; "
+                        "is --data the dataset it was trained on?")
+    return cfg
+
+
 def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: str | Path | None = None,
         batch_size: int = 32, imgsz: int | None = None, postprocess: str = "nms", backend: str = "auto",
         conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, task: str = "val",
@@ -102,12 +113,10 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     runner = open_runner(onnx, engine, chosen, device, imgsz, max(batch_sizes + (batch_size,)))
     hw = runner.geometry.input_hw(imgsz, onnx or engine)
     dev = torch.device("cuda", int(device) if device.isdigit() else 0) if chosen == "tensorrt" else torch.device("cpu")
+    cfg = _matching_data(data, runner.signature.nc, onnx or engine) if data is not None else None
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     out = {"backend": chosen, "model": str(onnx or engine), "save_dir": str(save_dir)}
-    if data is not None:
-        from utils.data.config import load_data_config
-
-        cfg = load_data_config(data)
+    if cfg is not None:
         result, _ = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, hw, batch_size, task, postprocess,
                                       conf_thres, iou_thres, max_det, workers, dev)
         print(result.table(per_class=len(cfg["names"]) < 50))
