@@ -98,6 +98,10 @@ class Detect(nn.Module):
         """The first branch's per-level maps inside this head's training-mode output."""
         return train_out if self.branches == 1 else train_out[0]
 
+    def branch_inputs(self, b: int) -> list[int]:
+        """Positions in this head's input list (its ``f``) that branch ``b`` reads."""
+        return list(range(b * self.nl, (b + 1) * self.nl))
+
     def forward(self, x: list[torch.Tensor]):
         feats = []
         for b in range(self.branches):
@@ -203,17 +207,22 @@ class SegmentHead:
 
     def forward(self, x: list[torch.Tensor]):
         det = super().forward(x[:self.nl * self.branches])
+        # Every branch runs in eval too, as upstream's (its GFLOPs count them); export drops the unused.
+        coefficients, prototypes = (list(t) for t in zip(*(self._masks(x, b) for b in range(self.branches))))
         if self.training:
-            coefficients, prototypes = zip(*(self._masks(x, b) for b in range(self.branches)))
-            return det, _unwrap(list(coefficients)), _unwrap(list(prototypes))
-        coefficients, prototypes = self._masks(x, self.outputs[0])
+            return det, _unwrap(coefficients), _unwrap(prototypes)
+        b = self.outputs[0]
         if self.export:
-            return torch.cat((det, coefficients), 1), prototypes
+            return torch.cat((det, coefficients[b]), 1), prototypes[b]
         prediction, levels = det
-        return torch.cat((prediction, coefficients), 1), (levels, coefficients, prototypes)
+        return torch.cat((prediction, coefficients[b]), 1), (levels, coefficients[b], prototypes[b])
 
     def level_features(self, train_out) -> list[torch.Tensor]:
         return super().level_features(train_out[0])
+
+    def branch_inputs(self, b: int) -> list[int]:
+        extra = [self.nl * self.branches + b] if self.extra_proto_inputs else []
+        return super().branch_inputs(b) + extra
 
 
 class Segment(SegmentHead, Detect):
