@@ -37,7 +37,8 @@ def _nc_of(state_dict: dict) -> int | None:
 def model_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint", cfg: str | Path | dict | None = None
                           ) -> nn.Module:
     """The fp32 model inside a loaded checkpoint: its EMA if present, else 'model'; a state dict is
-    loaded into ``Model(cfg)`` (a SegmentationModel for a segmentation YAML); a PTQ/QAT checkpoint's quantized model is rebuilt."""
+    loaded into ``Model(cfg)`` (a SegmentationModel for a segmentation YAML); a PTQ/QAT
+    checkpoint's quantized model is rebuilt."""
     if isinstance(ckpt.get("quant"), dict):  # utils.qat_checkpoint's format; imports Model Optimizer
         from models.quantize import build_quantized
 

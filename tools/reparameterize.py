@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="yolov9-X checkpoint (dual branch)")
     parser.add_argument("--cfg", default=None,
-                        help="gelan YAML to convert into (default: gelan-X for yolov9-X, else the main branch's layers)")
+                        help="gelan YAML to convert into (default: gelan-X for yolov9-X, else the main branch)")
     parser.add_argument("--output", default=None, help="converted checkpoint (default: <weights>-converted.pt)")
     parser.add_argument("--unsafe-load", action="store_true", help="unpickle without the class allowlist")
     return parser
