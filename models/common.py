@@ -1,4 +1,4 @@
-"""Building blocks of the YOLOv9 / GELAN detectors.
+"""Building blocks of the YOLOv9 / GELAN detection and segmentation models.
 
 Class names, constructor arguments and attribute names (``cv1``, ``m``, ``c``, ``conv``, ``bn``...)
 are upstream YOLOv9's on purpose: they are the keys of every upstream state dict and the names
@@ -337,6 +337,29 @@ class CBFuse(nn.Module):
         size = xs[-1].shape[2:]
         resized = [F.interpolate(x[self.idx[i]], size=size, mode="nearest") for i, x in enumerate(xs[:-1])]
         return torch.sum(torch.stack(resized + xs[-1:]), dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Instance masks
+# ----------------------------------------------------------------------------------------------
+
+
+class Proto(nn.Module):
+    """Prototype masks of the Segment head: 3x3 Conv, 2x nearest upsampling, 3x3 Conv, 1x1 Conv.
+
+    Fed the stride-8 level, it returns ``c2`` prototypes at stride 4 that the per-anchor mask
+    coefficients combine into instance masks.
+    """
+
+    def __init__(self, c1, c_=256, c2=32):
+        super().__init__()
+        self.cv1 = Conv(c1, c_, k=3)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.cv2 = Conv(c_, c_, k=3)
+        self.cv3 = Conv(c_, c2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(self.cv2(self.upsample(self.cv1(x))))
 
 
 # ----------------------------------------------------------------------------------------------

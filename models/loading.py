@@ -37,7 +37,8 @@ def _nc_of(state_dict: dict) -> int | None:
 def model_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint", cfg: str | Path | dict | None = None
                           ) -> nn.Module:
     """The fp32 model inside a loaded checkpoint: its EMA if present, else 'model'; a state dict is
-    loaded into ``DetectionModel(cfg)``; a PTQ/QAT checkpoint's quantized model is rebuilt."""
+    loaded into ``Model(cfg)`` (a SegmentationModel for a segmentation YAML); a PTQ/QAT
+    checkpoint's quantized model is rebuilt."""
     if isinstance(ckpt.get("quant"), dict):  # utils.quantization.checkpoint's format; imports Model Optimizer
         from models.quantize import build_quantized
 
@@ -50,9 +51,9 @@ def model_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint", cfg: st
         raise UserError(f"{source}: no model in this checkpoint (keys: {', '.join(map(str, list(ckpt)[:8]))})")
     if cfg is None:
         raise UserError(f"{source}: holds only a state dict; pass the model YAML too (--cfg)")
-    from models.yolo import DetectionModel
+    from models.yolo import Model
 
-    model = DetectionModel(cfg, nc=_nc_of(state_dict))
+    model = Model(cfg, nc=_nc_of(state_dict))
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -269,11 +269,11 @@ def quant_state(model: nn.Module) -> dict:
 
 def build_quantized(state: dict, device: torch.device | str = "cpu") -> nn.Module:
     """The quantized model ``quant_state`` described, in eval mode on ``device``."""
-    from models.yolo import DetectionModel
+    from models.yolo import Model
 
     if state.get("version") != STATE_VERSION:
         raise UserError(f"quantized checkpoint version {state.get('version')} (this code reads {STATE_VERSION})")
-    model = DetectionModel(deepcopy(state["yaml"]))
+    model = Model(deepcopy(state["yaml"]))  # a SegmentationModel for a segmentation YAML
     model.names = list(state["names"])
     prepare(model, state["skip_layers"], QuantPlan.from_dict(state["plan"]))
     model.quant_info.calibration = dict(state["calibration"])

@@ -1,7 +1,7 @@
-"""Detection heads and the YAML-described YOLOv9 / GELAN detection model.
+"""Detection and segmentation heads and the YAML-described YOLOv9 / GELAN models.
 
-Head classes keep upstream's names and attributes (``cv2``..``cv7``, ``dfl``, ``dfl2``...) because
-those are the keys of upstream state dicts and the names inside upstream pickles.
+Head classes keep upstream's names and attributes (``cv2``..``cv7``, ``dfl``, ``dfl2``, ``proto``...)
+because those are the keys of upstream state dicts and the names inside upstream pickles.
 """
 from __future__ import annotations
 
@@ -17,8 +17,27 @@ import torch.nn as nn
 import yaml
 
 from models.common import (
-    DFL, SP, SPPCSPC, SPPELAN, ADown, AConv, Bottleneck, CBFuse, CBLinear, Concat, Conv, DWConv, ELAN1, MP,
-    RepConvN, RepNBottleneck, RepNCSP, RepNCSPELAN4, Silence, make_divisible,
+    DFL,
+    ELAN1,
+    MP,
+    SP,
+    SPPCSPC,
+    SPPELAN,
+    AConv,
+    ADown,
+    Bottleneck,
+    CBFuse,
+    CBLinear,
+    Concat,
+    Conv,
+    DWConv,
+    Proto,
+    RepConvN,
+    RepNBottleneck,
+    RepNCSP,
+    RepNCSPELAN4,
+    Silence,
+    make_divisible,
 )
 from utils.errors import UserError
 from utils.paths import ROOT
@@ -26,6 +45,7 @@ from utils.tal.anchor_generator import dist2bbox, make_anchors
 from utils.torch_utils import LOGGER, initialize_weights, model_info
 
 CONFIG_DIR = ROOT / "models" / "detect"
+SEGMENT_CONFIG_DIR = ROOT / "models" / "segment"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,6 +56,11 @@ CONFIG_DIR = ROOT / "models" / "detect"
 def _unwrap(items: list):
     """A single branch's value as is, several as a list (upstream's output nesting)."""
     return items[0] if len(items) == 1 else items
+
+
+def _numbered(name: str, b: int) -> str:
+    """Upstream's attribute name of branch ``b``'s copy of a head part: 'dfl', 'dfl2', 'proto', 'proto2'."""
+    return name if b == 0 else f"{name}{b + 1}"
 
 
 class Detect(nn.Module):
@@ -68,26 +93,33 @@ class Detect(nn.Module):
             setattr(self, f"cv{2 + 2 * b}", nn.ModuleList(self._box_tower(c, level_ch[0]) for c in level_ch))
             setattr(self, f"cv{3 + 2 * b}", nn.ModuleList(self._cls_tower(c, level_ch[0]) for c in level_ch))
         for b in range(self.branches):
-            setattr(self, self._dfl_name(b), DFL(self.reg_max))
+            setattr(self, _numbered("dfl", b), DFL(self.reg_max))
+
+    @staticmethod
+    def _tower(c_in: int, c: int, c_out: int, g: int = 1) -> nn.Sequential:
+        """Two 3x3 Convs of width ``c`` and a 1x1 prediction conv: every per-level tower of the heads."""
+        return nn.Sequential(Conv(c_in, c, 3), Conv(c, c, 3, g=g), nn.Conv2d(c, c_out, 1, groups=g))
 
     def _box_tower(self, c_in: int, c_first: int) -> nn.Sequential:
         c = max(c_first // 4, self.reg_max * 4, 16)
-        g = 4 if self.grouped_box_convs else 1
         if self.grouped_box_convs:
-            c = make_divisible(c, 4)
-        return nn.Sequential(Conv(c_in, c, 3), Conv(c, c, 3, g=g), nn.Conv2d(c, 4 * self.reg_max, 1, groups=g))
+            return self._tower(c_in, make_divisible(c, 4), 4 * self.reg_max, g=4)
+        return self._tower(c_in, c, 4 * self.reg_max)
 
     def _cls_tower(self, c_in: int, c_first: int) -> nn.Sequential:
-        c = max(c_first, min(self.nc * 2, 128))
-        return nn.Sequential(Conv(c_in, c, 3), Conv(c, c, 3), nn.Conv2d(c, self.nc, 1))
-
-    @staticmethod
-    def _dfl_name(b: int) -> str:
-        return "dfl" if b == 0 else f"dfl{b + 1}"
+        return self._tower(c_in, max(c_first, min(self.nc * 2, 128)), self.nc)
 
     def branch(self, b: int) -> tuple[nn.ModuleList, nn.ModuleList, DFL]:
         """Box towers, class towers and DFL of branch ``b`` (0 = first / auxiliary)."""
-        return getattr(self, f"cv{2 + 2 * b}"), getattr(self, f"cv{3 + 2 * b}"), getattr(self, self._dfl_name(b))
+        return getattr(self, f"cv{2 + 2 * b}"), getattr(self, f"cv{3 + 2 * b}"), getattr(self, _numbered("dfl", b))
+
+    def level_features(self, train_out) -> list[torch.Tensor]:
+        """The first branch's per-level maps inside this head's training-mode output."""
+        return train_out if self.branches == 1 else train_out[0]
+
+    def branch_inputs(self, b: int) -> list[int]:
+        """Positions in this head's input list (its ``f``) that branch ``b`` reads."""
+        return list(range(b * self.nl, (b + 1) * self.nl))
 
     def forward(self, x: list[torch.Tensor]):
         feats = []
@@ -130,6 +162,11 @@ class DualDetect(Detect):
     branches = 2
     outputs = (0, 1)
 
+    def forward(self, x: list[torch.Tensor]):
+        # A function of its own, named DualDetect.forward, so that a DualDSegment pickled here names
+        # it as its ``detect`` (see SegmentHead): upstream's code calls that for the dual boxes.
+        return super().forward(x)
+
 
 class DualDDetect(DualDetect):
     """DualDetect with grouped box convolutions (YOLOv9 with programmable gradient information)."""
@@ -144,7 +181,88 @@ class TripleDDetect(DDetect):
     outputs = (2,)
 
 
-HEADS = (Detect, DDetect, DualDetect, DualDDetect, TripleDDetect)
+class SegmentHead:
+    """Instance masks added to a Detect head (mixed in before it).
+
+    Per branch ``b``: mask-coefficient towers ``cv{2 + 2 * branches + b}`` (``nm`` per anchor, after
+    the box and class towers) and a prototype layer ``proto`` / ``proto2`` giving ``nm`` masks;
+    an instance mask is sigmoid(coefficients . prototypes). Outputs, as upstream's:
+
+    - training: ``(detect_out, coefficients, prototypes)``: Detect's training output, (B, nm, anchors)
+      and (B, nm, Hp, Wp) tensors, each a list over branches for a dual head;
+    - eval: ``(cat(prediction, coefficients), (level maps, coefficients, prototypes))`` of the one
+      branch in ``outputs``: (B, 4 + nc + nm, anchors) first;
+    - export: ``(cat(prediction, coefficients), prototypes)``.
+    """
+
+    extra_proto_inputs = False  # prototypes read extra input layers (one per branch, listed last)
+
+    def __init__(self, nc=80, nm=32, npr=256, ch=(), inplace=True):
+        det_ch = ch[:len(ch) - self.branches] if self.extra_proto_inputs else ch
+        super().__init__(nc, det_ch, inplace)
+        self.nm = nm
+        self.npr = npr
+        for b in range(self.branches):
+            first_level = det_ch[b * self.nl]
+            proto = Conv(ch[len(det_ch) + b], nm, 1) if self.extra_proto_inputs else Proto(first_level, npr, nm)
+            setattr(self, _numbered("proto", b), proto)
+        for b in range(self.branches):
+            level_ch = det_ch[b * self.nl:(b + 1) * self.nl]
+            c = max(level_ch[0] // 4, nm)
+            setattr(self, f"cv{2 + 2 * self.branches + b}", nn.ModuleList(self._tower(x, c, nm) for x in level_ch))
+        # Upstream's forward runs the boxes through this attribute; our forward does not need it,
+        # but upstream code running a model pickled here does.
+        self.detect = super().forward.__func__
+
+    def mask_branch(self, b: int) -> tuple[nn.ModuleList, nn.Module]:
+        """Mask-coefficient towers and prototype layer of branch ``b``."""
+        return getattr(self, f"cv{2 + 2 * self.branches + b}"), getattr(self, _numbered("proto", b))
+
+    def _masks(self, x: list[torch.Tensor], b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        towers, proto = self.mask_branch(b)
+        levels = x[b * self.nl:(b + 1) * self.nl]
+        coefficients = torch.cat([t(xi).flatten(2) for t, xi in zip(towers, levels)], 2)
+        return coefficients, proto(x[self.nl * self.branches + b] if self.extra_proto_inputs else levels[0])
+
+    def forward(self, x: list[torch.Tensor]):
+        det = super().forward(x[:self.nl * self.branches])
+        # Every branch runs in eval too, as upstream's (its GFLOPs count them); export drops the unused.
+        coefficients, prototypes = (list(t) for t in zip(*(self._masks(x, b) for b in range(self.branches))))
+        if self.training:
+            return det, _unwrap(coefficients), _unwrap(prototypes)
+        b = self.outputs[0]
+        if self.export:
+            return torch.cat((det, coefficients[b]), 1), prototypes[b]
+        prediction, levels = det
+        return torch.cat((prediction, coefficients[b]), 1), (levels, coefficients[b], prototypes[b])
+
+    def level_features(self, train_out) -> list[torch.Tensor]:
+        return super().level_features(train_out[0])
+
+    def branch_inputs(self, b: int) -> list[int]:
+        extra = [self.nl * self.branches + b] if self.extra_proto_inputs else []
+        return super().branch_inputs(b) + extra
+
+
+class Segment(SegmentHead, Detect):
+    """Detect with instance masks; a Proto on the first (stride-8) level makes the prototypes."""
+
+
+class DSegment(SegmentHead, DDetect):
+    """DDetect with instance masks; a 1x1 Conv on one extra input layer makes the prototypes."""
+
+    extra_proto_inputs = True
+
+
+class DualDSegment(SegmentHead, DualDDetect):
+    """DualDDetect with instance masks on both branches; eval decodes only the main one (upstream)."""
+
+    extra_proto_inputs = True
+    outputs = (1,)
+
+
+SEGMENT_HEADS = (Segment, DSegment, DualDSegment)
+HEADS = (Detect, DDetect, DualDetect, DualDDetect, TripleDDetect, *SEGMENT_HEADS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,14 +338,31 @@ class DetectionModel(BaseModel):
 
     def _measure_strides(self, ch: int, s: int = 256) -> torch.Tensor:
         """Strides of the head's levels from one training-mode forward pass on an s x s input."""
-        head = self.model[-1]
         with torch.no_grad():
             out = self.forward(torch.zeros(1, ch, s, s))
-        feats = out if head.branches == 1 else out[0]
-        return torch.tensor([s / f.shape[-2] for f in feats])
+        return torch.tensor([s / f.shape[-2] for f in self.model[-1].level_features(out)])
 
 
-Model = DetectionModel  # upstream's name, kept for scripts and pickles that use it
+class SegmentationModel(DetectionModel):
+    """A model whose head also predicts instance masks (upstream's class, named in its checkpoints)."""
+
+    def __init__(self, cfg: str | Path | dict = "gelan-c-seg.yaml", ch: int = 3, nc: int | None = None,
+                 anchors=None):
+        super().__init__(cfg, ch, nc, anchors)
+        head = self.model[-1]
+        if not isinstance(head, SegmentHead):
+            raise UserError(f"{getattr(self, 'yaml_file', 'model config')}: head is {type(head).__name__}, "
+                            f"not a segmentation head ({', '.join(h.__name__ for h in SEGMENT_HEADS)})")
+
+
+def Model(cfg: str | Path | dict = "yolov9-c.yaml", ch: int = 3, nc: int | None = None,  # noqa: N802
+          anchors=None) -> DetectionModel:
+    """Upstream's name for building a model: a SegmentationModel when the YAML's head is a
+    segmentation head, else a DetectionModel."""
+    d = cfg if isinstance(cfg, dict) else load_config(resolve_config(cfg))
+    last = d["head"][-1] if d.get("head") else None
+    is_segment = isinstance(last, list) and len(last) > 2 and MODULES.get(str(last[2])) in SEGMENT_HEADS
+    return (SegmentationModel if is_segment else DetectionModel)(cfg, ch, nc, anchors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,14 +386,15 @@ _ACTIVATIONS = {m.__name__: m for m in (nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU
 
 
 def resolve_config(cfg: str | Path) -> Path:
-    """A YAML path as given, or a bundled config by name ('gelan-c' or 'gelan-c.yaml')."""
+    """A YAML path as given, or a bundled config by name ('gelan-c', 'gelan-c-seg.yaml')."""
     path = Path(cfg)
     if path.is_file():
         return path
-    bundled = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
-    if bundled.is_file():
-        return bundled
-    raise UserError(f"{cfg}: model config not found (neither a file nor one of {CONFIG_DIR})")
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    for folder in (CONFIG_DIR, SEGMENT_CONFIG_DIR):
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"{cfg}: model config not found (neither a file nor one of {CONFIG_DIR}, {SEGMENT_CONFIG_DIR})")
 
 
 def load_config(path: Path) -> dict:
@@ -344,6 +480,8 @@ def parse_model(d: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
                 c2 = ch[f[-1]]
             elif m in HEADS:
                 args.append([ch[x] for x in f])
+                if m in SEGMENT_HEADS:  # the prototype width scales like a layer's (upstream rule)
+                    args[2] = make_divisible(args[2] * gw, 8)
             else:
                 c2 = ch[f]
 

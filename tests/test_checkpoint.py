@@ -7,16 +7,20 @@ import os
 import zipfile
 from copy import deepcopy
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from models.common import Conv
 from models.experimental import attempt_load
-from models.yolo import DetectionModel
+from models.yolo import DetectionModel, SegmentationModel
 from tests.model_builders import trained_looking_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
 
 
 def _perturbed(cfg: str, nc: int = 3) -> DetectionModel:
@@ -159,3 +163,54 @@ def test_missing_file_and_wrong_content(tmp_path):
     torch.save({"epoch": 1}, tmp_path / "empty.pt")
     with pytest.raises(UserError, match="no model in this checkpoint"):
         attempt_load(tmp_path / "empty.pt")
+
+
+def _flat(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else [t for o in out for t in _flat(o)]
+
+
+@pytest.mark.parametrize("cfg", ["gelan-tiny-seg", "yolov9-tiny-dseg"])
+def test_upstream_format_segmentation_round_trip(tmp_path, cfg):
+    # Upstream's seg heads keep ``detect = <Detect class>.forward``, which pickle writes as
+    # getattr(<class>, 'forward'): the allowlist must answer that lookup, and only that one.
+    model = trained_looking_model(str(ASSETS / f"{cfg}.yaml"), nc=2)
+    path = tmp_path / "last.pt"
+    torch.save(upstream_style_checkpoint(model), path)
+    assert "builtins.getattr" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+
+    x = torch.rand(1, 3, 64, 96)
+    reference = deepcopy(model).half().float().eval()
+    with torch.no_grad():
+        expected = _flat(reference(x))
+        loaded = attempt_load(path, fuse=False)
+        got = _flat(loaded(x))
+        fused = _flat(attempt_load(path)(x))
+    assert type(loaded) is SegmentationModel and type(loaded.model[-1]) is type(model.model[-1])
+    assert len(got) == len(expected) == 6 and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert max(float((a - b).abs().max()) for a, b in zip(fused, expected)) < 1e-3
+
+
+class _GetattrOf:
+    def __init__(self, obj, name):
+        self.args = obj, name
+
+    def __reduce__(self):
+        return (getattr, self.args)
+
+
+@pytest.mark.parametrize("obj, name", [(Conv, "__init__"), (Conv, "fuse"), (torch.nn.Conv2d, "forward")])
+def test_checkpoint_getattr_is_limited_to_head_forwards(tmp_path, obj, name):
+    path = tmp_path / "reach.pt"
+    torch.save({"model": None, "x": _GetattrOf(obj, name)}, path)
+    with pytest.raises(UserError, match=r"reach\.pt: refuses to unpickle builtins\.getattr"):
+        load_checkpoint(path)
+
+
+def test_segmentation_state_dict_with_cfg(tmp_path):
+    model = trained_looking_model(str(ASSETS / "gelan-tiny-dseg.yaml"), nc=2).eval()
+    path = tmp_path / "sd.pt"
+    torch.save({"model": model.state_dict()}, path)
+    loaded = attempt_load(path, cfg=ASSETS / "gelan-tiny-dseg.yaml", fuse=False)
+    x = torch.rand(1, 3, 64, 64)
+    assert type(loaded) is SegmentationModel and loaded.nc == 2
+    assert all(torch.equal(a, b) for a, b in zip(_flat(loaded(x)), _flat(model(x))))

@@ -13,6 +13,7 @@ import yaml
 
 from models.common import Conv, RepConvN
 from models.yolo import CONFIG_DIR, DDetect, DetectionModel, DualDDetect, Model, parse_activation
+from tests.model_builders import randomize_statistics
 from utils.errors import UserError
 from utils.torch_utils import count_gflops
 
@@ -80,22 +81,11 @@ def test_fused_size_and_gflops_match_upstream(models, name):
     assert all("conv" in m._modules and "conv1" not in m._modules for m in fused.modules() if isinstance(m, RepConvN))
 
 
-def _randomize_statistics(model: nn.Module) -> None:
-    """Non-trivial BN statistics and affine terms, so that a wrong fusion formula shows."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("name", ["gelan-t", "gelan-s", "yolov9-t", "gelan-c"])
 def test_fusing_keeps_outputs(name):
     torch.manual_seed(0)
     model = DetectionModel(name, nc=4).eval()
-    _randomize_statistics(model)
+    randomize_statistics(model)
     x = torch.rand(2, 3, 128, 96)
     with torch.no_grad():
         before = model(x)[0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from copy import deepcopy
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,13 +23,14 @@ from models.quantize import (
     quantizers,
     set_quantization,
 )
-from models.yolo import DetectionModel
+from models.yolo import DetectionModel, Model, SegmentationModel
 from tests.qat_helpers import CONFIGS, one_thread, scale_violations, shrunk_config
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.quantization.checkpoint import load_quantized, make_checkpoint
 
 IMGSZ = 64
+ASSETS = Path(__file__).parent / "assets"
 
 
 @pytest.fixture(autouse=True)
@@ -236,3 +238,23 @@ def test_model_calibration_methods_differ():
     assert smaller > len(ranges["max"]) // 2
     with pytest.raises(UserError):
         load_amax(q, "median")
+
+
+@pytest.mark.parametrize("cfg", ["gelan-tiny-seg", "yolov9-tiny-dseg"])
+def test_segmentation_models_quantize_and_reload(tmp_path, cfg):
+    # Not segmentation QAT yet: module swapping, the scale rules and the checkpoint already hold for
+    # the mask towers and prototype layers (Proto's upsampling shares its input's scale).
+    torch.manual_seed(0)
+    fp = Model(ASSETS / f"{cfg}.yaml", nc=2).fuse().eval()
+    q = prepare(deepcopy(fp))
+    calibrate(q, [torch.rand(2, 3, IMGSZ, IMGSZ)])
+    convs = {n for n, m in fp.named_modules() if isinstance(m, nn.Conv2d) and ".dfl" not in n}
+    assert {n for n, m in q.named_modules() if isinstance(m, QuantConv2d)} == convs
+    assert any(".proto." in n for n in convs) and any(".cv4." in n or ".cv7." in n for n in convs)
+    assert scale_violations(q, torch.rand(1, 3, IMGSZ, IMGSZ)) == []
+    path = save_checkpoint(make_checkpoint(q, epoch=1, opt={}), tmp_path / "q.pt")
+    loaded, _ = load_quantized(path)
+    x = torch.rand(1, 3, IMGSZ, 96)
+    with torch.no_grad():
+        (a, (_, _, pa)), (b, (_, _, pb)) = q.eval()(x), loaded(x)
+    assert type(loaded) is SegmentationModel and torch.equal(a, b) and torch.equal(pa, pb)

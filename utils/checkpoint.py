@@ -50,15 +50,30 @@ def register_safe_globals(*objs: Any) -> None:
     _extra_globals.extend(objs)
 
 
-def safe_globals() -> list:
-    """Everything a checkpoint may name: our model classes, their torch layers, numpy arrays."""
+def _model_classes() -> list[type]:
     from models import common, yolo  # late: models import utils, never the other way at import time
 
     # Classes are found by scanning both modules, not from our layer registry, so that the QAT layer
     # copied into an upstream checkout allowlists upstream's classes there.
     ours = {obj for module in (common, yolo) for obj in vars(module).values()
             if isinstance(obj, type) and obj.__module__ == module.__name__}
-    return [*sorted(ours, key=lambda c: c.__name__), *_TORCH_LAYERS, *_numpy_globals(), *_extra_globals]
+    return sorted(ours, key=lambda c: c.__name__)
+
+
+def _forward_of(cls: Any, name: str) -> Any:
+    """Stands in for ``builtins.getattr``, which pickles of upstream's segmentation heads call:
+    they keep their detection forward as an attribute (``self.detect = DDetect.forward``), stored
+    as ``getattr(DDetect, 'forward')``. Only that lookup is allowed; the real getattr would let a
+    file reach anything."""
+    if name == "forward" and cls in _model_classes():
+        return cls.forward
+    raise pickle.UnpicklingError(f"GLOBAL builtins.getattr for {getattr(cls, '__name__', type(cls).__name__)}.{name}")
+
+
+def safe_globals() -> list:
+    """Everything a checkpoint may name: our model classes, their torch layers, numpy arrays."""
+    return [*_model_classes(), *_TORCH_LAYERS, (_forward_of, "builtins.getattr"), *_numpy_globals(),
+            *_extra_globals]
 
 
 def _first_line(exc: BaseException) -> str:
