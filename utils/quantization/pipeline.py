@@ -35,7 +35,7 @@ from models.quantize import (
 )
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp, require_split
-from utils.data.dataset import create_dataloader
+from utils.data.dataset import create_dataloader, set_epoch
 from utils.errors import UserError
 from utils.evaluation.evaluator import EvalResult, evaluate
 from utils.logs import LOGGER
@@ -254,8 +254,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     try:
         for epoch in range(state.start_epoch, opt.epochs):
             seed_everything(epoch_seed(opt.seed, epoch, info.rank))
-            if info.distributed:
-                loader.sampler.set_epoch(epoch)
+            set_epoch(loader, epoch)
             for g in optimizer.param_groups:
                 g["lr"] = lr0 * lf(epoch)
             stats = train_one_epoch(model, loader, loss_fn, optimizer, device=device, epoch=epoch, epochs=opt.epochs,

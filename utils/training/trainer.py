@@ -248,7 +248,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
            on_epoch_end: Callable[[int, dict], None] | None) -> Path:
     from utils.checkpoint import save_checkpoint
     from utils.data.config import load_data_config, load_hyp, require_split
-    from utils.data.dataset import create_dataloader
+    from utils.data.dataset import create_dataloader, set_epoch
 
     t_start = time.perf_counter()
     ckpt = None
@@ -331,12 +331,8 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
 
     best_fitness, best_epoch = state.best_fitness, state.best_epoch
     for epoch in range(state.start_epoch, opt.epochs):
-        seed = epoch_seed(opt.seed, epoch, info.rank)
-        seed_everything(seed)
-        if getattr(train_loader, "generator", None) is not None:  # the shuffle order of a single process
-            train_loader.generator.manual_seed(seed)
-        if info.distributed:
-            train_loader.sampler.set_epoch(epoch)
+        seed_everything(epoch_seed(opt.seed, epoch, info.rank))
+        set_epoch(train_loader, epoch)
         if opt.close_mosaic and epoch >= opt.epochs - opt.close_mosaic:
             dataset.close_mosaic()
         for g in optimizer.param_groups:
