@@ -20,6 +20,14 @@ class UserError(Exception):
     """Bad input the user can fix: a missing file, a wrong yaml, a device that is not there."""
 
 
+def yaml_problem(exc: Exception) -> str:
+    """Where and what a YAML parse error is ("line 3, column 5: mapping values are not allowed here")."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = getattr(exc, "problem", None) or getattr(exc, "context", None) or \
+        (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
+
+
 def fail(message: str) -> NoReturn:
     """Print one error line and exit with the bad-input code."""
     print(f"error: {message}", file=sys.stderr)
