@@ -335,7 +335,8 @@ def test_resume_keeps_the_saved_options_and_names_each_change(caplog):
     new = {"epochs": 20, "workers": 8, "data": "b.yaml", "unsafe_load": False, "resume": "last.pt"}
     with caplog.at_level("INFO", logger="yolov9"):
         merged = resume_options(saved, new, typed=["epochs", "workers", "resume"], fixed=["data"])
-    assert merged == {"epochs": 20, "workers": 8, "data": "a.yaml", "unsafe_load": False}  # trust is per command
+    assert merged == {"epochs": 20, "workers": 8, "data": "a.yaml", "unsafe_load": False,  # trust is per command
+                      "resume": "last.pt"}
     assert "except --epochs 10 -> 20" in caplog.text and "--workers" not in caplog.text  # typed, but unchanged
     with pytest.raises(UserError, match="--data cannot change"):
         resume_options(saved, new, typed=["data"], fixed=["data"])

@@ -75,8 +75,7 @@ def check_flags(values: Mapping, minimums: Mapping[str, int] | None = None) -> N
             continue
         if key in bounds:
             if not isinstance(value, int) or value < bounds[key]:
-                what = COUNTS[key][1] if key in COUNTS else ""
-                raise UserError(f"{flag(key)} {value}: must be at least {bounds[key]}" + (f" ({what})" if what else ""))
+                raise UserError(f"{flag(key)} {value}: must be at least {bounds[key]} ({COUNTS[key][1]})")
         elif key in RANGES and not RANGES[key][0](value):
             raise UserError(f"{flag(key)} {value}: must be {RANGES[key][1]}")
     if values.get("imgsz") is not None:
@@ -95,19 +94,11 @@ def check_imgsz(imgsz: int | Sequence[int], stride: int = MIN_STRIDE) -> None:
     """
     sides = list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz]
     stride = max(int(stride), MIN_STRIDE)
-    bad = [s for s in sides if not isinstance(s, int) or s < stride or s % stride]
+    bad = [s for s in sides if s < stride or s % stride]
     if bad:
-        nearest = max(stride, round(bad[0] / stride) * stride) if isinstance(bad[0], int) else stride
+        nearest = max(stride, round(bad[0] / stride) * stride)
         raise UserError(f"--imgsz {_show(imgsz)}: every side must be a multiple of the model stride {stride} "
                         f"(e.g. {nearest})")
-
-
-def check_layers(layers: Iterable[int], n_layers: int, what: str = "--skip-layers") -> None:
-    """Refuse layer indices the model does not have (negative ones count from the end)."""
-    bad = [i for i in layers if not -n_layers <= i < n_layers]
-    if bad:
-        raise UserError(f"{what} {','.join(map(str, layers))}: layer {bad[0]} does not exist "
-                        f"(the model has layers 0-{n_layers - 1})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,9 +156,9 @@ def resume_options(saved: Mapping, new: Mapping, typed: Iterable[str], fixed: It
 
     A typed flag in ``fixed`` (what the checkpoint already decided: the model, the calibration)
     that differs from the saved value is refused; every replaced value is logged. The per-command
-    options come from the new command.
+    options, and options newer than the checkpoint, come from the new command.
     """
-    merged = {**run_options(saved), **{k: new[k] for k in PER_COMMAND if k in new}}
+    merged = {**new, **run_options(saved), **{k: new[k] for k in PER_COMMAND if k in new}}
     changes = []
     for key in sorted(set(typed) - set(LOCATING)):
         old, value = saved.get(key), new.get(key)

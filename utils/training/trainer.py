@@ -347,7 +347,9 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
     torch.backends.cudnn.benchmark = True
 
     best_fitness, best_epoch = state.best_fitness, state.best_epoch
-    sessions = previous_sessions(save_dir / "train_summary.json") if state.start_epoch else []
+    # Each process of a resumed run keeps its own clock: the pause between them is not training time.
+    session = {"first_epoch": state.start_epoch + 1}
+    sessions = (previous_sessions(save_dir / "train_summary.json") if state.start_epoch else []) + [session]
     run["last"] = last
     for epoch in range(state.start_epoch, opt.epochs):
         seed_everything(epoch_seed(opt.seed, epoch, info.rank))
@@ -377,6 +379,9 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
             if best_epoch == epoch:
                 save_checkpoint(ckpt, best)
             del ckpt
+            session.update(last_epoch=epoch + 1, seconds=round(time.perf_counter() - t_start, 1))
+            write_summary(save_dir / "train_summary.json", opt, sessions, best_epoch, best_fitness, info.world_size,
+                          device)
             stop = opt.patience > 0 and not opt.noval and epoch - best_epoch >= opt.patience
             if stop:
                 LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs (best epoch {best_epoch + 1})")
@@ -386,10 +391,6 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
             break
 
     if info.is_main:
-        sessions.append({"first_epoch": state.start_epoch + 1, "last_epoch": epoch + 1,
-                         "seconds": round(time.perf_counter() - t_start, 1)})
-        write_summary(save_dir / "train_summary.json", opt, sessions, best_epoch, best_fitness, info.world_size,
-                      device)
         for f in (last, best):
             if f.exists():
                 finalize_checkpoint(f)
@@ -399,10 +400,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
 
 
 def previous_sessions(path: Path) -> list[dict]:
-    """The processes an interrupted run already ran in, from its train_summary.json (none if absent).
-
-    An interrupted process writes no summary; its epochs are then counted in the resumed session.
-    """
+    """The processes an interrupted run already ran in, from its train_summary.json (written every epoch)."""
     try:
         return list(json.loads(path.read_text()).get("sessions", []))
     except (OSError, ValueError):
@@ -413,8 +411,7 @@ def write_summary(path: Path, opt: argparse.Namespace, sessions: list[dict], bes
                   world_size: int, device: torch.device) -> None:
     """How the run went, for benchmark records: the command, epochs (numbered from 1), wall time per process.
 
-    A resumed run ran in several processes; each keeps its own time, as the pause between them is
-    not training time. ``train_seconds`` is this last process's.
+    ``sessions`` lists the processes a resumed run ran in; ``train_seconds`` is the last one's.
     """
     summary = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
