@@ -118,7 +118,8 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     report = json.loads((qat_dir / "report.json").read_text())
 
     qat_best = qat_dir / "weights" / ("qat_best.pt" if opt.qat_epochs > 0 else "ptq.pt")
-    onnx = export_checkpoint(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu", exist_ok=opt.exist_ok)[0].path
+    onnx = export_checkpoint(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu",
+                             exist_ok=opt.exist_ok)[0].path
     checked = validate_exported(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size,
                           backend="tensorrt" if backends.have_tensorrt() and opt.device != "cpu" else "onnxruntime",
                           device="" if opt.device == "cpu" else opt.device, workers=opt.workers,

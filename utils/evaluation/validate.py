@@ -13,7 +13,6 @@ from models.loading import attempt_load
 from utils.data.config import load_data_config, require_split
 from utils.data.dataset import create_dataloader
 from utils.errors import UserError
-from utils.options import check_flags, check_imgsz
 from utils.evaluation.coco import (
     category_ids,
     coco_evaluate,
@@ -23,6 +22,7 @@ from utils.evaluation.coco import (
 )
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
 from utils.evaluation.plots import plot_confusion_matrix, plot_pr_curve
+from utils.options import check_flags, check_imgsz
 from utils.paths import ROOT, increment_path
 from utils.torch_utils import de_parallel, select_device
 
