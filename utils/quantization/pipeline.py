@@ -316,9 +316,18 @@ def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, 
 
 def run_quantize(opt: argparse.Namespace) -> Path:
     """``qat.py quantize``: Origin, PTQ and QAT with a report; returns the run folder."""
+    t0 = time.perf_counter()
+    # Inputs are checked and loaded before the run folder exists: a failed start leaves nothing behind.
+    _check_quantize_flags(opt)
+    ckpt = save_dir = None
+    if opt.resume:  # before the device is chosen: a resume keeps the run's own --device unless typed again
+        opt, ckpt, save_dir = _resume_options(opt)
+        _check_quantize_flags(opt)
+    elif not (opt.weights and opt.data):
+        raise UserError("qat.py quantize: pass --weights and --data (or --resume a qat_last.pt)")
     device = select_device(opt.device)
     with process_group(device) as info:
-        return _quantize(opt, device, info)
+        return _quantize(opt, ckpt, save_dir, device, info, t0)
 
 
 def _check_ranges_agree(model: nn.Module, info: DistInfo) -> None:
@@ -343,16 +352,8 @@ def _check_quantize_flags(opt: argparse.Namespace) -> None:
         raise UserError("--auto-skip ranks layers by PTQ mAP: it cannot be combined with --no-eval-ptq")
 
 
-def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> Path:
-    t0 = time.perf_counter()
-    # Inputs are checked and loaded before the run folder exists: a failed start leaves nothing behind.
-    _check_quantize_flags(opt)
-    ckpt = save_dir = None
-    if opt.resume:
-        opt, ckpt, save_dir = _resume_options(opt)
-        _check_quantize_flags(opt)
-    elif not (opt.weights and opt.data):
-        raise UserError("qat.py quantize: pass --weights and --data (or --resume a qat_last.pt)")
+def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, device: torch.device,
+              info: DistInfo, t0: float) -> Path:
     if opt.batch_size % info.world_size:
         raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
     seed_everything(opt.seed)

@@ -229,11 +229,17 @@ def train(opt: argparse.Namespace | dict | None = None,
     ``on_epoch_end(epoch, metrics)`` runs on the main process after each epoch's checkpoint is written.
     """
     opt = make_options(opt, **overrides)
+    # Inputs are checked and loaded before the run folder exists: a failed start leaves nothing behind.
+    check_flags(vars(opt))
+    ckpt = save_dir = None
+    if opt.resume:  # before the device is chosen: a resume keeps the run's own --device unless typed again
+        opt, ckpt, save_dir = _resume(opt)
+        check_flags(vars(opt))
     device = select_device(opt.device)
     run: dict = {}  # _train puts the path of last.pt here, for the message of an interrupt
     with process_group(device) as info:
         try:
-            return _train(opt, device, info, on_epoch_end, run)
+            return _train(opt, ckpt, save_dir, device, info, on_epoch_end, run)
         except KeyboardInterrupt:
             last = run.get("last")
             if info.is_main and last is not None and last.is_file():
@@ -260,19 +266,13 @@ def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
     return restored, ckpt, last.parent.parent
 
 
-def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
+def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, device: torch.device, info: DistInfo,
            on_epoch_end: Callable[[int, dict], None] | None, run: dict) -> Path:
     from utils.checkpoint import save_checkpoint
     from utils.data.config import load_data_config, load_hyp, require_split
     from utils.data.dataset import create_dataloader, set_epoch
 
     t_start = time.perf_counter()
-    # Inputs are checked and loaded before the run folder exists: a failed start leaves nothing behind.
-    check_flags(vars(opt))
-    ckpt, save_dir = None, None
-    if opt.resume:
-        opt, ckpt, save_dir = _resume(opt)
-        check_flags(vars(opt))
     hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
     opt.hyp = hyp  # the checkpoint carries the values, not a path that may change
     data = load_data_config(opt.data)
