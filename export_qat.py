@@ -33,6 +33,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iou-thres", type=float, default=0.45, help="End2End NMS IoU threshold")
     p.add_argument("--conf-thres", type=float, default=0.25, help="End2End score threshold")
     p.add_argument("--device", default="cpu", help="cpu or a CUDA device (export traces on it)")
+    p.add_argument("--exist-ok", action="store_true",
+                   help="replace ONNX files that exist beside the weights (without it, export refuses)")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="unpickle the checkpoint without the class allowlist (trusted files only)")
     opt = p.parse_args(argv)
     if len(opt.imgsz) not in (1, 2):
         p.error("--imgsz takes one or two integers")
@@ -43,7 +47,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[ExportResult]:
     opt = parse_opt(argv)
     return export_checkpoint(opt.weights, tuple(opt.include), opt.imgsz, opt.batch_size, opt.dynamic, opt.simplify, opt.slim,
-               opt.opset, opt.postprocess, opt.topk_all, opt.iou_thres, opt.conf_thres, opt.device)
+               opt.opset, opt.postprocess, opt.topk_all, opt.iou_thres, opt.conf_thres, opt.device, opt.exist_ok,
+               opt.unsafe_load)
 
 
 if __name__ == "__main__":

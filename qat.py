@@ -20,6 +20,7 @@ import os
 from typing import Callable
 
 from utils.errors import run_cli
+from utils.options import parse_flags
 from utils.quantization.options import add_eval_args, add_quantize_args, add_sensitive_args
 
 
@@ -59,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text))
-    return p.parse_args(argv)
+    return parse_flags(p, argv)
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ import logging
 import os
 
 from utils.errors import run_cli
+from utils.options import parse_flags
 from utils.training.engine import AMP_MODES
 from utils.training.optim import OPTIMIZERS
 from utils.training.trainer import DEFAULTS, train
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=d["name"], help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
     p.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue the given last.pt, or the most recent run under --project")
+                   help="continue the given last.pt, or the most recent run under --project, with its own "
+                        "options; a flag typed again replaces the saved value (the change is printed)")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--close-mosaic", type=int, default=d["close_mosaic"], help="train the last N epochs without mosaic")
     p.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
@@ -47,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
     p.add_argument("--cache", nargs="?", const="ram", default=d["cache"], choices=("", "ram"),
                    metavar="ram", help="decode the images once and keep them in RAM")
-    return p.parse_args(argv)
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="unpickle --weights without the class allowlist (trusted files only)")
+    return parse_flags(p, argv)
 
 
 def main(argv=None):

@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
     parser.add_argument("--verbose", action="store_true", help="print every class, even for many classes")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="unpickle the checkpoint without the class allowlist (trusted files only)")
     return parser.parse_args(argv)
 
 

@@ -51,10 +51,17 @@ class EfficientNMS(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, boxes, scores, iou_threshold: float, score_threshold: float, max_output_boxes: int):
-        return g.op("TRT::EfficientNMS_TRT", boxes, scores, outputs=4,
-                    background_class_i=-1, box_coding_i=1,  # 1 = BoxCenterSize: the head's boxes are xywh
-                    iou_threshold_f=iou_threshold, max_output_boxes_i=max_output_boxes, plugin_version_s="1",
-                    score_activation_i=0, score_threshold_f=score_threshold)  # scores are already sigmoid
+        outputs = g.op("TRT::EfficientNMS_TRT", boxes, scores, outputs=4,
+                       background_class_i=-1, box_coding_i=1,  # 1 = BoxCenterSize: the head's boxes are xywh
+                       iou_threshold_f=iou_threshold, max_output_boxes_i=max_output_boxes, plugin_version_s="1",
+                       score_activation_i=0, score_threshold_f=score_threshold)  # scores are already sigmoid
+        # The plugin's output types, declared here: ONNX cannot infer a custom op's, and the exporter
+        # warned about every output without them.
+        batch = (boxes.type().varyingSizes() or [None])[0]
+        shapes = ([batch, 1], [batch, max_output_boxes, 4], [batch, max_output_boxes], [batch, max_output_boxes])
+        for value, shape, dtype in zip(outputs, shapes, (torch.int32, None, None, torch.int32)):
+            value.setType(boxes.type().with_dtype(dtype or boxes.type().dtype()).with_sizes(shape))
+        return outputs
 
 
 def efficient_nms_reference(boxes_xywh: torch.Tensor, scores: torch.Tensor, iou_threshold: float,

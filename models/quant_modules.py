@@ -12,14 +12,40 @@ quantizers under new names (``concat``, ``residual``, ``pool``, ``input_quantize
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import warnings
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from modelopt.torch.quantization.calib import HistogramCalibrator
-from modelopt.torch.quantization.config import QuantizerAttributeConfig
-from modelopt.torch.quantization.nn import TensorQuantizer
+
+
+@contextlib.contextmanager
+def _quiet_modelopt_import() -> Iterator[None]:
+    """Drop the two notices importing Model Optimizer prints on a machine without CUDA: torch's "No
+    CUDA runtime is found" (modelopt imports torch.utils.cpp_extension for its kernels) and the
+    torch.jit.script deprecation (a decorator inside modelopt). The user caused neither and can do
+    nothing about them; only these two messages, only during this import, are filtered."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(keep)
+
+
+with _quiet_modelopt_import():  # models.quantize and models.quantize_rules take TensorQuantizer from here
+    from modelopt.torch.quantization.calib import HistogramCalibrator
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
 from models.common import ADown, Concat, ELAN1, RepNBottleneck, RepNCSP, RepNCSPELAN4, SPPELAN, DFL
 from models.range_search import entropy_amax, mse_amax, percentile_amax

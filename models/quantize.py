@@ -22,9 +22,8 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
-from modelopt.torch.quantization.nn import TensorQuantizer
 
-from models.quant_modules import CALIB_METHODS, FLOAT_ONLY, QuantConv2d, quantize_modules
+from models.quant_modules import CALIB_METHODS, FLOAT_ONLY, QuantConv2d, TensorQuantizer, quantize_modules
 from models.quantize_rules import QuantPlan, derive_plan, input_quantizers
 from utils.errors import UserError
 

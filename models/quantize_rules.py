@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from modelopt.torch.quantization.nn import TensorQuantizer
 from torch.overrides import TorchFunctionMode
 
-from models.quant_modules import is_weight_quantizer
+from models.quant_modules import TensorQuantizer, is_weight_quantizer
 
 # torch calls whose outputs carry their first input's values, hence its scale
 _PASS_THROUGH = {torch.Tensor.chunk, torch.chunk, torch.Tensor.split, torch.split, torch.Tensor.__getitem__,

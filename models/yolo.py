@@ -39,7 +39,7 @@ from models.common import (
     Silence,
     make_divisible,
 )
-from utils.errors import UserError
+from utils.errors import UserError, yaml_problem
 from utils.paths import ROOT
 from utils.tal.anchor_generator import dist2bbox, make_anchors
 from utils.torch_utils import LOGGER, initialize_weights, model_info
@@ -403,7 +403,7 @@ def load_config(path: Path) -> dict:
         with open(path, encoding="ascii", errors="ignore") as f:
             d = yaml.safe_load(f)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     missing = [k for k in ("nc", "backbone", "head") if not isinstance(d, dict) or k not in d]
     if missing:
         raise UserError(f"{path}: not a model config (missing {', '.join(missing)})")

@@ -3,12 +3,21 @@
 Most cases run the script's ``__main__`` block in this process (runpy), which is exactly what a
 user's ``python script.py`` executes, minus a 3-5 s interpreter + torch start per case; a few
 cases run as real subprocesses to prove the exit code reaches the shell.
+
+The contract of issue 16 besides resuming (tests/test_resume.py): every common flag means the same
+in every tool and a bad value is refused before any work or run folder; a tool given another tool's
+artifact stops with one line before writing anything; nothing is half-made or silently replaced;
+messages name what to do (no bare error codes, no torch advice, YAML line numbers, no warnings the
+user did not cause).
 """
 from __future__ import annotations
 
+import re
 import runpy
 import subprocess
 import sys
+from fractions import Fraction
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -43,11 +52,40 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
     (tmp / "folder.pt").mkdir()  # stands in for an unreadable file: tests run as root, chmod 000 does not bite
     model = DetectionModel(ROOT / "models/demo/gelan-demo.yaml", nc=3)
-    weights3 = save_checkpoint({"epoch": -1, "best_fitness": 0.0, "model": model.half(), "ema": None, "updates": 0,
-                                "optimizer": None, "opt": {}, "git": None, "date": ""}, tmp / "nc3.pt")
+    weights3 = save_checkpoint({"epoch": -1, "best_fitness": 0.0, "model": deepcopy(model).half(), "ema": None,
+                                "updates": 0, "optimizer": None, "opt": {}, "git": None, "date": ""}, tmp / "nc3.pt")
+    (tmp / "text.pt").write_text("hello, not a checkpoint\n")  # garbage that fails as KeyError(101)
+    torch.save({"model": Fraction(1, 2)}, tmp / "foreign.pt")  # a class outside the allowlist
+    (tmp / "model.onnx").write_bytes(b"\x08\x07")
     return {"tmp": tmp, "data3": data3, "data80": data80, "empty": empty, "bad_yaml": bad_yaml,
             "missing": tmp / "missing.pt", "missing_yaml": tmp / "missing.yaml", "garbage": garbage,
-            "folder": tmp / "folder.pt", "w3": weights3, "garbage_onnx": tmp / "garbage.onnx"}
+            "folder": tmp / "folder.pt", "w3": weights3, "garbage_onnx": tmp / "garbage.onnx",
+            "text": tmp / "text.pt", "foreign": tmp / "foreign.pt", "onnx": tmp / "model.onnx",
+            **_unfinished_runs(tmp, model, data3)}
+
+
+def _unfinished_runs(tmp: Path, model, data: Path) -> dict[str, Path]:
+    """The files an interrupted train.py and qat.py run leave (last.pt, qat_last.pt, ptq.pt), made
+    directly rather than trained: only their kind matters here."""
+    from models.quantize import calibrate, prepare
+    from utils.checkpoint import save_checkpoint
+    from utils.quantization.checkpoint import make_checkpoint as quantized_checkpoint
+    from utils.quantization.report import new_report
+    from utils.training.ema import ModelEMA
+    from utils.training.trainer import make_checkpoint, make_options
+
+    opt = make_options(cfg=str(ROOT / "models/demo/gelan-demo.yaml"), data=str(data), imgsz=64, epochs=2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    last = save_checkpoint(make_checkpoint(model, ModelEMA(model), sgd, torch.amp.GradScaler("cuda", enabled=False),
+                                           0, 0.0, 0, opt), tmp / "train_run" / "weights" / "last.pt")
+    q = prepare(deepcopy(model).eval())
+    calibrate(q, [torch.rand(1, 3, 64, 64)])
+    report = new_report("fp.pt", str(data), "val")
+    qat_last = save_checkpoint(quantized_checkpoint(q, epoch=0, optimizer=torch.optim.SGD(q.parameters(), lr=0.01),
+                                                    opt={"epochs": 2}, report=report),
+                               tmp / "qat_run" / "weights" / "qat_last.pt")
+    ptq = save_checkpoint(quantized_checkpoint(q, report=report), tmp / "qat_run" / "weights" / "ptq.pt")
+    return {"train_last": last, "qat_last": qat_last, "ptq": ptq}
 
 
 def _write_garbage_onnx(path: Path) -> None:
@@ -81,6 +119,19 @@ CASES = [
     ("tools/reparameterize.py", "--weights {garbage}", "garbage.pt"),
     ("tools/qdq_lint.py", "{missing}", "missing.pt"),
     ("tools/qdq_lint.py", "{garbage_onnx}", "garbage.onnx"),
+    # another tool's artifact: one line saying which tool takes it
+    ("train.py", "--resume {qat_last} --device cpu", "qat.py quantize --resume"),
+    ("train.py", "--weights {qat_last} --data {data3} --imgsz 64", "PTQ/QAT checkpoint"),
+    ("qat.py", "quantize --resume {train_last} --device cpu", "train.py --resume"),
+    ("qat.py", "quantize --resume {ptq} --device cpu", "resume from a qat_last.pt"),
+    ("export_qat.py", "--weights {onnx} --imgsz 64", "an ONNX model"),
+    ("val.py", "--weights {onnx} --data {data3} --imgsz 64", "an ONNX model"),
+    ("val_trt.py", "--onnx {w3} --data {data3} --imgsz 64 --backend onnxruntime", "export it with export_qat.py"),
+    ("train.py", "--resume {train_last} --optimizer Adam --device cpu", "--optimizer cannot change"),
+    # messages that say what to do
+    ("val.py", "--weights {text} --data {data3}", "truncated or another format"),
+    ("val.py", "--weights {foreign} --data {data3}", "--unsafe-load only if you trust"),
+    ("val.py", "--weights {w3} --data {bad_yaml}", "line 2, column"),
 ]
 if NO_GPU:
     CASES += [(s, a + " --device 0", "cuda") for s, a in (
@@ -149,3 +200,151 @@ def test_exit_code_reaches_the_shell(argv, inputs):
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(_error_lines(proc.stderr)) == 1, proc.stderr[-2000:]
+
+
+# Every tool with the smallest arguments that would run, then every common flag it has with a bad value
+# (argparse keeps the last of a repeated flag). The same value is refused by every tool with the same words.
+TOOLS = {
+    "train.py": "train.py --cfg models/demo/gelan-demo.yaml --data {data3} --imgsz 64 --epochs 1 --workers 0 "
+                "--device cpu",
+    "val.py": "val.py --weights {w3} --data {data3} --imgsz 64 --workers 0 --device cpu",
+    "quantize": "qat.py quantize --weights {w3} --data {data3} --imgsz 64 --workers 0 --device cpu",
+    "sensitive": "qat.py sensitive --weights {w3} --data {data3} --imgsz 64 --workers 0 --device cpu",
+    "eval": "qat.py eval --weights {ptq} --data {data3} --imgsz 64 --workers 0 --device cpu",
+    "demo": "qat.py demo --imgsz 64 --device cpu",
+    "export_qat.py": "export_qat.py --weights {w3} --imgsz 64",
+    "val_trt.py": "val_trt.py --onnx {garbage_onnx} --data {data3} --imgsz 64 --backend onnxruntime",
+    "detect.py": "detect.py --weights {w3} --source {tmp}/shapes/images/val --imgsz 64 --device cpu",
+}
+BAD_VALUES = {
+    "train.py": ["--batch-size 0", "--workers -1", "--epochs 0", "--imgsz 100", "--seed -1", "--patience -1",
+                 "--close-mosaic -1"],
+    "val.py": ["--batch-size 0", "--workers -1", "--imgsz 100", "--conf-thres 1.5", "--iou-thres -0.1", "--max-det 0"],
+    "quantize": ["--batch-size 0", "--workers -1", "--epochs -1", "--imgsz 100", "--calib-batches 0", "--iters 0",
+                 "--percentile 0", "--lr 0", "--distill-weight -1", "--supervision-stride -1", "--auto-skip -1",
+                 "--auto-skip 999", "--skip-layers 999", "--skip-layers x", "--conf-thres 2", "--seed -1",
+                 "--calib-method auto --no-eval-ptq", "--auto-skip 2 --no-eval-ptq"],
+    "sensitive": ["--batch-size 0", "--calib-batches 0", "--imgsz 100", "--percentile 101"],
+    "eval": ["--batch-size 0", "--imgsz 100", "--iou-thres 2"],
+    "demo": ["--imgsz 100", "--imgsz 32", "--epochs 0", "--qat-epochs -1", "--images 0", "--batch-size 0",
+             "--threads 0", "--workers -1"],
+    "export_qat.py": ["--batch-size 0", "--imgsz 100", "--imgsz 64 100", "--topk-all 0", "--conf-thres 2",
+                      "--opset 12"],
+    "val_trt.py": ["--batch-size 0", "--imgsz 100", "--batch-sizes 0,4", "--iters 0", "--warmup -1", "--max-det 0",
+                   "--workers -1"],
+    "detect.py": ["--imgsz 100", "--max-det 0", "--vid-stride 0", "--line-thickness 0", "--classes -1",
+                  "--conf-thres 2"],
+}
+BAD_CASES = [(tool, bad) for tool, values in BAD_VALUES.items() for bad in values]
+
+
+@pytest.mark.parametrize("tool,bad", BAD_CASES, ids=[f"{t}:{b}" for t, b in BAD_CASES])
+def test_every_tool_refuses_every_bad_value_before_any_work(tool, bad, inputs, capsys, monkeypatch):
+    script, *argv = TOOLS[tool].format(**inputs).split()
+    project = inputs["tmp"] / "projects" / f"{tool}{bad}".replace(" ", "").replace("-", "_")
+    if "--project" in (ROOT / script).read_text() or script == "qat.py":
+        argv += ["--project", str(project)]
+    onnx_before = sorted(inputs["tmp"].glob("*.onnx"))
+    code, err = _run_main(script, argv + bad.split(), capsys, monkeypatch)
+    errors = _error_lines(err)
+    assert code == 2 and len(errors) == 1, f"{tool} {bad}: exit {code}\n{err[-2000:]}"
+    flag = bad.split()[-1] if bad.endswith("--no-eval-ptq") else bad.split()[0]
+    assert flag in errors[0] and "Traceback" not in err, errors[0]
+    assert not project.exists(), f"{tool} {bad} left {project}"
+    assert sorted(inputs["tmp"].glob("*.onnx")) == onnx_before  # export_qat.py wrote nothing
+
+
+def test_one_size_rule_for_every_tool(inputs, capsys, monkeypatch):
+    """--imgsz 100 is refused with the same sentence everywhere (train.py used to round it up,
+    export_qat.py to write a 100x100 model)."""
+    sentences = set()
+    for tool in TOOLS:
+        script, *argv = TOOLS[tool].format(**inputs).split()
+        _, err = _run_main(script, argv + ["--imgsz", "100"], capsys, monkeypatch)
+        sentences.add(_error_lines(err)[0])
+    assert sentences == {"error: --imgsz 100: every side must be a multiple of the model stride 32 (e.g. 96)"}
+
+
+def test_train_resume_of_a_qat_checkpoint_writes_nothing(inputs, capsys, monkeypatch):
+    run = inputs["qat_last"].parents[1]
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    code, err = _run_main("train.py", ["--resume", str(inputs["qat_last"]), "--device", "cpu"], capsys, monkeypatch)
+    assert code == 2 and len(_error_lines(err)) == 1
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no hyp.yaml / opt.yaml written into it
+
+
+def test_checkpoint_errors_say_what_to_do(inputs):
+    from utils.checkpoint import load_checkpoint
+    from utils.errors import UserError
+
+    for key in ("text", "garbage", "foreign"):
+        with pytest.raises(UserError) as err:
+            load_checkpoint(inputs[key])
+        message = str(err.value)
+        assert not re.search(r"\(\d+\)", message), message  # no bare error code such as "(101)"
+        assert "weights_only" not in message and "torch.load" not in message, message  # not torch's advice
+    assert "--unsafe-load only if you trust the file" in message
+
+
+def test_export_replaces_an_onnx_only_with_exist_ok(inputs, tmp_path, capfd, monkeypatch):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(inputs["w3"].read_bytes())
+    onnx = tmp_path / "w-end2end.onnx"
+    onnx.write_text("an earlier export")
+    argv = ["--weights", str(weights), "--imgsz", "64", "--include", "onnx", "onnx_end2end"]
+    code, err = _run_main("export_qat.py", argv, capfd, monkeypatch)  # capfd: the exporter's C++ warnings too
+    assert code == 2 and "--exist-ok" in _error_lines(err)[0]
+    assert onnx.read_text() == "an earlier export" and not (tmp_path / "w.onnx").exists()  # neither file written
+    code, err = _run_main("export_qat.py", argv + ["--exist-ok"], capfd, monkeypatch)
+    assert code == 0 and onnx.stat().st_size > 1000 and (tmp_path / "w.onnx").is_file()
+    assert "Warning" not in err  # the exporter said nothing about the EfficientNMS outputs
+
+
+def test_a_failed_run_leaves_no_empty_folder_and_keeps_results(tmp_path):
+    from utils.paths import empty_run_dirs_removed, increment_path
+
+    with pytest.raises(RuntimeError), empty_run_dirs_removed():
+        increment_path(tmp_path / "runs" / "exp")
+        raise RuntimeError("failed in the first batch")
+    assert not (tmp_path / "runs" / "exp").exists()
+    with pytest.raises(KeyboardInterrupt), empty_run_dirs_removed():
+        kept = increment_path(tmp_path / "runs" / "exp")
+        (kept / "weights").mkdir()
+        (kept / "weights" / "last.pt").write_text("a checkpoint")
+        raise KeyboardInterrupt
+    assert (kept / "weights" / "last.pt").is_file()
+
+
+def test_interrupt_exits_130_with_one_line(capsys):
+    from utils.errors import run_cli
+
+    def interrupted():
+        raise KeyboardInterrupt("runs/train/exp/weights/last.pt holds the last finished epoch")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(interrupted)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "interrupted: runs/train/exp/weights/last.pt holds the last finished epoch\n"
+
+
+def test_resume_keeps_the_saved_options_and_names_each_change(caplog):
+    from utils.errors import UserError
+    from utils.options import resume_options
+
+    saved = {"epochs": 10, "workers": 8, "data": "a.yaml", "unsafe_load": True}
+    new = {"epochs": 20, "workers": 8, "data": "b.yaml", "unsafe_load": False, "resume": "last.pt"}
+    with caplog.at_level("INFO", logger="yolov9"):
+        merged = resume_options(saved, new, typed=["epochs", "workers", "resume"], fixed=["data"])
+    assert merged == {"epochs": 20, "workers": 8, "data": "a.yaml", "unsafe_load": False,  # trust is per command
+                      "resume": "last.pt"}
+    assert "except --epochs 10 -> 20" in caplog.text and "--workers" not in caplog.text  # typed, but unchanged
+    with pytest.raises(UserError, match="--data cannot change"):
+        resume_options(saved, new, typed=["data"], fixed=["data"])
+
+
+@pytest.mark.skipif(not NO_GPU, reason="the notices appear only on a machine without CUDA")
+def test_no_warnings_the_user_did_not_cause_on_a_cpu():
+    code = "import models.quantize"  # Model Optimizer, imported through our adapter
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

@@ -8,6 +8,7 @@ import torch
 from tests.data_builders import build_dataset
 from utils.boxes import scale_boxes, xywh2xyxy, xywhn2xyxy
 from utils.data.config import load_hyp
+from utils.data.dataset import set_epoch
 from utils.dataloaders import create_dataloader
 from utils.paths import ROOT
 
@@ -81,6 +82,27 @@ def test_shuffled_training_is_reproducible_from_the_seed(images):
     a, b, c = first_epoch(0), first_epoch(0), first_epoch(1)
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2] for x, y in zip(a, b))
     assert [x[2] for x in a] != [x[2] for x in c]
+
+
+def test_an_epoch_draws_the_same_batches_from_any_loader(images):
+    """Epoch 2 of a loader whose persistent workers already served epoch 1 equals epoch 2 of a fresh
+    loader without workers (what a resumed run starts): order and augmentations follow (seed, epoch)."""
+    hyp = load_hyp(ROOT / "data" / "hyps" / "hyp.scratch-high.yaml")
+
+    def epoch(loader, e):
+        set_epoch(loader, e)
+        return [(imgs, t, p) for imgs, t, p, _ in loader]
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
+                                        for x, y in zip(a, b))
+
+    ongoing, _ = create_dataloader(str(images), 64, 4, 32, hyp=hyp, augment=True, shuffle=True, workers=2, seed=3)
+    first, second = epoch(ongoing, 0), epoch(ongoing, 1)
+    resumed, _ = create_dataloader(str(images), 64, 4, 32, hyp=hyp, augment=True, shuffle=True, workers=0, seed=3)
+    assert ongoing.persistent_workers and same(epoch(resumed, 1), second)
+    assert not same(first, second)  # each epoch draws anew
+    assert same(epoch(ongoing, 0), first)  # and an epoch is a function of its number, not of what came before
 
 
 def test_close_mosaic_reaches_persistent_workers(images):

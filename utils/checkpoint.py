@@ -76,8 +76,17 @@ def safe_globals() -> list:
             *_extra_globals]
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+# Exported models users mix up with checkpoints; the tools that take them.
+EXPORTED_SUFFIXES = {".onnx": "an ONNX model", ".engine": "a TensorRT engine", ".plan": "a TensorRT engine"}
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of a loader's complaint, or '' when it says nothing a user can read
+    (garbage bytes fail with bare numbers such as KeyError(101))."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours some messages
+    text = re.sub(r"^\[[^\]]*\][\s.]*", "", text)  # c10's "[enforce fail at file.cc:180] ." prefix
+    first = re.split(r"(?<=[.:])\s", (text.splitlines() or [""])[0])[0].rstrip(".:")
+    return first if re.search(r"[A-Za-z]{3}", first) else ""
 
 
 def load_checkpoint(path: str | Path, unsafe: bool = False) -> dict:
@@ -87,6 +96,9 @@ def load_checkpoint(path: str | Path, unsafe: bool = False) -> dict:
     (or is truncated), and a pickle naming a global outside the allowlist.
     """
     path = existing_file(path, "checkpoint")
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        raise UserError(f"{path}: {EXPORTED_SUFFIXES[path.suffix.lower()]}, not a PyTorch checkpoint; "
+                        "val_trt.py and detect.py run exported models, this tool needs the .pt it came from")
     try:
         if unsafe:
             print(f"warning: {path}: --unsafe-load: unpickling without restrictions; "
@@ -96,14 +108,18 @@ def load_checkpoint(path: str | Path, unsafe: bool = False) -> dict:
             with torch.serialization.safe_globals(safe_globals()):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's own message advises turning weights_only off; ours names the flag and the condition.
         name = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if name:
-            raise UserError(f"{path}: refuses to unpickle {name.group(1)} (not an allowed model class); "
-                            "load it with --unsafe-load only if you trust the file") from None
-        raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+        what = f"refuses to unpickle {name.group(1)} (not an allowed model class)" if name else \
+            "refuses to unpickle objects other than weights"
+        if "Weights only load failed" in str(exc) or name:
+            raise UserError(f"{path}: {what}; load it with --unsafe-load only if you trust the file") from None
+        raise UserError(f"{path}: not a PyTorch checkpoint" + (f" ({_reason(exc)})" if _reason(exc) else "")) \
+            from None
     except Exception as exc:  # garbage bytes make the unpickler fail in many ways (IndexError, KeyError...)
-        raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or another format "
-                        f"({_first_line(exc)})") from None
+        reason = _reason(exc)
+        raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or another format"
+                        + (f" ({reason})" if reason else "")) from None
     if isinstance(obj, nn.Module):
         return {"model": obj}
     if not isinstance(obj, dict):

@@ -98,10 +98,12 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     from utils.quantization.pipeline import run_quantize
     from utils.training.trainer import train
 
-    if opt.imgsz % 32 or opt.imgsz < 64:
-        from utils.errors import UserError
+    from utils.errors import UserError
+    from utils.options import check_flags
 
-        raise UserError(f"--imgsz {opt.imgsz}: must be a multiple of 32, at least 64")
+    check_flags(vars(opt))
+    if opt.imgsz < 64:
+        raise UserError(f"--imgsz {opt.imgsz}: the demo draws its shapes on images of at least 64 pixels")
     t0 = time.perf_counter()
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     LOGGER.info(f"demo: drawing {opt.images} + {max(opt.images // 4, 1)} shape images into {save_dir / 'data'}")
@@ -116,7 +118,8 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     report = json.loads((qat_dir / "report.json").read_text())
 
     qat_best = qat_dir / "weights" / ("qat_best.pt" if opt.qat_epochs > 0 else "ptq.pt")
-    onnx = export_checkpoint(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu")[0].path
+    onnx = export_checkpoint(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu",
+                             exist_ok=opt.exist_ok)[0].path
     checked = validate_exported(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size,
                           backend="tensorrt" if backends.have_tensorrt() and opt.device != "cpu" else "onnxruntime",
                           device="" if opt.device == "cpu" else opt.device, workers=opt.workers,

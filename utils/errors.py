@@ -2,7 +2,10 @@
 
 Users feed these tools files from many places; a traceback hides the one fact they need.
 Library code raises ``UserError`` with a sentence naming the file and the problem, and
-``run_cli`` turns it into a single ``error: ...`` line on stderr and exit code 2.
+``run_cli`` turns it into a single ``error: ...`` line on stderr and exit code 2. Ctrl-C is not bad
+input: it exits 130 (128 + SIGINT, what shells report) with one ``interrupted`` line, which says
+how to continue when the run left a checkpoint. A run folder that a failed run leaves empty is
+removed (utils.paths), so failures leave nothing half-made behind.
 """
 from __future__ import annotations
 
@@ -10,10 +13,19 @@ import sys
 from typing import Callable, NoReturn
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
     """Bad input the user can fix: a missing file, a wrong yaml, a device that is not there."""
+
+
+def yaml_problem(exc: Exception) -> str:
+    """Where and what a YAML parse error is ("line 3, column 5: mapping values are not allowed here")."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = getattr(exc, "problem", None) or getattr(exc, "context", None) or \
+        (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
 
 
 def fail(message: str) -> NoReturn:
@@ -23,10 +35,17 @@ def fail(message: str) -> NoReturn:
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Call ``main``; a ``UserError`` becomes one line on stderr and exit code 2."""
+    """Call ``main``; a ``UserError`` becomes one line on stderr and exit code 2, Ctrl-C exit code 130.
+
+    A ``KeyboardInterrupt`` raised with a message (the trainer's "continue with ...") keeps it.
+    """
+    from utils.paths import empty_run_dirs_removed
+
     try:
-        main()
+        with empty_run_dirs_removed():
+            main()
     except UserError as exc:
         fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted")
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None

@@ -1,9 +1,14 @@
-"""Run folders that never overwrite earlier results."""
+"""Run folders that never overwrite earlier results, and are not left behind empty by a failed run."""
 from __future__ import annotations
 
+import contextlib
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
+
+_made_run_dirs: list[Path] = []  # folders increment_path created, newest last (see empty_run_dirs_removed)
 
 
 def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True) -> Path:
@@ -14,9 +19,30 @@ def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True)
         while Path(f"{path}{n}").exists():
             n += 1
         path = Path(f"{path}{n}")
-    if mkdir:
-        path.mkdir(parents=True, exist_ok=True)
+    if mkdir and not path.exists():
+        path.mkdir(parents=True)
+        _made_run_dirs.append(path)
     return path
+
+
+@contextlib.contextmanager
+def empty_run_dirs_removed() -> Iterator[None]:
+    """Remove the run folders made inside the block when the block fails and they hold no file.
+
+    Tools check their inputs before making a folder; this catches the failures that come later
+    (a corrupt image in the first batch, Ctrl-C during the first evaluation). A folder with any
+    file in it (a checkpoint, a report) is kept: results are never deleted.
+    """
+    start = len(_made_run_dirs)
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(_made_run_dirs[start:]):
+            if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        del _made_run_dirs[start:]
 
 
 def existing_file(path: str | Path, what: str = "file") -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.errors import UserError
+from utils.errors import UserError, yaml_problem
 from utils.paths import ROOT
 
 SPLITS = ("train", "val", "test")
@@ -31,8 +31,7 @@ def read_yaml(path: str | Path, what: str) -> dict:
     try:
         content = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise UserError(f"{file}: {what} is not valid YAML ({first_line})") from exc
+        raise UserError(f"{file}: {what} is not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(content, dict):
         raise UserError(f"{file}: {what} must be a mapping of keys to values")
     return content

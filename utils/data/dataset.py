@@ -76,10 +76,11 @@ class YoloDataset(Dataset):
 
     def __init__(self, path: str | Path | list, img_size: int = 640, batch_size: int = 16, augment: bool = False,
                  hyp: dict | str | Path | None = None, rect: bool = False, stride: int = 32, pad: float = 0.0,
-                 prefix: str = "", nc: int | None = None, fixed_hw: tuple[int, int] | None = None):
+                 prefix: str = "", nc: int | None = None, fixed_hw: tuple[int, int] | None = None, seed: int = 0):
         if fixed_hw is not None and (augment or rect):
             raise ValueError("fixed_hw is a validation input size: it takes neither augment nor rect")
         self.img_size = img_size
+        self.seed = seed
         self.fit_hw = tuple(fixed_hw) if fixed_hw is not None else (img_size, img_size)
         self.augment = augment
         self.hyp = _training_hyp(hyp) if augment else hyp
@@ -106,8 +107,9 @@ class YoloDataset(Dataset):
         if rect:
             self._make_rect_batches(batch_size, pad)
         self.label_files = img2label_paths(self.im_files)
-        # Kept in shared memory so that switching mosaic off reaches persistent worker processes.
+        # Kept in shared memory so that switching mosaic off, or the epoch, reaches persistent worker processes.
         self._mosaic = torch.tensor(augment and not rect).share_memory_()
+        self._epoch = torch.tensor(-1).share_memory_()  # -1: set_epoch never called
 
     @property
     def mosaic(self) -> bool:
@@ -136,10 +138,26 @@ class YoloDataset(Dataset):
             shapes.append([hi, 1] if hi < 1 else [1, 1 / lo] if lo > 1 else [1, 1])  # (h, w) relative to img_size
         self.batch_shapes = np.ceil(np.array(shapes) * self.img_size / self.stride + pad).astype(int) * self.stride
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw each image's augmentations from (seed, epoch, image index) from now on.
+
+        A persistent worker's random state would otherwise run on from the epochs before, and a
+        resumed run starts fresh workers: its epoch would differ from the uninterrupted run's.
+        Seeding per image also makes the draws independent of the worker count and of the order.
+        """
+        self._epoch.fill_(epoch)
+
     def __len__(self) -> int:
         return len(self.im_files)
 
     def __getitem__(self, index: int):
+        epoch = int(self._epoch)
+        if epoch < 0 or not self.augment:
+            return self._load_item(index)
+        with _seeded_draws(self.seed, epoch, index):
+            return self._load_item(index)
+
+    def _load_item(self, index: int):
         hyp = self.hyp
         if self.mosaic and random.random() < hyp["mosaic"]:
             img, labels = self.load_mosaic(index)
@@ -225,6 +243,33 @@ class YoloDataset(Dataset):
 LoadImagesAndLabels = YoloDataset  # upstream's name, for code written against it
 
 
+@contextlib.contextmanager
+def _seeded_draws(seed: int, epoch: int, index: int):
+    """``random`` and numpy seeded for one image, and given back as they were (a worker-less
+    loader runs in the caller's process, whose generators are not ours to move)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    py_seed, np_seed = np.random.SeedSequence((seed, epoch, index)).generate_state(2)
+    random.seed(int(py_seed))
+    np.random.seed(int(np_seed))
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Make ``loader``'s next pass epoch ``epoch``'s: its shuffle order and its augmentations.
+
+    Both follow from (seed, epoch) alone, so a run resumed at this epoch draws exactly what the
+    uninterrupted run drew, with persistent workers and any worker count.
+    """
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
 def init_worker(worker_id: int) -> None:
     """Seed each worker's ``random`` and numpy from torch's per-worker seed; keep OpenCV single-threaded.
 
@@ -248,20 +293,24 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, 
     ``close_mosaic`` is accepted for upstream's signature: ``dataset.close_mosaic()`` works with
     any loader here, because the switch lives in shared memory that persistent workers see.
     ``rank`` >= 0 shards batches over DDP processes; local rank 0 scans first, the rest reuse its cache.
+    A shuffled loader's order and augmentations come from ``seed`` and the epoch: call
+    ``set_epoch(loader, epoch)`` before each pass (an epoch that is never set repeats the order).
     """
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING rect batches need a fixed order; shuffle turned off")
         shuffle = False
     with _rank_zero_first(rank):
         dataset = YoloDataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, stride=int(stride),
-                              pad=pad, prefix=prefix, nc=nc, fixed_hw=fixed_hw)
+                              pad=pad, prefix=prefix, nc=nc, fixed_hw=fixed_hw, seed=seed)
     batch_size = min(batch_size, len(dataset))
     n_devices = max(torch.cuda.device_count(), 1)
     n_workers = min((os.cpu_count() or 1) // n_devices, batch_size if batch_size > 1 else 0, workers)
-    sampler = None if rank == -1 else DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    # One process shuffles like one DDP rank of one: the order is a function of (seed, epoch).
+    sampler = None if rank == -1 and not shuffle else DistributedSampler(
+        dataset, num_replicas=1 if rank == -1 else None, rank=0 if rank == -1 else None, shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + max(rank, 0))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                         num_workers=n_workers, persistent_workers=n_workers > 0, pin_memory=torch.cuda.is_available(),
                         collate_fn=YoloDataset.collate_fn, worker_init_fn=init_worker, generator=generator)
     return loader, dataset

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from utils.deployment.onnx_export import ExportResult, export_onnx
 from utils.errors import UserError
+from utils.options import check_flags, check_imgsz
 from utils.paths import existing_file
 from utils.torch_utils import select_device
 
@@ -18,7 +19,7 @@ SUFFIXES = {("onnx", "nms"): ".onnx", ("onnx", "none"): ".onnx",
             ("onnx_end2end", "nms"): "-end2end.onnx", ("onnx_end2end", "none"): "-end2end-topk.onnx"}
 
 
-def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, list[str]]:
+def load_model(weights: str | Path, device: torch.device, unsafe: bool = False) -> tuple[nn.Module, list[str]]:
     """The model in a checkpoint, fused and in eval mode, and its convolutions kept in float on
     purpose (empty for an FP model). A PTQ/QAT checkpoint is rebuilt with its quantizers."""
     from models.loading import attempt_load
@@ -27,18 +28,23 @@ def load_model(weights: str | Path, device: torch.device) -> tuple[nn.Module, li
     from utils.quantization.checkpoint import is_quantized_checkpoint
 
     path = existing_file(weights, "weights")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, unsafe=unsafe)
     if is_quantized_checkpoint(ckpt):
         model = build_quantized(ckpt["quant"], device)
         return model, float_conv_names(model)
-    return attempt_load(path, device=device, fuse=True), []
+    return attempt_load(path, device=device, fuse=True, unsafe=unsafe), []
 
 
 def export_checkpoint(weights: str | Path, include: tuple[str, ...] = ("onnx",), imgsz: int | tuple[int, int] = 640,
         batch_size: int = 1, dynamic: bool = False, simplify: bool = False, slim: bool = False, opset: int = 17,
         postprocess: str = "nms", topk_all: int = 100, iou_thres: float = 0.45, conf_thres: float = 0.25,
-        device: str = "cpu") -> list[ExportResult]:
-    """Export ``weights`` in each format of ``include``; files go beside the weights."""
+        device: str = "cpu", exist_ok: bool = False, unsafe_load: bool = False) -> list[ExportResult]:
+    """Export ``weights`` in each format of ``include``; files go beside the weights.
+
+    An existing file is replaced only with ``exist_ok``: each export is checked before the first is
+    written, so a refused run writes nothing.
+    """
+    check_flags(locals())  # the parameters are export_qat.py's flags
     unknown = set(include) - {"onnx", "onnx_end2end"}
     if unknown:
         raise UserError(f"--include {' '.join(include)}: unknown format(s) {sorted(unknown)}; "
@@ -47,11 +53,15 @@ def export_checkpoint(weights: str | Path, include: tuple[str, ...] = ("onnx",),
         raise UserError(f"--postprocess {postprocess}: expected nms or none")
     if simplify and slim:
         raise UserError("--simplify and --slim: choose one simplifier")
-    model, float_convs = load_model(weights, select_device(device))
+    model, float_convs = load_model(weights, select_device(device), unsafe_load)
+    check_imgsz(imgsz, max(int(model.stride.max()), 32))
+    files = {fmt: Path(weights).with_name(Path(weights).stem + SUFFIXES[(fmt, postprocess)]) for fmt in include}
+    taken = [str(f) for f in files.values() if f.exists()]
+    if taken and not exist_ok:
+        raise UserError(f"{', '.join(taken)}: exists; pass --exist-ok to replace it")
     results = []
-    for fmt in include:
+    for fmt, file in files.items():
         kind = "raw" if fmt == "onnx" else ("nms" if postprocess == "nms" else "topk")
-        file = Path(weights).with_name(Path(weights).stem + SUFFIXES[(fmt, postprocess)])
         result = export_onnx(model, file, imgsz, batch_size, dynamic, opset, kind, topk_all, iou_thres, conf_thres,
                              "onnxsim" if simplify else "onnxslim" if slim else None, float_convs,
                              metadata={"weights": Path(weights).name})

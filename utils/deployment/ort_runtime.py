@@ -5,6 +5,7 @@ the CPU it checks a Q/DQ export numerically where TensorRT is not available.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ class OrtRunner:
         path = Path(onnx_path)
         if not path.is_file():
             raise UserError(f"{path}: ONNX file not found")
+        if path.suffix in (".pt", ".pth"):
+            raise UserError(f"{path}: a PyTorch checkpoint, not an ONNX file; export it with export_qat.py first")
         self.signature = onnx_signature(path).check(path)
         self.geometry = self.signature.geometry
         options = ort.SessionOptions()
@@ -45,7 +48,9 @@ class OrtRunner:
             if "EfficientNMS_TRT" in str(exc):
                 raise UserError(f"{path}: ONNX Runtime cannot run the EfficientNMS_TRT plugin; use TensorRT or "
                                 "export with --postprocess none") from exc
-            raise UserError(f"{path}: ONNX Runtime cannot load this model ({exc})") from exc
+            # "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from <path> failed:Protobuf parsing failed."
+            reason = re.sub(r"^\[ONNXRuntimeError\][\s:\d]*\w+\s*:\s*(Load model from .* failed:\s*)?", "", str(exc))
+            raise UserError(f"{path}: ONNX Runtime cannot load this model ({reason.strip().rstrip('.')})") from exc
         self.input_name = INPUT_NAME
         self.input_dtype = _TORCH_DTYPES.get(self.session.get_inputs()[0].type, torch.float32)
         self.output_names = list(self.signature.outputs)

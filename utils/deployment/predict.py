@@ -24,6 +24,7 @@ from utils.deployment.backends import DetectionBackend, open_runner, resolve_bac
 from utils.deployment.signature import DEFAULT_IMGSZ
 from utils.errors import UserError
 from utils.evaluation.postprocess import postprocess
+from utils.options import check_flags, check_imgsz
 from utils.paths import ROOT, existing_file, increment_path
 from utils.torch_utils import select_device
 
@@ -117,6 +118,7 @@ def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int |
     ``weights`` ending in .onnx / .engine run through ``backend`` at the file's own input size
     (``imgsz`` only sizes a dynamic-size export); anything else is a PyTorch checkpoint.
     """
+    check_flags(locals())  # the parameters are detect.py's flags
     files = media_files(source)
     exported = model is None and weights is not None and Path(weights).suffix.lower() in EXPORTED_SUFFIXES
     if backend != "auto" and not exported:
@@ -131,6 +133,7 @@ def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int |
             if weights is None:
                 raise UserError("detect: give --weights")
             model = attempt_load(weights, device=dev, unsafe=unsafe_load, cfg=cfg)
+        check_imgsz(imgsz or DEFAULT_IMGSZ, max(int(model.stride.max()), 32))
         model = (model.half() if half else model.float()).eval()
         names = getattr(model, "names", None) or [str(i) for i in range(int(model.nc))]
         names = names if isinstance(names, dict) else dict(enumerate(names))

@@ -21,6 +21,7 @@ from utils.deployment.benchmark_report import (
 )
 from utils.errors import UserError
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
+from utils.options import check_flags
 from utils.paths import ROOT, existing_file, increment_path
 
 
@@ -101,6 +102,7 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     The input size is the model's own (read from the ONNX or engine, non-square too); ``imgsz``
     only sizes a model whose image size is dynamic, and is otherwise ignored with a note.
     """
+    check_flags(locals())  # the parameters are val_trt.py's flags
     if (onnx is None) == (engine is None):
         raise UserError("val_trt.py: pass exactly one of --onnx and --engine")
     if data is None and not benchmark_sweep:

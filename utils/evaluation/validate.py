@@ -22,6 +22,7 @@ from utils.evaluation.coco import (
 )
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
 from utils.evaluation.plots import plot_confusion_matrix, plot_pr_curve
+from utils.options import check_flags, check_imgsz
 from utils.paths import ROOT, increment_path
 from utils.torch_utils import de_parallel, select_device
 
@@ -45,8 +46,7 @@ def _check_model_matches_data(model, data: dict, weights) -> None:
 def _build_dataloader(data: dict, task: str, imgsz: int, batch_size: int, stride: int, workers: int):
     if task not in TASKS:
         raise UserError(f"--task {task}: expected one of {', '.join(TASKS)}")
-    if imgsz % stride:
-        raise UserError(f"--imgsz {imgsz}: must be a multiple of the model stride {stride}")
+    check_imgsz(imgsz, stride)
     # rect batches with half-stride padding, as upstream validates: least padding, same mAP.
     return create_dataloader(require_split(data, task), imgsz, batch_size, stride, rect=True, pad=0.5,
                              workers=workers, prefix=f"{task}: ", nc=data["nc"])[0]
@@ -73,13 +73,16 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         iou_thres: float = 0.7, max_det: int = 300, task: str = "val", device="", workers: int = 8,
         single_cls: bool = False, half: bool = False, project=ROOT / "runs/val", name: str = "exp",
         exist_ok: bool = False, save_json: bool = False, postprocess: str = "nms", model=None, dataloader=None,
-        save_dir=None, plots: bool = True, compute_loss=None, verbose: bool = False) -> EvalResult:
+        save_dir=None, plots: bool = True, compute_loss=None, verbose: bool = False,
+        unsafe_load: bool = False) -> EvalResult:
     """Evaluate ``weights`` (or an in-memory ``model``) on ``data[task]``; print, save and return the result.
 
     With ``model`` given (training, QAT) the model is used as is on its own device, put in eval
     mode for the pass and given back in the mode it came in; files are written only where
-    ``save_dir`` says. Standalone runs write to a fresh ``project/name`` folder.
+    ``save_dir`` says. Standalone runs write to a fresh ``project/name`` folder, made once the model
+    and the images have loaded.
     """
+    check_flags(locals())  # the parameters are val.py's flags
     data = data if isinstance(data, dict) else load_data_config(data)
     training = model is not None
     if training:
@@ -88,18 +91,19 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         if weights is None:
             raise UserError("val.py: pass --weights (a .pt checkpoint)")
         device = select_device(device)
-        model = attempt_load(weights, device=device, fuse=True)
+        model = attempt_load(weights, device=device, fuse=True, unsafe=unsafe_load)
         if not single_cls:
             _check_model_matches_data(model, data, weights)
-        save_dir = save_dir or increment_path(Path(project) / name, exist_ok=exist_ok)
-    save_dir = Path(save_dir) if save_dir else None
-    if save_dir:
-        save_dir.mkdir(parents=True, exist_ok=True)
     half = half and device.type == "cuda"  # CPU kernels for fp16 convolutions are missing or slow
     names = _class_names(data)
     if dataloader is None:
         stride = max(int(de_parallel(model).stride.max()), 32)
         dataloader = _build_dataloader(data, task, imgsz, batch_size, stride, workers)
+    if not training:
+        save_dir = save_dir or increment_path(Path(project) / name, exist_ok=exist_ok)
+    save_dir = Path(save_dir) if save_dir else None
+    if save_dir:
+        save_dir.mkdir(parents=True, exist_ok=True)
 
     was_training = model.training
     # A caller's model is evaluated in FP16 through a copy: halving it in place and back would

@@ -18,6 +18,7 @@ import torch.nn as nn
 from models.quantize import build_quantized, quant_state
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
+from utils.options import run_options
 from utils.torch_utils import de_parallel
 
 
@@ -36,7 +37,7 @@ def make_checkpoint(model: nn.Module, *, epoch: int = -1, best_fitness: float = 
         "ema": None,
         "updates": updates,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "opt": {k: (str(v) if isinstance(v, Path) else v) for k, v in (opt or {}).items()},
+        "opt": run_options(opt or {}),
         "git": None,
         "date": _dt.datetime.now().isoformat(),
         "quant": quant_state(de_parallel(model)),
@@ -44,16 +45,17 @@ def make_checkpoint(model: nn.Module, *, epoch: int = -1, best_fitness: float = 
     }
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, unsafe: bool = False) -> dict:
     """A PTQ/QAT checkpoint read safely (weights only); a float checkpoint is a user error."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, unsafe=unsafe)
     if not is_quantized_checkpoint(ckpt):
         raise UserError(f"{path}: not a PTQ/QAT checkpoint (no 'quant' entry); quantize it with qat.py quantize")
     return ckpt
 
 
-def load_quantized(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_quantized(path: str | Path, device: torch.device | str = "cpu",
+                   unsafe: bool = False) -> tuple[nn.Module, dict]:
     """The quantized model of a PTQ/QAT checkpoint (eval mode, float32, ready to evaluate or export)
     and the checkpoint dict."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, unsafe)
     return build_quantized(ckpt["quant"], device), ckpt

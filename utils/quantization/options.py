@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from utils.options import parse_flags
 from utils.paths import ROOT
 from utils.training.engine import AMP_MODES
 from utils.training.optim import OPTIMIZERS
@@ -28,6 +29,8 @@ def add_common_args(p: argparse.ArgumentParser, project: str, required: bool = T
     p.add_argument("--project", default=str(ROOT / project), help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="unpickle --weights without the class allowlist (trusted files only)")
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +59,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-layers", default="", help="layers kept in floating point, e.g. 22 or 15,22")
     p.add_argument("--auto-skip", type=int, default=0, help="also keep the K most sensitive layers in float")
     p.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue the given qat_last.pt, or project/name's")
+                   help="continue the given qat_last.pt, or project/name's, with its own options; a flag typed "
+                        "again replaces the saved value (the change is printed)")
 
 
 def add_sensitive_args(p: argparse.ArgumentParser) -> None:
@@ -73,4 +77,4 @@ def quantize_options(argv: list[str]) -> argparse.Namespace:
     """``qat.py quantize`` options parsed from ``argv`` (flags only, no subcommand)."""
     p = argparse.ArgumentParser(prog="qat.py quantize")
     add_quantize_args(p)
-    return p.parse_args(argv)
+    return parse_flags(p, argv)

@@ -35,12 +35,13 @@ from models.quantize import (
 )
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp, require_split
-from utils.data.dataset import create_dataloader
+from utils.data.dataset import create_dataloader, set_epoch
 from utils.errors import UserError
 from utils.evaluation.evaluator import EvalResult, evaluate
 from utils.logs import LOGGER
+from utils.options import check_flags, check_imgsz, resume_options, typed_flags
 from utils.paths import increment_path
-from utils.quantization.checkpoint import is_quantized_checkpoint, load_quantized, make_checkpoint, read_checkpoint
+from utils.quantization.checkpoint import is_quantized_checkpoint, load_quantized, make_checkpoint
 from utils.quantization.distill import FeatureDistillation, supervised_layers
 from utils.quantization.report import metrics, new_report, write_report
 from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
@@ -51,8 +52,11 @@ from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
 from utils.training.optim import build_optimizer, lr_lambda
 
-# Options that describe the machine rather than the run: a resumed run takes them from the new command.
-MACHINE_OPTIONS = ("device", "workers")
+# What a resume cannot change: the teacher, the calibration and the evaluation that the report's
+# Origin / PTQ rows were measured with, and the optimizer whose state the checkpoint holds.
+FIXED_ON_RESUME = ("weights", "data", "imgsz", "task", "conf_thres", "iou_thres", "postprocess", "calib_method",
+                   "percentile", "calib_batches", "skip_layers", "auto_skip", "no_eval_origin", "no_eval_ptq",
+                   "optimizer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,11 +64,11 @@ MACHINE_OPTIONS = ("device", "workers")
 # ----------------------------------------------------------------------------------------------
 
 
-def load_float_model(weights: str | Path, device: torch.device) -> nn.Module:
+def load_float_model(weights: str | Path, device: torch.device, unsafe: bool = False) -> nn.Module:
     """The trained FP32 model, fused (Conv+BN, RepConvN) and in eval mode."""
-    if is_quantized_checkpoint(load_checkpoint(weights)):
+    if is_quantized_checkpoint(load_checkpoint(weights, unsafe=unsafe)):
         raise UserError(f"{weights}: already a PTQ/QAT checkpoint; pass the trained FP32 weights")
-    return attempt_load(weights, device=device, fuse=True).float().eval()
+    return attempt_load(weights, device=device, fuse=True, unsafe=unsafe).float().eval()
 
 
 def make_loader(data: dict, split: str, imgsz: int, batch_size: int, stride: int, workers: int, *,
@@ -110,15 +114,9 @@ class Evaluator:
         return result
 
 
-def _check_imgsz(imgsz: int, stride: int) -> int:
-    if imgsz % stride:
-        raise UserError(f"--imgsz {imgsz}: must be a multiple of the model stride {stride}")
-    return imgsz
-
-
 def _evaluator(opt: argparse.Namespace, data: dict, stride: int) -> Evaluator:
-    imgsz = _check_imgsz(opt.imgsz, stride)
-    loader = make_loader(data, opt.task, imgsz, opt.batch_size * 2, stride, opt.workers)
+    check_imgsz(opt.imgsz, stride)
+    loader = make_loader(data, opt.task, opt.imgsz, opt.batch_size * 2, stride, opt.workers)
     return Evaluator(data, loader, opt.conf_thres, opt.iou_thres, opt.postprocess)
 
 
@@ -145,7 +143,7 @@ def calibrate_ptq(model: nn.Module, batches, method: str, percentile: float,
     if method != "auto" and method not in CALIB_METHODS:
         raise UserError(f"--calib-method {method}: expected one of {', '.join(CALIB_METHODS)} or auto")
     if method == "auto" and evaluate is None:
-        raise UserError("--calib-method auto evaluates each method: it cannot be combined with --no-eval-ptq")
+        raise ValueError("auto calibration needs an evaluator to choose the method")
     n = collect_stats(model, batches)
     if n == 0:
         raise UserError("calibration: the training split gave no batches")
@@ -188,8 +186,6 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
                                    opt.percentile, evaluate if (evaluate and not opt.no_eval_ptq) else None)
     report["calibration"] = trials if len(trials) > 1 else []
     if opt.auto_skip:
-        if evaluate is None or opt.no_eval_ptq:
-            raise UserError("--auto-skip ranks layers by PTQ mAP: it cannot be combined with --no-eval-ptq")
         ptq_map = next(t["map50_95"] for t in trials if t["chosen"])
         extra = _auto_skip(float_model, model, opt.auto_skip, evaluate, ptq_map, save_dir)
         amax, calibration = amax_state(model), model.quant_info.calibration
@@ -254,8 +250,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     try:
         for epoch in range(state.start_epoch, opt.epochs):
             seed_everything(epoch_seed(opt.seed, epoch, info.rank))
-            if info.distributed:
-                loader.sampler.set_epoch(epoch)
+            set_epoch(loader, epoch)
             for g in optimizer.param_groups:
                 g["lr"] = lr0 * lf(epoch)
             stats = train_one_epoch(model, loader, loss_fn, optimizer, device=device, epoch=epoch, epochs=opt.epochs,
@@ -263,7 +258,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                                     world_size=info.world_size, progress=info.is_main)
             if not info.is_main:
                 continue
-            row = {"epoch": epoch, "box": stats.loss[0], "cls": stats.loss[1], "dfl": stats.loss[2],
+            row = {"epoch": epoch + 1, "box": stats.loss[0], "cls": stats.loss[1], "dfl": stats.loss[2],
                    "distill_error": distill.take_mean_error() if distill else 0.0,
                    "seconds_per_iter": stats.seconds / max(stats.iters, 1), "lr": lr0 * lf(epoch),
                    "train_seconds": stats.seconds}
@@ -278,8 +273,9 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
             if improved:
                 best = fitness
                 report["qat_best"] = {**{k: row.get(k, 0.0) for k in ("map50_95", "map50", "precision", "recall",
-                                                                      "fitness")}, "epoch": epoch}
+                                                                      "fitness")}, "epoch": epoch + 1}
                 report["seconds_to_qat_best"] = time.perf_counter() - state.started
+                report["qat_best_session"] = len(report["sessions"])
             last_ckpt = make_checkpoint(student, epoch=epoch, best_fitness=best, optimizer=optimizer, opt=vars(opt),
                                         report=report)
             save_checkpoint(last_ckpt, weights / "qat_last.pt")
@@ -288,6 +284,12 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
             write_report(report, save_dir)
             LOGGER.info(f"QAT epoch {epoch + 1}/{opt.epochs}: mAP50-95 {row.get('map50_95', float('nan')):.4f}, "
                         f"distillation error {row['distill_error']:.2e}")
+    except KeyboardInterrupt:
+        last = weights / "qat_last.pt"
+        if info.is_main and last.is_file():
+            raise KeyboardInterrupt(f"{last} holds the last finished QAT epoch; continue with "
+                                    f"python qat.py quantize --resume {last}") from None
+        raise
     finally:
         if distill is not None:
             distill.remove()
@@ -299,23 +301,33 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
 
 
 def _resume_options(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
+    """The interrupted run's options (with the flags typed again), its qat_last.pt and its folder."""
     path = Path(opt.resume) if isinstance(opt.resume, str) and opt.resume not in ("", "True") \
         else Path(opt.project) / opt.name / "weights" / "qat_last.pt"
-    ckpt = read_checkpoint(path)
-    if ckpt.get("optimizer") is None:
-        raise UserError(f"{path}: holds no training state; resume from a qat_last.pt")
-    restored = argparse.Namespace(**ckpt["opt"])
-    for k in MACHINE_OPTIONS:
-        setattr(restored, k, getattr(opt, k))
-    restored.resume = str(path)
-    return restored, ckpt, path.parent.parent
+    ckpt = load_checkpoint(path)
+    if not is_quantized_checkpoint(ckpt):
+        raise UserError(f"{path}: a float checkpoint, not a qat_last.pt; continue a train.py run with train.py "
+                        f"--resume, or quantize these weights with qat.py quantize --weights {path}")
+    if ckpt.get("optimizer") is None or not isinstance(ckpt.get("qat"), dict):
+        raise UserError(f"{path}: holds no QAT training state (ptq.pt, qat_best.pt); resume from a qat_last.pt")
+    merged = resume_options(ckpt["opt"], vars(opt), typed_flags(opt), FIXED_ON_RESUME, f"--resume {path}")
+    return argparse.Namespace(**{**merged, "resume": str(path)}), ckpt, path.parent.parent
 
 
 def run_quantize(opt: argparse.Namespace) -> Path:
     """``qat.py quantize``: Origin, PTQ and QAT with a report; returns the run folder."""
+    t0 = time.perf_counter()
+    # Inputs are checked and loaded before the run folder exists: a failed start leaves nothing behind.
+    _check_quantize_flags(opt)
+    ckpt = save_dir = None
+    if opt.resume:  # before the device is chosen: a resume keeps the run's own --device unless typed again
+        opt, ckpt, save_dir = _resume_options(opt)
+        _check_quantize_flags(opt)
+    elif not (opt.weights and opt.data):
+        raise UserError("qat.py quantize: pass --weights and --data (or --resume a qat_last.pt)")
     device = select_device(opt.device)
     with process_group(device) as info:
-        return _quantize(opt, device, info)
+        return _quantize(opt, ckpt, save_dir, device, info, t0)
 
 
 def _check_ranges_agree(model: nn.Module, info: DistInfo) -> None:
@@ -331,25 +343,32 @@ def _check_ranges_agree(model: nn.Module, info: DistInfo) -> None:
         LOGGER.info(f"quantizer ranges identical on all {info.world_size} ranks")
 
 
-def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> Path:
-    t0 = time.perf_counter()
-    ckpt = None
-    if opt.resume:
-        opt, ckpt, save_dir = _resume_options(opt)
-    elif not (opt.weights and opt.data):
-        raise UserError("qat.py quantize: pass --weights and --data (or --resume a qat_last.pt)")
-    else:
-        save_dir = _run_dir(opt, info)
+def _check_quantize_flags(opt: argparse.Namespace) -> None:
+    """Every flag of ``qat.py quantize`` that can be checked without the model, before any work."""
+    check_flags(vars(opt), minimums={"epochs": 0})  # --epochs 0: PTQ only
+    if opt.no_eval_ptq and opt.calib_method == "auto":
+        raise UserError("--calib-method auto evaluates each method: it cannot be combined with --no-eval-ptq")
+    if opt.no_eval_ptq and opt.auto_skip:
+        raise UserError("--auto-skip ranks layers by PTQ mAP: it cannot be combined with --no-eval-ptq")
+
+
+def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, device: torch.device,
+              info: DistInfo, t0: float) -> Path:
     if opt.batch_size % info.world_size:
         raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
     seed_everything(opt.seed)
     data = load_data_config(opt.data)
     hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
     opt.hyp = hyp  # the checkpoint carries the values, not a path that may change
-    teacher = load_float_model(opt.weights, device)
+    teacher = load_float_model(opt.weights, device, opt.unsafe_load)
     _check_classes(teacher, data, opt.weights)
+    parse_skip_layers(opt.skip_layers, len(teacher.model))  # before the evaluations, not after them
+    if opt.auto_skip >= len(teacher.model):
+        raise UserError(f"--auto-skip {opt.auto_skip}: the model has only {len(teacher.model)} layers")
     stride = max(int(teacher.stride.max()), 32)
     evaluate = _evaluator(opt, data, stride) if info.is_main else None
+    if save_dir is None:
+        save_dir = _run_dir(opt, info)
 
     if ckpt is not None:
         report = ckpt["qat"]
@@ -375,6 +394,9 @@ def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> 
     student.to(device)
     _check_ranges_agree(student, info)
     if opt.epochs > 0:
+        # Each process of a resumed run keeps its own clock: the pause between them is not run time.
+        report.setdefault("sessions", []).append({"first_epoch": state.start_epoch + 1,
+                                                  "setup_seconds": time.perf_counter() - t0})
         finetune(opt, student, teacher, data, hyp, evaluate, report, save_dir, device, info, state)
     if info.is_main:
         md, _ = write_report(report, save_dir)
@@ -384,13 +406,14 @@ def _quantize(opt: argparse.Namespace, device: torch.device, info: DistInfo) -> 
 
 def run_sensitive(opt: argparse.Namespace) -> Path:
     """``qat.py sensitive``: per-layer sensitivity table, JSON and bar chart of a calibrated PTQ model."""
+    check_flags(vars(opt))
     device = select_device(opt.device)
-    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     data = load_data_config(opt.data)
-    float_model = load_float_model(opt.weights, device)
+    float_model = load_float_model(opt.weights, device, opt.unsafe_load)
     _check_classes(float_model, data, opt.weights)
     stride = max(int(float_model.stride.max()), 32)
     evaluate = _evaluator(opt, data, stride)
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     fp_map = evaluate(float_model).map50_95
     model = prepare(deepcopy(float_model))
     loader = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, opt.workers, shuffle=True, seed=opt.seed)
@@ -406,13 +429,14 @@ def run_sensitive(opt: argparse.Namespace) -> Path:
 
 def run_eval(opt: argparse.Namespace) -> EvalResult:
     """``qat.py eval``: a saved PTQ/QAT checkpoint through the evaluator (results in the run folder)."""
-
+    check_flags(vars(opt))
     device = select_device(opt.device)
-    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     data = load_data_config(opt.data)
-    model, _ = load_quantized(opt.weights, device)
+    model, _ = load_quantized(opt.weights, device, opt.unsafe_load)
     _check_classes(model, data, opt.weights)
-    result = _evaluator(opt, data, max(int(model.stride.max()), 32))(model)
+    evaluate = _evaluator(opt, data, max(int(model.stride.max()), 32))
+    save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
+    result = evaluate(model)
     (save_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     (save_dir / "results.md").write_text(result.markdown())
     return result

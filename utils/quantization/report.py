@@ -63,14 +63,30 @@ def to_markdown(report: dict) -> str:
 
 
 def _time_lines(report: dict) -> list[str]:
-    """Where the time to ``qat_best.pt`` went; absent from reports of older runs."""
+    """Where the time to ``qat_best.pt`` went; absent from reports of older runs.
+
+    A resumed run ran in several processes, each with its own clock; they are listed one by one,
+    never added up, as the pause between them is not run time.
+    """
     seconds = report.get("seconds")
     if not seconds or "seconds_to_qat_best" not in report:
         return []
-    return ["## Time", "",
-            f"Loading and the Origin evaluation {seconds['load_and_origin']:.1f} s; PTQ (calibration, every "
-            f"method's evaluation, ptq.pt) {seconds.get('ptq', 0.0):.1f} s; then the QAT epochs above; "
-            f"qat_best.pt written {report['seconds_to_qat_best']:.1f} s after the start.", ""]
+    first = (f"Loading and the Origin evaluation {seconds['load_and_origin']:.1f} s; PTQ (calibration, every "
+             f"method's evaluation, ptq.pt) {seconds.get('ptq', 0.0):.1f} s")
+    sessions = report.get("sessions", [])
+    if len(sessions) <= 1:
+        return ["## Time", "", f"{first}; then the QAT epochs above; qat_best.pt written "
+                f"{report['seconds_to_qat_best']:.1f} s after the start.", ""]
+    ends = [s["first_epoch"] - 1 for s in sessions[1:]] + [report["epochs"][-1]["epoch"]]
+    lines = ["## Time", "", f"The run was resumed: it ran in {len(sessions)} processes, each timed from its own "
+             "start (the pauses between them are not counted).", ""]
+    for i, (session, end) in enumerate(zip(sessions, ends), 1):
+        setup = first[0].lower() + first[1:] if i == 1 else f"loading {session['setup_seconds']:.1f} s"
+        lines.append(f"- process {i}: {setup}; then QAT epochs {session['first_epoch']}-{end}")
+    best = report.get("qat_best") or {}
+    lines += ["", f"qat_best.pt (epoch {best.get('epoch', '?')}) written {report['seconds_to_qat_best']:.1f} s after "
+              f"process {report.get('qat_best_session', len(sessions))} started.", ""]
+    return lines
 
 
 def write_report(report: dict, save_dir: Path) -> tuple[Path, Path]:

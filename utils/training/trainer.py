@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import yaml
 
 from utils.errors import UserError
+from utils.options import CLI_FLAGS, check_flags, check_imgsz, resume_options, run_options, typed_flags
 from utils.paths import ROOT, increment_path
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
@@ -44,9 +44,10 @@ DEFAULTS: dict = dict(
     # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
     # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
     nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
+    unsafe_load=False,
 )
-# Options that describe the machine, not the run: a resumed run takes them from the new command.
-MACHINE_OPTIONS = ("device", "workers")
+# What a resume cannot change: the model and its optimizer state come from the checkpoint.
+FIXED_ON_RESUME = ("cfg", "weights", "optimizer")
 
 RESULTS_COLUMNS = ("epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision",
                    "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
@@ -54,14 +55,20 @@ RESULTS_COLUMNS = ("epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss"
 
 
 def make_options(opt: argparse.Namespace | dict | None = None, **overrides) -> argparse.Namespace:
-    """Defaults, then ``opt``, then keyword overrides; unknown keys are a user error (typos)."""
+    """Defaults, then ``opt``, then keyword overrides; unknown keys are a user error (typos).
+
+    ``cli_flags`` (utils.options) records what was given on purpose: the typed flags of a command
+    line, or every key a Python caller passed.
+    """
     merged = dict(DEFAULTS)
     given = {**(vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})), **overrides}
+    typed = typed_flags(given) if CLI_FLAGS not in given else set(given[CLI_FLAGS]) | set(overrides)
+    given.pop(CLI_FLAGS, None)
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise UserError(f"train: unknown option(s) {', '.join(unknown)}")
     merged.update(given)
-    return argparse.Namespace(**merged)
+    return argparse.Namespace(**merged, **{CLI_FLAGS: tuple(sorted(typed))})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +86,7 @@ class RunState:
 
 def plain_options(opt: argparse.Namespace) -> dict:
     """``opt`` as plain values (paths as str) so the checkpoint loads with ``weights_only=True``."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
+    return run_options(vars(opt))
 
 
 def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: int, best_fitness: float,
@@ -158,8 +165,13 @@ def build_model(opt: argparse.Namespace, nc: int, resume_ckpt: dict | None) -> n
     if resume_ckpt is not None:
         return resume_ckpt["model"].float()
     if opt.weights:
-        ckpt = load_checkpoint(opt.weights)
-        src = (ckpt.get("ema") or ckpt["model"]).float()
+        ckpt = load_checkpoint(opt.weights, unsafe=opt.unsafe_load)
+        src = ckpt.get("ema") or ckpt.get("model")
+        if not isinstance(src, nn.Module):
+            raise UserError(f"{opt.weights}: holds no model object to train from" +
+                            ("; it is a PTQ/QAT checkpoint (qat.py), pass the FP32 weights it came from"
+                             if ckpt.get("quant") is not None else ""))
+        src = src.float()
         model = DetectionModel(opt.cfg or src.yaml, ch=3, nc=nc)
         theirs, ours = src.state_dict(), model.state_dict()
         match = {k: v for k, v in theirs.items() if k in ours and v.shape == ours[k].shape}
@@ -175,14 +187,6 @@ def cache_images(dataset, split: str) -> None:
     """--cache ram: decode every image once; small sets (BCCD) then train at GPU speed, not JPEG speed."""
     nbytes = dataset.cache_images()
     LOGGER.info(f"{split}: cached {len(dataset)} images in RAM ({nbytes / 1e9:.2f} GB)")
-
-
-def check_imgsz(imgsz: int, stride: int) -> int:
-    """Round the image size up to a multiple of the largest stride, as the anchors need."""
-    fixed = max(int(np.ceil(imgsz / stride) * stride), 2 * stride)
-    if fixed != imgsz:
-        LOGGER.warning(f"--imgsz {imgsz} is not a multiple of the stride {stride}; using {fixed}")
-    return fixed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ class ResultsCSV:
             writer.writerow([values[0]] + [f"{v:.5g}" for v in values[1:]])
 
     def truncate_after(self, epoch: int) -> None:
-        """Drop rows beyond ``epoch`` (written after the checkpoint a resume starts from)."""
+        """Drop rows beyond epoch number ``epoch`` (written after the checkpoint a resume starts from)."""
         if not self.path.exists():
             return
         with open(self.path, newline="") as f:
@@ -225,60 +229,63 @@ def train(opt: argparse.Namespace | dict | None = None,
     ``on_epoch_end(epoch, metrics)`` runs on the main process after each epoch's checkpoint is written.
     """
     opt = make_options(opt, **overrides)
+    # Inputs are checked and loaded before the run folder exists: a failed start leaves nothing behind.
+    check_flags(vars(opt))
+    ckpt = save_dir = None
+    if opt.resume:  # before the device is chosen: a resume keeps the run's own --device unless typed again
+        opt, ckpt, save_dir = _resume(opt)
+        check_flags(vars(opt))
     device = select_device(opt.device)
+    run: dict = {}  # _train puts the path of last.pt here, for the message of an interrupt
     with process_group(device) as info:
-        return _train(opt, device, info, on_epoch_end)
+        try:
+            return _train(opt, ckpt, save_dir, device, info, on_epoch_end, run)
+        except KeyboardInterrupt:
+            last = run.get("last")
+            if info.is_main and last is not None and last.is_file():
+                raise KeyboardInterrupt(f"{last} holds the last finished epoch; continue with "
+                                        f"python train.py --resume {last}") from None
+            raise
 
 
 def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
+    """The interrupted run's options (with the flags typed again), its checkpoint and its folder."""
     from utils.checkpoint import load_checkpoint
 
     last = find_resume_checkpoint(opt.resume, opt.project)
     ckpt = load_checkpoint(last)
+    if ckpt.get("quant") is not None:
+        raise UserError(f"{last}: a PTQ/QAT checkpoint of qat.py; continue it with qat.py quantize --resume {last}")
+    if not isinstance(ckpt.get("model"), nn.Module) or not isinstance(ckpt.get("opt"), dict):
+        raise UserError(f"{last}: not a train.py checkpoint (no model and options to resume)")
     if ckpt.get("optimizer") is None or ckpt.get("epoch", -1) < 0:
         raise UserError(f"{last}: this run finished (training state was stripped); nothing to resume")
-    restored = make_options({k: v for k, v in ckpt["opt"].items() if k in DEFAULTS})
-    for k in MACHINE_OPTIONS:
-        setattr(restored, k, getattr(opt, k))
-    restored.resume = str(last)
+    saved = {k: v for k, v in ckpt["opt"].items() if k in DEFAULTS}
+    merged = resume_options(saved, vars(opt), typed_flags(opt), FIXED_ON_RESUME, f"--resume {last}")
+    restored = make_options({**merged, "resume": str(last)})
     return restored, ckpt, last.parent.parent
 
 
-def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
-           on_epoch_end: Callable[[int, dict], None] | None) -> Path:
+def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, device: torch.device, info: DistInfo,
+           on_epoch_end: Callable[[int, dict], None] | None, run: dict) -> Path:
     from utils.checkpoint import save_checkpoint
     from utils.data.config import load_data_config, load_hyp, require_split
-    from utils.data.dataset import create_dataloader
+    from utils.data.dataset import create_dataloader, set_epoch
 
     t_start = time.perf_counter()
-    ckpt = None
-    if opt.resume:
-        opt, ckpt, save_dir = _resume(opt)
-    # Check the inputs before a run folder exists, so a typo leaves no empty folder behind.
     hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
     opt.hyp = hyp  # the checkpoint carries the values, not a path that may change
     data = load_data_config(opt.data)
     nc, names = data["nc"], data["names"]
-    if opt.epochs < 1 or opt.batch_size < 1:
-        raise UserError(f"--epochs {opt.epochs} --batch-size {opt.batch_size}: both must be at least 1")
     if opt.batch_size % info.world_size:
         raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
-    if ckpt is None:
-        save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok, mkdir=info.is_main) \
-            if info.is_main else None
-        save_dir = Path(broadcast_object(str(save_dir) if save_dir else None, info))
-    weights_dir = save_dir / "weights"
-    last, best = weights_dir / "last.pt", weights_dir / "best.pt"
-    if info.is_main:
-        weights_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
-        (save_dir / "opt.yaml").write_text(yaml.safe_dump(plain_options(opt), sort_keys=False))
 
     seed_everything(epoch_seed(opt.seed, -1, info.rank))
     model = build_model(opt, nc, ckpt).to(device)
     model.nc, model.names, model.hyp = nc, names, hyp
     stride = max(int(model.stride.max()), 32)
-    imgsz = check_imgsz(opt.imgsz, stride)
+    check_imgsz(opt.imgsz, stride)
+    imgsz = opt.imgsz
 
     accumulate = max(round(opt.nominal_batch / opt.batch_size), 1)
     weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / opt.nominal_batch
@@ -294,7 +301,7 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
         state = restore_training_state(ckpt, optimizer, ema, precision.scaler)
         if state.start_epoch >= opt.epochs:
             raise UserError(f"{opt.resume}: already trained {opt.epochs} epochs; nothing to resume")
-        LOGGER.info(f"Resuming {save_dir} from epoch {state.start_epoch} of {opt.epochs}")
+        LOGGER.info(f"Resuming {save_dir} at epoch {state.start_epoch + 1} of {opt.epochs}")
         del ckpt
 
     if opt.sync_bn and info.distributed and device.type == "cuda":
@@ -319,24 +326,34 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    if save_dir is None:
+        made = increment_path(Path(opt.project) / opt.name, opt.exist_ok) if info.is_main else None
+        save_dir = Path(broadcast_object(str(made) if made else None, info))
+    weights_dir = save_dir / "weights"
+    last, best = weights_dir / "last.pt", weights_dir / "best.pt"
+    if info.is_main:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+        (save_dir / "opt.yaml").write_text(yaml.safe_dump(plain_options(opt), sort_keys=False))
+
     nb = len(train_loader)
     warmup = Warmup(max(round(hyp["warmup_epochs"] * nb), opt.min_warmup_iters), hyp["warmup_bias_lr"],
                     hyp["warmup_momentum"], hyp["momentum"], accumulate)
     results = ResultsCSV(save_dir / "results.csv")
     if info.is_main:
-        results.truncate_after(state.start_epoch - 1)
+        results.truncate_after(state.start_epoch)
         LOGGER.info(f"Training {opt.epochs} epochs, batch {opt.batch_size} (x{accumulate} accumulation), "
                     f"imgsz {imgsz}, {info.world_size} process(es), results to {save_dir}")
     torch.backends.cudnn.benchmark = True
 
     best_fitness, best_epoch = state.best_fitness, state.best_epoch
+    # Each process of a resumed run keeps its own clock: the pause between them is not training time.
+    session = {"first_epoch": state.start_epoch + 1}
+    sessions = (previous_sessions(save_dir / "train_summary.json") if state.start_epoch else []) + [session]
+    run["last"] = last
     for epoch in range(state.start_epoch, opt.epochs):
-        seed = epoch_seed(opt.seed, epoch, info.rank)
-        seed_everything(seed)
-        if getattr(train_loader, "generator", None) is not None:  # the shuffle order of a single process
-            train_loader.generator.manual_seed(seed)
-        if info.distributed:
-            train_loader.sampler.set_epoch(epoch)
+        seed_everything(epoch_seed(opt.seed, epoch, info.rank))
+        set_epoch(train_loader, epoch)
         if opt.close_mosaic and epoch >= opt.epochs - opt.close_mosaic:
             dataset.close_mosaic()
         for g in optimizer.param_groups:
@@ -355,24 +372,25 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
             if fitness > best_fitness or best_epoch < 0:
                 best_fitness, best_epoch = fitness, epoch
             lrs = [g["lr"] for g in optimizer.param_groups]
-            results.append([epoch, *stats.loss, metrics["precision"], metrics["recall"], metrics["map50"],
+            results.append([epoch + 1, *stats.loss, metrics["precision"], metrics["recall"], metrics["map50"],
                             metrics["map50_95"], *metrics["val_loss"], *(lrs + [0.0] * 3)[:3]])
             ckpt = make_checkpoint(model, ema, optimizer, precision.scaler, epoch, best_fitness, best_epoch, opt)
             save_checkpoint(ckpt, last)
             if best_epoch == epoch:
                 save_checkpoint(ckpt, best)
             del ckpt
+            session.update(last_epoch=epoch + 1, seconds=round(time.perf_counter() - t_start, 1))
+            write_summary(save_dir / "train_summary.json", opt, sessions, best_epoch, best_fitness, info.world_size,
+                          device)
             stop = opt.patience > 0 and not opt.noval and epoch - best_epoch >= opt.patience
             if stop:
-                LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs (best epoch {best_epoch})")
+                LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs (best epoch {best_epoch + 1})")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, {**metrics, "fitness": fitness, "train_loss": stats.loss})
         if broadcast_object(stop, info):
             break
 
     if info.is_main:
-        write_summary(save_dir / "train_summary.json", opt, state.start_epoch, epoch, best_epoch, best_fitness,
-                      time.perf_counter() - t_start, info.world_size, device)
         for f in (last, best):
             if f.exists():
                 finalize_checkpoint(f)
@@ -381,14 +399,25 @@ def _train(opt: argparse.Namespace, device: torch.device, info: DistInfo,
     return save_dir
 
 
-def write_summary(path: Path, opt: argparse.Namespace, start_epoch: int, last_epoch: int, best_epoch: int,
-                  best_fitness: float, seconds: float, world_size: int, device: torch.device) -> None:
-    """How the run went, for benchmark records: the command, epochs done, wall time of this session."""
+def previous_sessions(path: Path) -> list[dict]:
+    """The processes an interrupted run already ran in, from its train_summary.json (written every epoch)."""
+    try:
+        return list(json.loads(path.read_text()).get("sessions", []))
+    except (OSError, ValueError):
+        return []
+
+
+def write_summary(path: Path, opt: argparse.Namespace, sessions: list[dict], best_epoch: int, best_fitness: float,
+                  world_size: int, device: torch.device) -> None:
+    """How the run went, for benchmark records: the command, epochs (numbered from 1), wall time per process.
+
+    ``sessions`` lists the processes a resumed run ran in; ``train_seconds`` is the last one's.
+    """
     summary = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "cfg": opt.cfg, "data": opt.data, "epochs": opt.epochs, "start_epoch": start_epoch,
-        "last_epoch": last_epoch, "best_epoch": best_epoch, "best_fitness": best_fitness,
-        "train_seconds": round(seconds, 1), "processes": world_size,
+        "cfg": opt.cfg, "data": opt.data, "epochs": opt.epochs, "start_epoch": sessions[-1]["first_epoch"],
+        "last_epoch": sessions[-1]["last_epoch"], "best_epoch": best_epoch + 1, "best_fitness": best_fitness,
+        "train_seconds": sessions[-1]["seconds"], "sessions": sessions, "processes": world_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     path.write_text(json.dumps(summary, indent=2) + "\n")

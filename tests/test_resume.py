@@ -1,0 +1,164 @@
+"""A run interrupted after epoch 1 and resumed is the uninterrupted run, bit for bit, on the CPU.
+
+qat.py quantize in one process, and train.py and qat.py quantize under torchrun (2 processes, gloo):
+every number the run logged (results.csv, report.json) and the final weights are compared exactly
+(train.py in one process: tests/test_trainer.py). The interrupt (tests/interrupt_driver.py) is a
+KeyboardInterrupt at the start of epoch 2 in every process, where a Ctrl-C between epochs lands;
+one test sends a real SIGINT. The interrupted runs load with persistent workers and the resumed ones
+with another worker count: the draws must depend on neither.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import qat
+from tests.interrupt_driver import _interrupting
+from tests.qat_helpers import one_thread, save_float_checkpoint, tiny_model
+from utils.checkpoint import load_checkpoint
+from utils.data.synthetic import make_shapes_dataset
+from utils.paths import ROOT
+from utils.quantization import pipeline
+
+IMGSZ = 64
+TINY = str(ROOT / "tests" / "assets" / "gelan-tiny.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TIMING_KEYS = ("train_seconds", "eval_seconds", "seconds_per_iter")
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("resume")
+    data = make_shapes_dataset(tmp / "shapes", n_train=8, n_val=4, imgsz=IMGSZ, seed=1)
+    return {"tmp": tmp, "data": data, "weights": save_float_checkpoint(tiny_model(), tmp / "fp.pt")}
+
+
+def _quantize_args(inputs: dict, project: Path, name: str, workers: int) -> list[str]:
+    return ["quantize", "--weights", str(inputs["weights"]), "--data", str(inputs["data"]), "--imgsz", str(IMGSZ),
+            "--batch-size", "4", "--device", "cpu", "--workers", str(workers), "--calib-batches", "1",
+            "--epochs", "2", "--iters", "2", "--no-eval-origin", "--project", str(project), "--name", name]
+
+
+def _train_args(inputs: dict, project: Path, name: str, workers: int) -> list[str]:
+    return ["--cfg", TINY, "--data", str(inputs["data"]), "--epochs", "2", "--batch-size", "4", "--imgsz", str(IMGSZ),
+            "--device", "cpu", "--workers", str(workers), "--project", str(project), "--name", name]
+
+
+def _logged(report: dict) -> dict:
+    """Every number a QAT report logged, without the clocks."""
+    rows = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in report["epochs"]]
+    return {"epochs": rows, **{k: report[k] for k in ("origin", "ptq", "calibration", "qat_best", "skip_layers")}}
+
+
+def _assert_same_quantized(a: Path, b: Path) -> None:
+    for name in ("qat_last.pt", "qat_best.pt", "ptq.pt"):
+        x, y = load_checkpoint(a / "weights" / name), load_checkpoint(b / "weights" / name)
+        sx, sy = x["quant"]["state_dict"], y["quant"]["state_dict"]
+        assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx), name
+        assert x["epoch"] == y["epoch"] and x["best_fitness"] == y["best_fitness"], name
+    ox = load_checkpoint(a / "weights" / "qat_last.pt")["optimizer"]["state"]
+    oy = load_checkpoint(b / "weights" / "qat_last.pt")["optimizer"]["state"]
+    assert all(torch.equal(ox[i]["momentum_buffer"], oy[i]["momentum_buffer"]) for i in ox)
+
+
+def _csv_rows(run: Path) -> list[dict]:
+    with open(run / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_same_trained(a: Path, b: Path) -> None:
+    assert _csv_rows(a) == _csv_rows(b)  # losses, metrics and learning rates, epoch by epoch
+    for name in ("last.pt", "best.pt"):
+        x = load_checkpoint(a / "weights" / name)["model"].state_dict()
+        y = load_checkpoint(b / "weights" / name)["model"].state_dict()
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_qat_resume_reproduces_the_uninterrupted_run(inputs, monkeypatch, caplog):
+    project = inputs["tmp"] / "qat"
+    full = qat.main(_quantize_args(inputs, project, "full", workers=0))
+    monkeypatch.setattr(pipeline, "train_one_epoch", _interrupting(pipeline.train_one_epoch, 1))
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        qat.main(_quantize_args(inputs, project, "cut", workers=2))
+    monkeypatch.undo()
+    last = project / "cut" / "weights" / "qat_last.pt"
+    assert load_checkpoint(last)["epoch"] == 0  # the interrupt kept epoch 1
+
+    with caplog.at_level("INFO", logger="yolov9"):
+        resumed = qat.main(["quantize", "--resume", str(last), "--workers", "0"])
+    assert resumed == project / "cut"
+    assert "except --workers 2 -> 0" in caplog.text  # the one option typed again, and said so
+    a, b = (json.loads((run / "report.json").read_text()) for run in (full, resumed))
+    assert _logged(a) == _logged(b)
+    _assert_same_quantized(full, resumed)
+
+    # one numbering everywhere (the log's "QAT epoch 2/2"), and each process's time on its own
+    assert [e["epoch"] for e in b["epochs"]] == [1, 2] and b["qat_best"]["epoch"] in (1, 2)
+    assert [s["first_epoch"] for s in b["sessions"]] == [1, 2]
+    md = (resumed / "report.md").read_text()
+    assert "ran in 2 processes" in md and "process 2: loading" in md and "QAT epochs 2-2" in md
+    assert "ran in" not in (full / "report.md").read_text()
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["train.py", "qat.py"])
+def test_torchrun_resume_reproduces_the_uninterrupted_run(tool, inputs):
+    """Two gloo processes: the uninterrupted run, and one interrupted at epoch 2 on both ranks then resumed."""
+    project = inputs["tmp"] / f"ddp_{tool}"
+    args = _quantize_args if tool == "qat.py" else _train_args
+    full = _torchrun(tool, *args(inputs, project, "full", workers=0))
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = _torchrun("tests/interrupt_driver.py", "1", tool, *args(inputs, project, "cut", workers=1))
+    assert cut.returncode != 0 and "interrupted:" in cut.stderr and "--resume" in cut.stderr, cut.stderr[-3000:]
+    last = project / "cut" / "weights" / ("qat_last.pt" if tool == "qat.py" else "last.pt")
+    resume = ["quantize", "--resume", str(last)] if tool == "qat.py" else ["--resume", str(last)]
+    resumed = _torchrun(tool, *resume)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in project.iterdir()) == ["cut", "full"]  # only rank 0 made run folders
+    if tool == "qat.py":
+        assert "quantizer ranges identical on all 2 ranks" in full.stdout + full.stderr
+        a, b = (json.loads((project / run / "report.json").read_text()) for run in ("full", "cut"))
+        assert _logged(a) == _logged(b) and [e["epoch"] for e in b["epochs"]] == [1, 2]
+        _assert_same_quantized(project / "full", project / "cut")
+    else:
+        assert [r["epoch"] for r in _csv_rows(project / "cut")] == ["1", "2"]
+        _assert_same_trained(project / "full", project / "cut")
+        summary = json.loads((project / "cut" / "train_summary.json").read_text())
+        assert summary["processes"] == 2 and [(s["first_epoch"], s["last_epoch"]) for s in summary["sessions"]] \
+            == [(1, 1), (2, 2)]  # each process with its own time
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(inputs, tmp_path):
+    """A real SIGINT once epoch 1's checkpoint exists: exit code 130, one line naming the resume command."""
+    last = tmp_path / "sigint" / "weights" / "last.pt"
+    cmd = [sys.executable, "train.py", *_train_args(inputs, tmp_path, "sigint", workers=0), "--epochs", "100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 240
+    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # waiting for a file, not timing anything
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and f"python train.py --resume {last}" in lines[0], err[-2000:]
+    assert "Traceback" not in err and "error:" not in err
