@@ -159,3 +159,16 @@ def test_missing_file_and_wrong_content(tmp_path):
     torch.save({"epoch": 1}, tmp_path / "empty.pt")
     with pytest.raises(UserError, match="no model in this checkpoint"):
         attempt_load(tmp_path / "empty.pt")
+
+
+@pytest.mark.parametrize("yaml_names", [None, ["cell"]])
+def test_model_pickled_without_nc_and_names_takes_them_from_head_and_yaml(tmp_path, yaml_names):
+    """A model saved by hand from ``Model(cfg)`` by code that never set ``nc`` / ``names`` (training does)."""
+    model = DetectionModel("gelan-t.yaml", nc=1)
+    del model.nc, model.names
+    if yaml_names:
+        model.yaml["names"] = yaml_names
+    path = tmp_path / "hand.pt"
+    torch.save({"model": model}, path)
+    loaded = attempt_load(path)
+    assert loaded.nc == 1 and loaded.names == {0: yaml_names[0] if yaml_names else "0"}
