@@ -64,3 +64,25 @@ def test_a_broken_plugin_node_and_a_wrong_detection_are_caught(traced, tmp_path)
     wrong_class = full.clone()
     wrong_class[0, 5] = 1
     assert cf.topk_set_problems(wrong_class, full, ref, k=3)
+
+
+def test_matrix_summary_lists_failures_and_renders_into_benchmarks(tmp_path):
+    """The bench's bookkeeping: counts by config / nc / variant, failures named, the report section."""
+    from bench import bench_conformance, report
+
+    cases = [cf.Case("gelan-t", nc, v, b, s) for nc in (1, 80) for b in cf.BATCH_MODES for s in cf.SHAPES
+             for v in cf.VARIANTS]
+    results = [cf.CaseResult(c, [] if i else ["lint: 1 finding(s)"], 0.01 * i, 0.001).to_dict()
+               for i, c in enumerate(cases)]
+    summary = bench_conformance.summarize(results, cases)
+    assert summary["cases"] == 24 and summary["failures"] == 1
+    assert summary["failed_cases"][0]["case"] == cases[0].name
+    assert summary["by_config_nc_variant"]["gelan-t"]["1"]["raw"] == {"passed": 3, "failed": 1}
+    table = bench_conformance.to_markdown(summary)
+    assert "| gelan-t | 3/4 | 4/4 | 4/4 | 4/4 | 4/4 | 4/4 |" in table and "24 cases, 1 failed" in table
+    records = [{"name": "conformance_cases_total", "value": 24, "model": "m", "dataset": "d", "command": "c",
+                "machine": "x", "date": "today", "extra": {"by_config_nc_variant": summary["by_config_nc_variant"]}},
+               {"name": "conformance_failures_total", "value": 1, "extra": {
+                   "failed_cases": [cases[0].name], "error_distribution": summary["error_distribution"]}}]
+    section = report.render_conformance(records)
+    assert "**24 cases, 1 failed** (gelan-t-nc1-raw-static-square)" in section and table.split("\n\n")[0] in section

@@ -44,8 +44,8 @@ class ExportResult:
     qdq_pairs: int
     merged_qdq: int
     findings: list[Finding] = field(default_factory=list)
-    normalized_qdq: int = 0  # Q/DQ nodes whose parameters were rewritten into canonical form
     float_convs: list[str] = field(default_factory=list)
+    normalized_qdq: int = 0  # Q/DQ nodes whose parameters were rewritten into canonical form
 
 
 @dataclass
