@@ -13,6 +13,7 @@ shared 2-core machine, so each (config, nc) block is saved as it ends and ``--re
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import conformance as cf  # noqa: E402
-from bench.record import RESULTS_DIR, write_record  # noqa: E402
+from bench.record import RESULTS_DIR, machine_name, write_record  # noqa: E402
 from bench.report import conformance_table  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
@@ -51,18 +52,21 @@ def run_block(cfg: str, nc: int, out_dir: Path, contract: dict, log=print) -> li
 
 def run_matrix(configs: list[str], ncs: list[int], out_dir: Path, blocks_dir: Path, resume: bool = False,
                log=print) -> list[dict]:
-    """Every case of ``configs`` x ``ncs``. Each (config, nc) block's results are saved as it ends
-    (``blocks_dir``), so an interrupted run continues with ``resume`` where it stopped."""
+    """Every (config, nc) block of ``configs`` x ``ncs``: {machine, date, cases}. Each block is saved
+    as it ends (``blocks_dir``), so an interrupted run continues with ``resume`` where it stopped,
+    and several processes (``--configs`` each) can share the work before one ``--resume`` sums it up."""
     contract = cf.load_contract()
     blocks_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    blocks = []
     for cfg in configs:
         for nc in ncs:
             block = blocks_dir / f"{cfg}-nc{nc}.json"
             if not (resume and block.is_file()):
-                block.write_text(json.dumps(run_block(cfg, nc, out_dir, contract, log), indent=1) + "\n")
-            results += json.loads(block.read_text())
-    return results
+                cases = run_block(cfg, nc, out_dir, contract, log)
+                saved = {"machine": machine_name(), "date": datetime.date.today().isoformat(), "cases": cases}
+                block.write_text(json.dumps(saved, indent=1) + "\n")
+            blocks.append(json.loads(block.read_text()))
+    return blocks
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -123,7 +127,10 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="conformance_") as tmp:
         out_dir = Path(opt.out or tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        results = run_matrix(configs, ncs, out_dir, table_dir / "blocks", opt.resume, log=lambda m: print(m, flush=True))
+        blocks = run_matrix(configs, ncs, out_dir, table_dir / "blocks", opt.resume, log=lambda m: print(m, flush=True))
+    results = [case for block in blocks for case in block["cases"]]
+    machines = sorted({block["machine"] for block in blocks})
+    dates = sorted({block["date"] for block in blocks})
     cases = [cf.Case(cfg, nc, v, b, s) for cfg in configs for nc in ncs for b in cf.BATCH_MODES for s in cf.SHAPES
              for v in cf.VARIANTS]
     summary = summarize(results, cases)
@@ -131,11 +138,12 @@ def main(argv: list[str] | None = None) -> Path:
     (table_dir / f"{TABLE_STEM}.md").write_text(to_markdown(summary))
     matrix = f"{len(configs)} detection config(s) x nc {ncs} x {len(cf.VARIANTS)} variants x 2 batch modes x 2 shapes"
     data = f"random images {', '.join('x'.join(map(str, s)) for s in cf.SHAPES.values())} (calibrated on random images)"
-    extra = {"seconds_this_invocation": round(time.time() - start), "table": f"bench/results/conformance/{TABLE_STEM}.md"}
-    write_record("conformance_cases_total", summary["cases"], "cases", matrix, data, results_dir=results_dir,
+    extra = {"seconds_this_invocation": round(time.time() - start), "table": f"bench/results/conformance/{TABLE_STEM}.md",
+             "case_dates": dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"}
+    where = dict(machine="; ".join(machines), results_dir=results_dir)
+    write_record("conformance_cases_total", summary["cases"], "cases", matrix, data, **where,
                  extra={**extra, "by_config_nc_variant": summary["by_config_nc_variant"]})
-    return write_record("conformance_failures_total", summary["failures"], "failed cases", matrix, data,
-                        results_dir=results_dir,
+    return write_record("conformance_failures_total", summary["failures"], "failed cases", matrix, data, **where,
                         extra={**extra, "failed_cases": [r["case"] for r in summary["failed_cases"]],
                                "error_distribution": summary["error_distribution"]})
 
