@@ -36,6 +36,9 @@ def test_conformance_case(traced, cfg, nc, variant, tmp_path):
     assert result.passed, f"{case.name}: {result.problems}"
     if variant != "topk":
         assert result.box_err is not None and result.score_err is not None
+    # Model Optimizer writes a one-output-channel weight's range unrunnably (the class convs when nc=1:
+    # Q and DQ at each of the 3 levels); every other Q/DQ it writes is already canonical
+    assert pred.normalized_qdq == (6 if nc == 1 else 0)
 
 
 def test_a_broken_plugin_node_and_a_wrong_detection_are_caught(traced, tmp_path):
