@@ -20,6 +20,8 @@ BENCHMARKS = HERE.parent / "BENCHMARKS.md"
 README = HERE.parent / "README.md"
 BLOCK = re.compile(r"(<!-- results -->)(.*?)(<!-- /results -->)", re.S)
 README_BLOCK = re.compile(r"(<!-- readme-results -->)(.*?)(<!-- /readme-results -->)", re.S)
+CONFORMANCE_BLOCK = re.compile(r"(<!-- conformance -->)(.*?)(<!-- /conformance -->)", re.S)
+CONFORMANCE_VARIANTS = ("raw", "nms", "topk")  # bench/conformance.py's order
 STUDY_MODELS = ("gelan-s", "gelan-c")  # the BCCD study's models, in README's order
 FIELDS = ("name", "value", "unit", "model", "dataset", "command", "machine", "date")
 
@@ -68,13 +70,45 @@ def render_study(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def conformance_table(by_config_nc_variant: dict) -> str:
+    """Cases by config (rows) and nc x variant (columns), 'passed/total' in each cell."""
+    ncs = sorted({nc for row in by_config_nc_variant.values() for nc in row}, key=int)
+    cols = [(nc, v) for nc in ncs for v in CONFORMANCE_VARIANTS]
+    lines = ["| config | " + " | ".join(f"nc={nc} {v}" for nc, v in cols) + " |",
+             "| --- |" + " ---: |" * len(cols)]
+    for cfg, row in by_config_nc_variant.items():
+        cells = [row.get(nc, {}).get(v) for nc, v in cols]
+        lines.append(f"| {cfg} | " + " | ".join("-" if c is None else f"{c['passed']}/{c['passed'] + c['failed']}"
+                                               for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def render_conformance(records: list[dict]) -> str:
+    """BENCHMARKS.md's export-conformance section body, from the two conformance records."""
+    by_name = {r["name"]: r for r in records}
+    cases, failures = by_name.get("conformance_cases_total"), by_name.get("conformance_failures_total")
+    if cases is None or failures is None:
+        return "No records yet: run `nice python bench/bench_conformance.py`."
+    dist = failures["extra"]["error_distribution"]
+    box, score, bounds = dist["box_px"], dist["score"], dist["bounds"]
+    failed = failures["extra"]["failed_cases"]
+    return "\n".join([
+        f"{cases['model']}; {cases['dataset']}. **{cases['value']:.0f} cases, {failures['value']:.0f} failed**"
+        + (f" ({', '.join(failed)})" if failed else "") + f". Command `{cases['command']}`, {cases['machine']}, "
+        f"{cases['date']}. Each cell: cases passed / cases (2 batch modes x 2 input shapes).", "",
+        conformance_table(cases["extra"]["by_config_nc_variant"]), "",
+        f"|ONNX Runtime - PyTorch| over the {box['cases']} raw and plugin-input cases (max per case): boxes median "
+        f"{box['median']:.2g} px, p99 {box['p99']:.2g}, max {box['max']:.2g} (bound {bounds['box_px']}); scores "
+        f"median {score['median']:.2g}, p99 {score['p99']:.2g}, max {score['max']:.2g} (bound {bounds['score']})."])
+
+
 def _fill(block: re.Pattern, text: str, body: str) -> str:
     return block.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(3), text)
 
 
 def refreshed(text: str, records: list[dict]) -> str:
-    """BENCHMARKS.md with its records table re-rendered."""
-    return _fill(BLOCK, text, render(records))
+    """BENCHMARKS.md with its records table and its export-conformance section re-rendered."""
+    return _fill(CONFORMANCE_BLOCK, _fill(BLOCK, text, render(records)), render_conformance(records))
 
 
 def refreshed_readme(text: str, records: list[dict]) -> str:

@@ -63,10 +63,25 @@ def model_from_checkpoint(ckpt: dict, source: str | Path = "checkpoint", cfg: st
     return model
 
 
+def _class_attributes(model: nn.Module) -> None:
+    """``nc`` and ``names`` for a model pickled without them (e.g. saved by hand from ``Model(cfg)``,
+    which only training sets them on): the class count from its head, the names from its YAML
+    when it lists one per class, else the class indices."""
+    head = model.model[-1] if isinstance(getattr(model, "model", None), nn.Sequential) else None
+    if getattr(model, "nc", None) is None and head is not None and hasattr(head, "nc"):
+        model.nc = int(head.nc)
+    if getattr(model, "names", None) is None and getattr(model, "nc", None) is not None:
+        listed = (getattr(model, "yaml", None) or {}).get("names")
+        fits = isinstance(listed, (list, tuple, dict)) and len(listed) == model.nc
+        model.names = (list(listed.values()) if isinstance(listed, dict) else list(listed)) if fits \
+            else [str(i) for i in range(model.nc)]
+
+
 def _upgrade(model: nn.Module, inplace: bool) -> None:
     """Attribute fixes for modules pickled by older code / torch releases (as upstream does)."""
     if not hasattr(model, "stride"):
         model.stride = torch.tensor([32.0])
+    _class_attributes(model)
     if isinstance(getattr(model, "names", None), (list, tuple)):
         model.names = dict(enumerate(model.names))
     for m in model.modules():

@@ -214,3 +214,14 @@ def test_segmentation_state_dict_with_cfg(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     assert type(loaded) is SegmentationModel and loaded.nc == 2
     assert all(torch.equal(a, b) for a, b in zip(_flat(loaded(x)), _flat(model(x))))
+@pytest.mark.parametrize("yaml_names", [None, ["cell"]])
+def test_model_pickled_without_nc_and_names_takes_them_from_head_and_yaml(tmp_path, yaml_names):
+    """A model saved by hand from ``Model(cfg)`` by code that never set ``nc`` / ``names`` (training does)."""
+    model = DetectionModel("gelan-t.yaml", nc=1)
+    del model.nc, model.names
+    if yaml_names:
+        model.yaml["names"] = yaml_names
+    path = tmp_path / "hand.pt"
+    torch.save({"model": model}, path)
+    loaded = attempt_load(path)
+    assert loaded.nc == 1 and loaded.names == {0: yaml_names[0] if yaml_names else "0"}

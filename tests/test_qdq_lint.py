@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -39,6 +40,16 @@ class Builder:
         s, z = self.const(scale), self.const(0, np.int8)
         return self.op("DequantizeLinear", [self.op("QuantizeLinear", [x, s, z]), s, z])
 
+    def pair(self, x, scale, zero=np.int8(0), axis=None):
+        """A Q/DQ pair with any scale / zero point (None: no zero point) / axis, as a backend might write it."""
+        s = self.const(scale)
+        z = [] if zero is None else [self.const(zero, np.asarray(zero).dtype)]
+        attrs = {} if axis is None else {"axis": axis}
+        return self.op("DequantizeLinear", [self.op("QuantizeLinear", [x, s, *z], **attrs), s, *z], **attrs)
+
+    def weight(self, c_out=C):
+        return self.const(np.random.default_rng(1).normal(size=(c_out, C, 1, 1)))
+
     def conv(self, x, quant_weight=True):
         w = self.const(np.random.default_rng(0).normal(size=(C, C, 1, 1)))
         if quant_weight:
@@ -52,10 +63,11 @@ class Builder:
     def qconv_silu(self, x, scale=0.1):
         return self.silu(self.conv(self.qdq(x, scale)))
 
-    def model(self, inp, out, metadata=None):
+    def model(self, inp, out, metadata=None, value_info=(), out_shape=(1, None, 8, 8)):
         graph = helper.make_graph(
             self.nodes, "g", [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [1, C, 8, 8])],
-            [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, None, 8, 8])], self.inits)
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], self.inits,
+            value_info=list(value_info))
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         for k, v in (metadata or {}).items():
             m.metadata_props.add(key=k, value=v)
@@ -206,3 +218,105 @@ def test_dq_of_a_conv_output_into_softmax_is_still_reported():
     b = Builder()
     out = b.op("Softmax", [b.qdq(b.conv(b.qdq("x", 0.1)), 0.1)], axis=1)
     assert [f.category for f in lint(b.model("x", out))] == ["qdq_on_non_int8_op"]
+
+
+# --- qdq_spec: what ONNX Runtime and TensorRT check before running a graph ---------------------
+
+
+def spec_messages(model):
+    return [f.message for f in lint(model) if f.category == "qdq_spec"]
+
+
+def one_class_conv(weight_scale_shape=(1, 1, 1, 1), zero=np.int8(0), axis=None):
+    """A quantized 1x1 conv with ONE output channel; by default its weight pair as Model Optimizer
+    0.47 exports it for a one-class head: (1, 1, 1, 1) scale, scalar zero point, no axis."""
+    b = Builder()
+    w = b.pair(b.weight(c_out=1), np.full(weight_scale_shape, 0.02), zero, axis)
+    return b.model("x", b.op("Conv", [b.qdq("x", 0.1), w]))
+
+
+def broken(make_weight=None, make_act=None):
+    """The clean conv chain with one weight pair or one activation pair built by the caller."""
+    b = Builder()
+    x = make_act(b, "x") if make_act else b.qdq("x", 0.1)
+    w = make_weight(b) if make_weight else b.pair(b.weight(), np.full(C, 0.02), np.zeros(C, np.int8), axis=0)
+    return b.model("x", b.silu(b.op("Conv", [x, w])))
+
+
+def test_the_clean_graph_and_a_canonical_one_class_conv_meet_the_spec():
+    assert spec_messages(clean_model()) == []
+    assert spec_messages(broken()) == []
+    assert lint(one_class_conv((1,), np.zeros(1, np.int8), axis=0)) == []
+
+
+def test_one_class_weight_as_model_optimizer_exports_it_is_reported_on_q_and_dq():
+    found = [f for f in lint(one_class_conv()) if f.category == "qdq_spec"]
+    assert [f.op_type for f in found] == ["QuantizeLinear", "DequantizeLinear"]
+    assert "scale has shape (1, 1, 1, 1)" in found[0].message
+    assert "zero point shape () differs" in found[0].message
+
+
+SPEC_RULES = {  # rule -> (graph breaking only that rule, what the finding says)
+    "scale rank": (lambda: broken(make_act=lambda b, x: b.pair(x, np.full((1, 1, 1, 1), 0.1), np.zeros((1, 1, 1, 1), np.int8))),
+                   "scale has shape (1, 1, 1, 1)"),
+    "scale length": (lambda: broken(lambda b: b.pair(b.weight(), np.full(C - 1, 0.02), np.zeros(C - 1, np.int8), 0)),
+                     f"scale has {C - 1} value(s) for axis 0 of size {C}"),
+    "axis range": (lambda: broken(lambda b: b.pair(b.weight(), np.full(C, 0.02), np.zeros(C, np.int8), 4)),
+                   "axis 4 is outside"),
+    "scale value": (lambda: broken(lambda b: b.pair(b.weight(), np.array([0.02, 0, 0.02, 0.02]), np.zeros(C, np.int8), 0)),
+                    "scale has zero, negative or non-finite values"),
+    "zero point missing": (lambda: broken(make_act=lambda b, x: b.pair(x, 0.1, zero=None)), "no zero point"),
+    "zero point shape": (lambda: broken(lambda b: b.pair(b.weight(), np.full(C, 0.02), np.int8(0), 0)),
+                         "zero point shape () differs from scale shape (4,)"),
+    "zero point type": (lambda: broken(make_act=lambda b, x: b.pair(x, 0.1, zero=np.uint8(0))),
+                        "zero point is uint8, not int8"),
+    "zero point value": (lambda: broken(make_act=lambda b, x: b.pair(x, 0.1, zero=np.int8(3))),
+                         "zero point is not 0"),
+    "weight per tensor": (lambda: broken(lambda b: b.pair(b.weight(), 0.02)),
+                          "weight is not quantized per channel on axis 0"),
+    "weight on axis 1": (lambda: broken(lambda b: b.pair(b.weight(), np.full(C, 0.02), np.zeros(C, np.int8), 1)),
+                         "weight is not quantized per channel on axis 0"),
+    "activation per channel": (lambda: broken(make_act=lambda b, x: b.pair(x, np.full(C, 0.1), np.zeros(C, np.int8), 1)),
+                               "activation is not quantized per tensor"),
+}
+
+
+@pytest.mark.parametrize("rule", SPEC_RULES)
+def test_each_spec_rule_is_reported(rule):
+    make, expected = SPEC_RULES[rule]
+    messages = spec_messages(make())
+    assert len(messages) == 2, messages  # the Q and the DQ of the broken pair
+    assert all(expected in m for m in messages), messages
+    others = [m for m in messages[0].split("; ") if expected not in m]
+    assert others == [], f"{rule} also tripped: {others}"
+
+
+def test_a_computed_scale_is_reported_and_stops_the_placement_checks():
+    b = Builder()
+    s = b.op("Abs", [b.const(0.1)])
+    z = b.const(0, np.int8)
+    x = b.op("DequantizeLinear", [b.op("QuantizeLinear", ["x", s, z]), s, z])
+    found = lint(b.model("x", b.silu(b.conv(x))))
+    assert {f.category for f in found} == {"qdq_spec"}
+    assert all("scale is not a constant" in f.message for f in found) and len(found) == 2
+
+
+def test_initializer_and_constant_shapes_must_agree_with_their_declarations():
+    b = Builder()
+    w = b.weight()
+    model = b.model("x", b.op("Conv", [b.qdq("x", 0.1), w]),
+                    value_info=[helper.make_tensor_value_info(w, TensorProto.FLOAT, [C, C, 3, 3])])
+    assert [(f.node, f.op_type) for f in lint(model) if f.category == "qdq_spec"] == [(w, "initializer")]
+    b = Builder()
+    const = b.op("Constant", [], value=numpy_helper.from_array(np.ones((1, C, 1, 1), np.float32)))
+    model = b.model("x", b.op("Add", ["x", const]),
+                    value_info=[helper.make_tensor_value_info(const, TensorProto.FLOAT, [1, 2, 1, 1])])
+    found = [f for f in lint(model) if f.category == "qdq_spec"]
+    assert [f.op_type for f in found] == ["Constant"] and "declared shape (1, 2, 1, 1)" in found[0].message
+
+
+def test_a_declared_shape_that_shape_inference_contradicts_is_reported():
+    b = Builder()
+    out = b.silu(b.conv(b.qdq("x", 0.1)))
+    found = lint(b.model("x", out, out_shape=(1, C, 9, 9)))
+    assert [f.category for f in found] == ["qdq_spec"] and "strict shape inference fails" in found[0].message

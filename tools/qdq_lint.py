@@ -1,4 +1,4 @@
-"""Check a Q/DQ ONNX graph for placements that keep TensorRT from running it fully in INT8.
+"""Check a Q/DQ ONNX graph for what an executor would refuse and for placements that keep TensorRT out of INT8.
 
     python tools/qdq_lint.py runs/qat/exp/weights/qat_best.onnx --json lint.json
 

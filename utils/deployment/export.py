@@ -75,6 +75,9 @@ def summary(result: ExportResult) -> str:
     kind = f"INT8 Q/DQ ({result.qdq_pairs} Q/DQ pairs, {result.merged_qdq} redundant merged)" if result.quantized \
         else "floating point (no Q/DQ)"
     lines = [f"{result.path}: {kind}"]
+    if result.normalized_qdq:
+        lines.append(f"  Q/DQ parameters rewritten into the form ONNX Runtime and TensorRT accept: "
+                     f"{result.normalized_qdq} node(s)")
     if result.float_convs:
         lines.append(f"  kept in floating point on purpose: {len(result.float_convs)} conv(s)")
     lint_md = result.path.with_suffix(".qdq_lint.md")

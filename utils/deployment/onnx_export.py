@@ -1,7 +1,9 @@
 """Export a detection model (FP, PTQ or QAT) to ONNX for TensorRT, then clean and lint the graph.
 
 Fake quantization becomes QuantizeLinear/DequantizeLinear pairs through Model Optimizer's
-TensorQuantizer symbolic, which only the TorchScript exporter calls (``dynamo=False``). A tensor
+TensorQuantizer symbolic, which only the TorchScript exporter calls (``dynamo=False``). Whatever
+shape the backend gives their scales and zero points, ``normalize_qdq`` rewrites them into the
+one form ONNX Runtime and TensorRT accept (a one-class head's weights came out unrunnable). A tensor
 must reach TensorRT quantized once: the exporter's common-subexpression pass already merges the
 identical pairs that tied quantizers emit, and ``merge_redundant_qdq`` removes whatever remains
 (duplicate pairs on one tensor, DQ -> Q chains with equal parameters), e.g. after a simplifier.
@@ -28,6 +30,7 @@ from models.experimental_trt import END2END_OUTPUTS, NMSTail, Prediction, TopKTa
 from models.quantize import is_quantized
 from utils.deployment.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, same_qparams
 from utils.deployment.qdq_lint import SKIP_METADATA_KEY, Finding, lint, to_json, to_markdown
+from utils.deployment.qdq_normalize import normalize_qdq
 from utils.errors import UserError
 
 POSTPROCESS_KINDS = ("raw", "nms", "topk")
@@ -42,6 +45,7 @@ class ExportResult:
     merged_qdq: int
     findings: list[Finding] = field(default_factory=list)
     float_convs: list[str] = field(default_factory=list)
+    normalized_qdq: int = 0  # Q/DQ nodes whose parameters were rewritten into canonical form
 
 
 @dataclass
@@ -54,6 +58,7 @@ class PredictionGraph:
     dynamic: bool
     opset: int
     merged_qdq: int
+    normalized_qdq: int = 0
 
 
 def head_of(model: nn.Module) -> nn.Module:
@@ -96,9 +101,9 @@ def _trace(module: nn.Module, example: torch.Tensor, input_name: str, output_nam
 
 def trace_prediction(model: nn.Module, imgsz: int | tuple[int, int] = 640, batch_size: int = 1,
                      dynamic: bool = False, opset: int = 17) -> PredictionGraph:
-    """Trace the model's main prediction to ONNX ('images' -> 'output0'), drop Identity nodes and
-    merge redundant Q/DQ pairs. Quantizers become Q/DQ through Model Optimizer's symbolic, which
-    only the TorchScript exporter (``dynamo=False``) calls."""
+    """Trace the model's main prediction to ONNX ('images' -> 'output0'), drop Identity nodes, put
+    Q/DQ parameters in canonical form and merge redundant Q/DQ pairs. Quantizers become Q/DQ through
+    Model Optimizer's symbolic, which only the TorchScript exporter (``dynamo=False``) calls."""
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset}: Q/DQ with per-channel weights needs opset >= {MIN_OPSET}")
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
@@ -109,8 +114,9 @@ def trace_prediction(model: nn.Module, imgsz: int | tuple[int, int] = 640, batch
         with torch.no_grad():
             prediction = wrapper(example)
     drop_identities(graph)
+    normalized = normalize_qdq(graph)  # before merging, so equal parameters compare equal
     merged = merge_redundant_qdq(graph)
-    return PredictionGraph(graph, prediction, (h, w), dynamic, opset, merged)
+    return PredictionGraph(graph, prediction, (h, w), dynamic, opset, merged, normalized)
 
 
 def tail_for(postprocess: str, anchors: int, max_det: int, iou_thres: float, conf_thres: float) -> nn.Module | None:
@@ -152,6 +158,8 @@ def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int]
     onnx_model = append_tail(pred, tail) if tail is not None else copy.deepcopy(pred.model)
     if simplify:
         onnx_model = simplify_onnx(onnx_model, simplify)
+    # again on the final graph: a simplifier may rewrite constants, and ``prediction`` may come from elsewhere
+    normalized = pred.normalized_qdq + normalize_qdq(onnx_model)
     quantized = is_quantized(model)
     skipped = conv_nodes_for(onnx_model, float_convs or [])
     names = getattr(model, "names", [])
@@ -171,7 +179,7 @@ def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int]
     findings = lint(onnx_model)
     file.with_suffix(".qdq_lint.md").write_text(to_markdown(findings, file.name))
     file.with_suffix(".qdq_lint.json").write_text(json.dumps(to_json(findings, str(file)), indent=2) + "\n")
-    return ExportResult(file, quantized, pairs, pred.merged_qdq, findings, skipped)
+    return ExportResult(file, quantized, pairs, pred.merged_qdq, findings, skipped, normalized)
 
 
 def _declare_output_shapes(model: onnx.ModelProto, shapes: list[tuple[int, ...]], dynamic: bool) -> None:

@@ -6,6 +6,12 @@ activation or residual add. That is how the anchor's INT8 t/s/m engines came out
 FP16. This lint reads only the ONNX, so it runs where TensorRT does not, and it is the judge of
 the QAT placement rules. Each finding names a category and the node to look at:
 
+- ``qdq_spec``: the graph breaks a rule an executor checks before running it, which
+  ``onnx.checker`` does not (``utils.deployment.qdq_spec``): a Q/DQ scale that is neither a
+  scalar nor 1-D with one value per element of its axis, a zero point that is missing, of another
+  shape, not int8 or not 0, a weight not quantized per channel on axis 0, an activation not
+  quantized per tensor; an initializer or Constant whose declared shape differs from its value,
+  or anything else strict shape inference rejects. ONNX Runtime or TensorRT would refuse the file.
 - ``conv_without_qdq``: a Conv whose input or weight is not fed by DequantizeLinear, so it runs in
   floating point (unless the exporter listed it as skipped on purpose in the metadata entry
   ``qdq_lint.skip_convs``, a JSON list of node names).
@@ -30,10 +36,12 @@ from pathlib import Path
 import onnx
 
 from utils.deployment.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, load_onnx, node_label, same_qparams
+from utils.deployment.qdq_spec import spec_problems
 
 SKIP_METADATA_KEY = "qdq_lint.skip_convs"
 
 CATEGORIES = (
+    "qdq_spec",
     "conv_without_qdq",
     "concat_scale_mismatch",
     "multi_scale_tensor",
@@ -65,14 +73,17 @@ class Finding:
 
 
 def lint(model_or_path: onnx.ModelProto | str | Path, skip_convs: set[str] | None = None) -> list[Finding]:
-    """All findings for a Q/DQ ONNX model (an FP graph without any Q/DQ has none)."""
+    """All findings for an ONNX model. An FP graph (no Q/DQ) is checked for shape agreement only;
+    the placement checks need constant scales, so a graph with a computed scale gets only ``qdq_spec``."""
     model = load_onnx(model_or_path)
     g = GraphIndex(model.graph)
-    if not any(n.op_type in (QUANTIZE, DEQUANTIZE) for n in model.graph.node):
-        return []
+    spec = [Finding("qdq_spec", *problem) for problem in spec_problems(model)]
+    qdq = [n for n in model.graph.node if n.op_type in (QUANTIZE, DEQUANTIZE)]
+    if not qdq or any(len(n.input) < 2 or g.const(n.input[1]) is None for n in qdq):
+        return spec
     skipped = set(skip_convs or ()) | _skipped_in_metadata(model)
     checker = _Checker(g)
-    findings = (checker.convs(skipped) + checker.concats() + checker.multi_scale() + checker.conv_act_splits()
+    findings = (spec + checker.convs(skipped) + checker.concats() + checker.multi_scale() + checker.conv_act_splits()
                 + checker.residual_adds() + checker.non_int8_consumers())
     order = {id(n): i for i, n in enumerate(model.graph.node)}
     by_name = {node_label(n): order[id(n)] for n in model.graph.node}
@@ -87,7 +98,7 @@ def _skipped_in_metadata(model: onnx.ModelProto) -> set[str]:
 
 
 class _Checker:
-    """The six checks over one indexed graph; each returns its findings."""
+    """The six placement checks over one indexed graph; each returns its findings."""
 
     def __init__(self, g: GraphIndex):
         self.g = g
