@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from utils.boxes import scale_boxes, xywh2xyxy
-from utils.evaluation.metrics import COCO_MAX_DETS, APResult, ConfusionMatrix, DetectionStats, fitness
+from utils.evaluation.metrics import COCO_MAX_DETS, APResult, ConfusionMatrix, DetectionStats, PerImageStats, fitness
 from utils.evaluation.postprocess import postprocess as run_postprocess
 
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
@@ -74,10 +74,11 @@ def _row(name, images, instances, p, r, map50, map50_95) -> str:
 
 @dataclass
 class EvalArtifacts:
-    """By-products for plots and COCO JSON; boxes are kept only when asked for."""
+    """By-products for plots, COCO JSON and bootstrap intervals; boxes are kept only when asked for."""
 
     ap: APResult
     confusion: ConfusionMatrix
+    per_image: PerImageStats | None = None  # the matches image by image (utils.evaluation.bootstrap)
     files: list[str] = field(default_factory=list)
     shapes: list[tuple[int, int]] = field(default_factory=list)  # original (h, w)
     detections: list[np.ndarray] = field(default_factory=list)  # (n, 6), original pixels
@@ -180,4 +181,4 @@ def evaluate(model: nn.Module, dataloader: Iterable, names: Sequence[str], devic
                         loss=tuple((loss / max(batches, 1)).tolist()) if loss is not None else None,
                         speed_ms={k: w.seconds / max(seen, 1) * 1e3 for k, w in watches.items()},
                         images=seen, instances=int(ap.n_targets.sum()))
-    return result, EvalArtifacts(ap, confusion, **artifacts_boxes)
+    return result, EvalArtifacts(ap, confusion, stats.per_image(), **artifacts_boxes)
