@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from utils.evaluation.agreement import REFERENCE_CONF
 from utils.options import parse_flags
 from utils.paths import ROOT
 from utils.training.engine import AMP_MODES
@@ -77,7 +78,12 @@ def add_sensitive_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    add_common_args(p, "runs/qat_eval")
+    add_common_args(p, "runs/qat_eval", required=False)  # --data or --source: run_eval checks
+    p.add_argument("--reference", default="", help="FP32 checkpoint whose own detections are the ground truth "
+                                                   "on --source (agreement, no labels needed)")
+    p.add_argument("--source", nargs="+", default=None, help="unlabelled images, videos or folders of them")
+    p.add_argument("--reference-conf", type=float, default=REFERENCE_CONF,
+                   help="confidence at which the reference's detections count as ground truth")
 
 
 

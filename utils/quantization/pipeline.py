@@ -42,6 +42,7 @@ from utils.data.config import load_data_config, load_hyp, require_split
 from utils.data.dataset import create_dataloader, set_epoch
 from utils.errors import UserError
 from utils.evaluation import bootstrap
+from utils.evaluation.agreement import Agreement, run_agreement
 from utils.evaluation.evaluator import EvalResult, evaluate
 from utils.evaluation.metrics import PerImageStats
 from utils.logs import LOGGER
@@ -505,17 +506,40 @@ def run_sensitive(opt: argparse.Namespace) -> Path:
     return save_dir
 
 
-def run_eval(opt: argparse.Namespace) -> EvalResult:
-    """``qat.py eval``: a saved PTQ/QAT checkpoint through the evaluator (results in the run folder)."""
+def run_eval(opt: argparse.Namespace) -> EvalResult | Agreement:
+    """``qat.py eval``: a saved PTQ/QAT checkpoint through the evaluator on ``--data``, and/or its
+    label-free agreement with the FP32 ``--reference`` on ``--source`` (results in the run folder)."""
     check_flags(vars(opt))
+    if not opt.weights:
+        raise UserError("qat.py eval: pass --weights (a PTQ/QAT checkpoint)")
+    if bool(opt.reference) != bool(opt.source):
+        raise UserError("qat.py eval: --reference (the FP32 checkpoint) and --source (images or videos) go together")
+    if not (opt.data or opt.source):
+        raise UserError("qat.py eval: pass --data (mAP on its --task split) and/or --reference with --source "
+                        "(agreement with the FP32 model)")
     device = select_device(opt.device)
-    data = load_data_config(opt.data)
     model, _ = load_quantized(opt.weights, device, opt.unsafe_load)
-    _check_classes(model, data, opt.weights)
-    evaluate = _evaluator(opt, data, max(int(model.stride.max()), 32))
+    stride = max(int(model.stride.max()), 32)
+    evaluate = reference = None
+    if opt.data:
+        data = load_data_config(opt.data)
+        _check_classes(model, data, opt.weights)
+        evaluate = _evaluator(opt, data, stride)
+    if opt.source:
+        check_imgsz(opt.imgsz, stride)
+        reference = load_float_model(opt.reference, device, opt.unsafe_load)
+        if int(reference.nc) != int(model.nc):
+            raise UserError(f"{opt.reference}: the reference has {reference.nc} classes but {opt.weights} has {model.nc}")
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
-    result = evaluate(model)
-    (save_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    (save_dir / "results.md").write_text(result.markdown())
+    result = None
+    if evaluate is not None:
+        result = evaluate(model)
+        (save_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        (save_dir / "results.md").write_text(result.markdown())
+    if reference is not None:
+        agreed = run_agreement(model, reference, opt.source, opt.imgsz, save_dir,
+                               f"Agreement of {Path(opt.weights).name} with {Path(opt.reference).name}",
+                               candidate_device=device, batch_size=opt.batch_size * 2, postprocess=opt.postprocess,
+                               reference_conf=opt.reference_conf, conf_thres=opt.conf_thres, iou_thres=opt.iou_thres)
+        return result or agreed
     return result
-
