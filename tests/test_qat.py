@@ -121,6 +121,7 @@ def test_quantize_then_eval_and_resume(shapes, tmp_path):
     md = (run / "report.md").read_text()
     assert "| Origin |" in md and "| PTQ (max) |" in md and f"| QAT (best, epoch {report['qat_best']['epoch']}) |" in md
     assert report["skip_layers"] == [22] and [e["epoch"] for e in report["epochs"]] == [1, 2]
+    assert report["reported_on"] == "val"  # the shapes yaml's test split is its val folder: nothing apart
     assert report["seconds_to_qat_best"] > 0 and report["seconds"]["ptq"] > 0 and "## Time" in md
     assert all(e["train_seconds"] > 0 and e["eval_seconds"] > 0 for e in report["epochs"])
 
