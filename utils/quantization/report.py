@@ -25,8 +25,10 @@ def metrics(result: EvalResult) -> dict:
             "recall": result.recall, "fitness": result.fitness}
 
 
-def new_report(weights: str, data: str, selected_on: str, reported_on: str) -> dict:
-    return {"weights": str(weights), "data": str(data), "selected_on": selected_on, "reported_on": reported_on,
+def new_report(weights: str, data: str, selected_on: str, reported_on: str | None = None) -> dict:
+    """An empty report; its rows are reported on ``selected_on`` too unless another split is named."""
+    return {"weights": str(weights), "data": str(data), "selected_on": selected_on,
+            "reported_on": reported_on or selected_on,
             "origin": None, "ptq": None, "calibration": [], "skip_layers": [], "qat_best": None, "epochs": []}
 
 
