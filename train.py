@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    metavar="ram", help="decode the images once and keep them in RAM")
     p.add_argument("--unsafe-load", action="store_true",
                    help="unpickle --weights without the class allowlist (trusted files only)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (CUDA; pays off after a minute of compiling)")
     return parse_flags(p, argv)
 
 

@@ -47,6 +47,7 @@ def measure_throughput(args: argparse.Namespace) -> dict:
     from utils.data.config import load_data_config, load_hyp, require_split
     from utils.data.dataset import create_dataloader
     from utils.torch_utils import select_device
+    from utils.training.acceleration import channels_last, maybe_compile
     from utils.training.distributed import process_group
     from utils.training.ema import ModelEMA
     from utils.training.engine import make_precision, train_one_epoch
@@ -59,22 +60,24 @@ def measure_throughput(args: argparse.Namespace) -> dict:
         data = load_data_config(args.data)
         hyp = load_hyp(args.hyp)
         torch.manual_seed(0)
-        model = DetectionModel(args.cfg, nc=data["nc"]).to(device)
+        model = channels_last(DetectionModel(args.cfg, nc=data["nc"]).to(device), device)  # as train.py does
         model.hyp = hyp
         loss_fn = build_loss(model)
         optimizer = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
         ema = ModelEMA(model) if info.is_main else None
         precision = make_precision(device, args.amp)
-        loader, _ = create_dataloader(require_split(data, "train"), args.imgsz, args.batch_size, 32, hyp=hyp,
+        loader, dataset = create_dataloader(require_split(data, "train"), args.imgsz, args.batch_size, 32, hyp=hyp,
                                       augment=True, workers=args.workers, shuffle=True, rank=info.local_rank,
-                                      nc=data["nc"])
+                                      nc=data["nc"], drop_last=args.compile)
+        if args.cache:
+            dataset.cache_images()
         if info.distributed:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         torch.backends.cudnn.benchmark = True
         accumulate = max(round(NOMINAL_BATCH / (args.batch_size * info.world_size)), 1)  # as train.py steps
         step = dict(device=device, precision=precision, ema=ema, accumulate=accumulate, world_size=info.world_size,
-                    progress=False)
+                    progress=False, forward=maybe_compile(model, device, args.compile, backend=args.backend))
 
         def run(iters: int) -> tuple[int, float]:
             """Train ``iters`` batches across epoch boundaries; (images, seconds) on this rank."""
@@ -131,15 +134,22 @@ def cmd_throughput(args: argparse.Namespace) -> None:
 
 
 def settings(args: argparse.Namespace) -> dict:
+    import torch
+
     return {"imgsz": args.imgsz, "batch_size_per_gpu": args.batch_size, "amp": args.amp, "workers": args.workers,
-            "warmup_iters": args.warmup, "timed_iters": args.iters}
+            "warmup_iters": args.warmup, "timed_iters": args.iters, "cache": args.cache,
+            "compile": f"torch.compile ({args.backend or 'inductor'})" if args.compile else "eager",
+            "memory_format": "channels_last" if torch.cuda.is_available() else "contiguous",
+            "torch": torch.__version__}
 
 
 def cmd_ddp(args: argparse.Namespace) -> None:
     """One GPU, then two under torchrun, each in a fresh process with the same arguments."""
     common = [str(Path(__file__).resolve()), "throughput", "--cfg", args.cfg, "--data", args.data, "--hyp", args.hyp,
               "--imgsz", str(args.imgsz), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-              "--warmup", str(args.warmup), "--iters", str(args.iters), "--amp", args.amp]
+              "--warmup", str(args.warmup), "--iters", str(args.iters), "--amp", args.amp,
+              *(["--cache"] if args.cache else []), *(["--compile"] if args.compile else []),
+              *(["--backend", args.backend] if args.backend else [])]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, 2):
@@ -150,11 +160,16 @@ def cmd_ddp(args: argparse.Namespace) -> None:
             subprocess.run([*launcher, *common, "--device", device, "--worker-out", str(out)], check=True, cwd=ROOT)
             results[n] = json.loads(out.read_text())
     speedup = results[2]["images_per_s"] / results[1]["images_per_s"]
-    extra = {"one_gpu": results[1], "two_gpus": results[2], **settings(args)}
-    path = write_record("ddp_speedup_2gpu", speedup, "x", model_name(args.cfg), Path(args.data).stem, extra=extra,
-                        results_dir=args.results_dir)
-    print(f"1 GPU {results[1]['images_per_s']:.1f} images/s, 2 GPUs {results[2]['images_per_s']:.1f} images/s: "
-          f"speed-up {speedup:.2f}x -> {path}")
+    per_gpu = {"one_gpu": results[1]["images_per_s"], "two_gpus": results[2]["images_per_s"] / 2}
+    extra = {"one_gpu": results[1], "two_gpus": results[2], "images_per_s_per_gpu": per_gpu, **settings(args)}
+    paths = [write_record(name, value, unit, model_name(args.cfg), Path(args.data).stem, extra=extra,
+                          results_dir=args.results_dir)
+             for name, value, unit in (
+                 ("ddp_speedup_2gpu", speedup, "x"),
+                 ("ddp_per_gpu_throughput_ratio_2gpu", per_gpu["two_gpus"] / per_gpu["one_gpu"],
+                  "ratio (images/s per GPU with 2 GPUs / with 1 GPU)"))]
+    print(f"1 GPU {results[1]['images_per_s']:.1f} images/s, 2 GPUs {results[2]['images_per_s']:.1f} images/s "
+          f"({per_gpu['two_gpus']:.1f} per GPU): speed-up {speedup:.2f}x -> {', '.join(map(str, paths))}")
 
 
 def cmd_bccd(args: argparse.Namespace) -> None:
@@ -193,6 +208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--iters", type=int, default=50, help="timed iterations")
         s.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"))
         s.add_argument("--device", default="0")
+        s.add_argument("--cache", action="store_true", help="decode the images into RAM first, as train.py --cache")
+        s.add_argument("--compile", action="store_true", help="torch.compile the step, as train.py --compile")
+        s.add_argument("--backend", default=None, help="torch.compile backend (aot_eager: a CPU dry run)")
         s.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
         s.add_argument("--results-dir", type=Path, default=None)
     s = sub.add_parser("bccd")

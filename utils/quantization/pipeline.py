@@ -12,6 +12,7 @@ trains the same scales.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import time
@@ -43,6 +44,7 @@ from utils.data.dataset import create_dataloader, set_epoch
 from utils.errors import UserError
 from utils.evaluation import bootstrap
 from utils.evaluation.agreement import Agreement, run_agreement
+from utils.evaluation.cached_batches import CachedBatches
 from utils.evaluation.evaluator import EvalResult, evaluate
 from utils.evaluation.metrics import PerImageStats
 from utils.logs import LOGGER
@@ -59,6 +61,7 @@ from utils.quantization.report import metrics, new_report, write_report
 from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import de_parallel, select_device
+from utils.training.acceleration import channels_last, maybe_compile
 from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
 from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
@@ -84,12 +87,13 @@ def load_float_model(weights: str | Path, device: torch.device, unsafe: bool = F
 
 
 def make_loader(data: dict, split: str, imgsz: int, batch_size: int, stride: int, workers: int, *,
-                hyp: dict | None = None, shuffle: bool = False, seed: int = 0, rank: int = -1):
+                hyp: dict | None = None, shuffle: bool = False, seed: int = 0, rank: int = -1,
+                drop_last: bool = False):
     """Evaluation loaders are rect-batched like val.py's; training / calibration ones are square."""
     evaluation = hyp is None and not shuffle
     return create_dataloader(require_split(data, split), imgsz, batch_size, stride, hyp=hyp, augment=hyp is not None,
                              rect=evaluation, pad=0.5 if evaluation else 0.0, workers=workers, shuffle=shuffle,
-                             prefix=f"{split}: ", seed=seed, rank=rank, nc=data["nc"])[0]
+                             prefix=f"{split}: ", seed=seed, rank=rank, nc=data["nc"], drop_last=drop_last)[0]
 
 
 def image_batches(loader, device: torch.device, n: int) -> Iterator[torch.Tensor]:
@@ -101,7 +105,8 @@ def image_batches(loader, device: torch.device, n: int) -> Iterator[torch.Tensor
 
 @dataclass
 class Evaluator:
-    """The evaluator on one fixed loader, so that every model of a run is measured on the same images.
+    """The evaluator on one fixed loader, so that every model of a run is measured on the same images
+    (decoded once: ``CachedBatches``).
 
     Full precision on purpose: a half-precision pass would round the fake-quantized values again.
     """
@@ -130,10 +135,31 @@ class Evaluator:
         return result, artifacts.per_image
 
 
+class _StageClock:
+    """Adds the wall time of ``with clock(name):`` blocks to ``seconds[name]``, the GPU's queue included."""
+
+    def __init__(self, device: torch.device, seconds: dict):
+        self.device, self.seconds = device, seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 def _evaluator(opt: argparse.Namespace, data: dict, stride: int, split: str | None = None) -> Evaluator:
     check_imgsz(opt.imgsz, stride)
     loader = make_loader(data, split or opt.task, opt.imgsz, opt.batch_size * 2, stride, opt.workers)
-    return Evaluator(data, loader, opt.conf_thres, opt.iou_thres, opt.postprocess)
+    return Evaluator(data, CachedBatches(loader), opt.conf_thres, opt.iou_thres, opt.postprocess)
 
 
 def report_split(task: str, report_task: str | None, data: dict) -> str:
@@ -160,22 +186,27 @@ def _check_classes(model: nn.Module, data: dict, weights) -> None:
 
 
 def calibrate_ptq(model: nn.Module, batches, method: str, percentile: float,
-                  evaluate: Evaluator | None) -> tuple[str, list[dict]]:
+                  evaluate: Evaluator | None, seconds: dict | None = None) -> tuple[str, list[dict]]:
     """Calibrate a prepared model with ``method``, or for 'auto' with each method in turn, keeping
-    the one whose PTQ model scores the best mAP50-95. Returns the method used and the trials."""
+    the one whose PTQ model scores the best mAP50-95. Returns the method used and the trials;
+    ``seconds`` receives the time of the statistics pass, the range searches and the evaluations."""
     methods = CALIB_METHODS if method == "auto" else (method,)
     if method != "auto" and method not in CALIB_METHODS:
         raise UserError(f"--calib-method {method}: expected one of {', '.join(CALIB_METHODS)} or auto")
     if method == "auto" and evaluate is None:
         raise ValueError("auto calibration needs an evaluator to choose the method")
-    n = collect_stats(model, batches)
+    clock = _StageClock(next(model.parameters()).device, seconds if seconds is not None else {})
+    with clock("calibration"):
+        n = collect_stats(model, batches)
     if n == 0:
         raise UserError("calibration: the training split gave no batches")
     trials = []
     for m in methods:
-        load_amax(model, m, percentile)
+        with clock("range_search"):
+            load_amax(model, m, percentile)
         if evaluate is not None:
-            r = evaluate(model)
+            with clock("ptq_evaluation"):
+                r = evaluate(model)
             trials.append({"method": m, **metrics(r)})
             LOGGER.info(f"PTQ with {m} calibration: mAP50-95 {r.map50_95:.4f}, mAP50 {r.map50:.4f}")
     chosen = max(trials, key=lambda t: t["map50_95"])["method"] if len(methods) > 1 else method
@@ -207,7 +238,8 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
     skip = parse_skip_layers(opt.skip_layers, len(float_model.model))
     model = prepare(deepcopy(float_model), skip)
     method, trials = calibrate_ptq(model, image_batches(loader, device, opt.calib_batches), opt.calib_method,
-                                   opt.percentile, evaluate if (evaluate and not opt.no_eval_ptq) else None)
+                                   opt.percentile, evaluate if (evaluate and not opt.no_eval_ptq) else None,
+                                   report.setdefault("seconds", {}))
     report["calibration"] = trials if len(trials) > 1 else []
     if opt.auto_skip:
         ptq_map = next(t["map50_95"] for t in trials if t["chosen"])
@@ -267,11 +299,11 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
              state: ResumeState, phase: Phase = QAT) -> None:
     """QAT epochs with the training engine; the float model supervises through ``FeatureDistillation``
     (the control phase trains ``student``, a float copy, the same way without it)."""
-    set_trainable(student)
+    channels_last(set_trainable(student), device)
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
     loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
-                         seed=opt.seed, rank=info.rank)
+                         seed=opt.seed, rank=info.rank, drop_last=opt.compile)
     lr0 = opt.lr if opt.lr is not None else hyp["lr0"]
     optimizer = build_optimizer(student, opt.optimizer, lr0, hyp["momentum"], hyp["weight_decay"])
     if state.optimizer is not None:
@@ -281,11 +313,12 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     distill = None
     if phase.distill and opt.distill_weight > 0 and opt.supervision_stride > 0:
         layers = supervised_layers(len(student.model), opt.supervision_stride)
-        distill = FeatureDistillation(student, teacher, layers, opt.distill_weight)
+        distill = FeatureDistillation(student, teacher, layers, opt.distill_weight, compile=opt.compile)
     model = student
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
+    forward = maybe_compile(model, device, opt.compile)
     precision = make_precision(device, opt.amp)
     best = state.best_fitness
     weights = save_dir / "weights"
@@ -297,7 +330,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                 g["lr"] = lr0 * lf(epoch)
             stats = train_one_epoch(model, loader, loss_fn, optimizer, device=device, epoch=epoch, epochs=opt.epochs,
                                     precision=precision, max_iters=opt.iters, extra_loss_fn=distill,
-                                    world_size=info.world_size, progress=info.is_main)
+                                    world_size=info.world_size, progress=info.is_main, forward=forward)
             if not info.is_main:
                 continue
             row = {"epoch": epoch + 1, "box": stats.loss[0], "cls": stats.loss[1], "dfl": stats.loss[2],

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from utils.training.acceleration import memory_format
 from utils.training.ema import ModelEMA
 from utils.training.optim import Warmup
 
@@ -59,7 +60,7 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
                     ema: ModelEMA | None = None, accumulate: int = 1, warmup: Warmup | None = None,
                     lr_factor: float = 1.0, max_iters: int | None = None,
                     extra_loss_fn: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor] | None = None,
-                    world_size: int = 1, progress: bool = True) -> EpochStats:
+                    world_size: int = 1, progress: bool = True, forward: Callable | None = None) -> EpochStats:
     """Train ``model`` over ``loader`` once (or for ``max_iters`` batches).
 
     Batches are upstream's ``(imgs uint8, targets (n, 6), paths, shapes)``. ``loss_fn(preds, targets)``
@@ -67,9 +68,12 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
     returns a batch-mean scalar that is added with the same batch scaling (e.g. a distillation term
     whose teacher runs under ``torch.no_grad`` inside it). Gradients are accumulated over
     ``accumulate`` batches (the warm-up may lower that early on); each epoch ends with a step so that
-    epochs are self-contained and a resumed run repeats the same sequence of steps.
+    epochs are self-contained and a resumed run repeats the same sequence of steps. ``forward`` runs
+    the model's forward pass in its place (a compiled ``model``: ``utils.training.acceleration``).
     """
     precision = precision or make_precision(device, "off")
+    forward = forward or model
+    layout = memory_format(model)
     model.train()
     nb = len(loader)
     n = nb if max_iters is None else min(nb, max_iters)
@@ -88,13 +92,13 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
             accumulate_now = accumulate
         pending += 1
         will_step = pending >= accumulate_now or i == n - 1
-        imgs = imgs.to(device, non_blocking=True).float() / 255
-        targets = targets.to(device)
+        imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=layout).float() / 255
+        targets = targets.to(device, non_blocking=True)
         # DDP all-reduces gradients on every backward; skip that on batches that only accumulate.
         sync = contextlib.nullcontext() if (will_step or not ddp) else model.no_sync()
         with sync:
             with precision.autocast(device):
-                preds = model(imgs)
+                preds = forward(imgs)
                 loss, items = loss_fn(preds, targets)
                 if extra_loss_fn is not None:
                     extra = extra_loss_fn(imgs, preds, targets)

@@ -22,10 +22,12 @@ import torch.nn as nn
 import yaml
 
 from utils.errors import UserError
+from utils.evaluation.cached_batches import CachedBatches
 from utils.options import CLI_FLAGS, check_flags, check_imgsz, resume_options, run_options, typed_flags
 from utils.paths import ROOT, increment_path
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
+from utils.training.acceleration import channels_last, maybe_compile
 from utils.training.distributed import DistInfo, broadcast_object, process_group
 from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
@@ -40,7 +42,7 @@ DEFAULTS: dict = dict(
     weights="", cfg="", data=str(ROOT / "data/coco.yaml"), hyp=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
     epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
     exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, patience=100,
-    sync_bn=False, amp="bf16", noval=False, cache="",
+    sync_bn=False, amp="bf16", noval=False, cache="", compile=False,
     # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
     # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
     nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
@@ -98,7 +100,7 @@ def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: i
     """
     # The raw weights go into a copy of the EMA module so that a SyncBatchNorm / DDP wrapper never
     # reaches the file: the safe loader only knows the plain model classes.
-    raw = deepcopy(ema.ema)
+    raw = deepcopy(ema.ema).to(memory_format=torch.contiguous_format)  # files as without channels_last
     raw.load_state_dict(de_parallel(model).state_dict())
     for saved, live in zip(raw.parameters(), de_parallel(model).parameters()):
         saved.requires_grad_(live.requires_grad)  # resume rebuilds the same optimizer groups from these
@@ -106,7 +108,7 @@ def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: i
         "epoch": epoch,
         "best_fitness": best_fitness,
         "model": raw,
-        "ema": deepcopy(ema.ema),
+        "ema": deepcopy(ema.ema).to(memory_format=torch.contiguous_format),
         "updates": ema.updates,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -281,7 +283,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
         raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
 
     seed_everything(epoch_seed(opt.seed, -1, info.rank))
-    model = build_model(opt, nc, ckpt).to(device)
+    model = channels_last(build_model(opt, nc, ckpt).to(device), device)
     model.nc, model.names, model.hyp = nc, names, hyp
     stride = max(int(model.stride.max()), 32)
     check_imgsz(opt.imgsz, stride)
@@ -310,14 +312,15 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     train_loader, dataset = create_dataloader(
         require_split(data, "train"), imgsz, batch_per_rank, stride, hyp=hyp, augment=True, workers=opt.workers,
         shuffle=True, prefix="train: ", seed=opt.seed, close_mosaic=opt.close_mosaic > 0,
-        rank=info.local_rank, nc=nc)
+        rank=info.local_rank, nc=nc, drop_last=opt.compile)
     loss_fn = build_loss(model)
     evaluator = None
     if info.is_main:
         val_loader, val_dataset = create_dataloader(require_split(data, "val"), imgsz, batch_per_rank * 2, stride,
                                                     hyp=hyp, rect=True, pad=0.5, workers=opt.workers,
                                                     prefix="val: ", nc=nc)
-        evaluator = Evaluator(data, imgsz, batch_per_rank * 2, val_loader, loss_fn, opt.epochs, opt.noval)
+        evaluator = Evaluator(data, imgsz, batch_per_rank * 2, CachedBatches(val_loader), loss_fn, opt.epochs,
+                              opt.noval)
         if opt.cache:
             cache_images(val_dataset, "val")
     if opt.cache:
@@ -325,6 +328,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = maybe_compile(model, device, opt.compile)
 
     if save_dir is None:
         made = increment_path(Path(opt.project) / opt.name, opt.exist_ok) if info.is_main else None
@@ -351,17 +355,17 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     session = {"first_epoch": state.start_epoch + 1}
     sessions = (previous_sessions(save_dir / "train_summary.json") if state.start_epoch else []) + [session]
     run["last"] = last
+    if opt.close_mosaic:  # for the epochs, not from an epoch on: the loader prepares batches ahead
+        dataset.close_mosaic(from_epoch=opt.epochs - opt.close_mosaic)
     for epoch in range(state.start_epoch, opt.epochs):
         seed_everything(epoch_seed(opt.seed, epoch, info.rank))
         set_epoch(train_loader, epoch)
-        if opt.close_mosaic and epoch >= opt.epochs - opt.close_mosaic:
-            dataset.close_mosaic()
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lf(epoch)
         stats = train_one_epoch(model, train_loader, loss_fn, optimizer, device=device, epoch=epoch,
                                 epochs=opt.epochs, precision=precision, ema=ema, accumulate=accumulate,
                                 warmup=warmup, lr_factor=lf(epoch), world_size=info.world_size,
-                                progress=info.is_main)
+                                progress=info.is_main, forward=forward)
         stop = False
         if info.is_main:
             ema.update_attr(model)
