@@ -139,35 +139,42 @@ def main(argv=None) -> dict:
     torch.backends.cudnn.benchmark = True
     model = args.model or Path(args.cfg).stem
     built = build_models(args.cfg, args.data, args.imgsz, args.batch_size, args.workers, device)
-    modes = ("eager",) if args.no_compile else ("eager", "compiled")
-    results = {}
-    for mode in modes:
+    results: dict = {}
+    for mode in ("eager",) if args.no_compile else ("eager", "compiled"):
         steps = make_steps(built, device, mode == "compiled", args.backend)
         results[mode] = time_steps(steps, built["batch"], device, args.iters, args.repeats)
         steps["qat"][4].remove()
         ms = {k: 1e3 * v for k, v in results[mode]["step_seconds"].items()}
         print(f"{mode}: FP32 {ms['fp32']:.1f} ms, QAT {ms['qat']:.1f} ms per step, ratio {ms['qat'] / ms['fp32']:.3f}",
               flush=True)
-    headline = results[modes[-1]]["step_seconds"]
-    extra = {"batch": args.batch_size, "imgsz": args.imgsz, "autocast": results["eager"]["autocast"],
+        if mode == "compiled":
+            results[mode]["fake_quant_mismatches"] = compiled_fake_quant_mismatches(device, args.backend)
+        # written after each mode, so a run stopped while compiling still leaves the eager figure
+        path = write_record(f"qat_step_time_ratio_{model}", ms["qat"] / ms["fp32"], "x", model, args.dataset,
+                            extra=record_extra(args, device, results), results_dir=args.results_dir)
+        print(f"wrote {path}", flush=True)
+    return results
+
+
+def record_extra(args: argparse.Namespace, device: torch.device, results: dict) -> dict:
+    """Both step times of the headline (last) mode, and every mode's figures."""
+    mode = list(results)[-1]
+    extra = {"batch": args.batch_size, "imgsz": args.imgsz, "autocast": results[mode]["autocast"],
              "timing": f"best of {args.repeats} rounds of {args.iters} steps, FP32 and QAT alternating",
-             "step": "compiled (torch.compile, " + (args.backend or "inductor") + ")" if len(modes) == 2 else "eager",
-             "fp32_step_ms": 1e3 * headline["fp32"], "qat_step_ms": 1e3 * headline["qat"],
+             "step": f"compiled (torch.compile, {args.backend or 'inductor'})" if mode == "compiled" else "eager",
+             "fp32_step_ms": 1e3 * results[mode]["step_seconds"]["fp32"],
+             "qat_step_ms": 1e3 * results[mode]["step_seconds"]["qat"],
              "memory_format": "channels_last" if device.type == "cuda" else "contiguous", "torch": torch.__version__,
              "note": "random-init models, one repeated real batch, no EMA; FP32 = unfused model with BatchNorm "
                      "as train.py trains it; QAT = fused fake-quantized student plus the FP32 teacher forward "
                      "and the distillation of every layer"}
-    for mode in modes:
-        r = results[mode]
-        extra[f"{mode}_fp32_step_ms"] = 1e3 * r["step_seconds"]["fp32"]
-        extra[f"{mode}_qat_step_ms"] = 1e3 * r["step_seconds"]["qat"]
-        extra[f"{mode}_ratio"] = r["step_seconds"]["qat"] / r["step_seconds"]["fp32"]
-        extra[f"{mode}_first_round_seconds"] = r["warmup_seconds"]
-    if "compiled" in modes:
-        extra["compiled_fake_quant_mismatches"] = compiled_fake_quant_mismatches(device, args.backend)
-    path = write_record(f"qat_step_time_ratio_{model}", headline["qat"] / headline["fp32"], "x", model, args.dataset,
-                        extra=extra, results_dir=args.results_dir)
-    print(f"wrote {path}")
+    for name, r in results.items():
+        seconds = r["step_seconds"]
+        extra.update({f"{name}_fp32_step_ms": 1e3 * seconds["fp32"], f"{name}_qat_step_ms": 1e3 * seconds["qat"],
+                      f"{name}_ratio": seconds["qat"] / seconds["fp32"],
+                      f"{name}_first_round_seconds": r["warmup_seconds"]})
+        if "fake_quant_mismatches" in r:
+            extra[f"{name}_fake_quant_mismatches_vs_eager"] = r["fake_quant_mismatches"]
     return extra
 
 

@@ -172,6 +172,38 @@ def cmd_ddp(args: argparse.Namespace) -> None:
           f"({per_gpu['two_gpus']:.1f} per GPU): speed-up {speedup:.2f}x -> {', '.join(map(str, paths))}")
 
 
+def cmd_overhead(args: argparse.Namespace) -> None:
+    """Seconds an epoch of train.py costs beyond its training steps: waiting for the loader's first
+    batches, validation, checkpoints. Epoch walls are read between ``on_epoch_end`` calls (the first
+    epoch, which includes set-up, is left out); the steps' own time is the repeated-batch step time
+    of bench_train's throughput mode times the batches per epoch."""
+    import math
+
+    from utils.data.config import load_data_config
+    from utils.data.dataset import list_image_files
+    from utils.training.trainer import train
+
+    marks: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train(cfg=args.cfg, data=args.data, hyp=args.hyp, epochs=args.epochs, batch_size=args.batch_size,
+              imgsz=args.imgsz, device=args.device, workers=args.workers, amp=args.amp,
+              cache="ram" if args.cache else "", project=tmp, name="overhead", noval=False,
+              on_epoch_end=lambda epoch, metrics: marks.append(time.perf_counter()))
+    walls = [b - a for a, b in zip(marks, marks[1:])]
+    images = len(list_image_files(load_data_config(args.data)["train"]))
+    batches = math.ceil(images / args.batch_size)
+    args.warmup, args.iters = 2, batches
+    step = args.batch_size / measure_throughput(args)["fixed_batch_images_per_s"]
+    overheads = [w - batches * step for w in walls]
+    extra = {"epoch_wall_seconds": walls, "step_seconds": step, "batches_per_epoch": batches, "images": images,
+             "overhead_per_epoch_seconds": overheads, "epochs": args.epochs, **settings(args)}
+    name = f"train_epoch_overhead_seconds_{model_name(args.cfg)}_{Path(args.data).stem}"
+    path = write_record(name, sum(overheads) / len(overheads), "s", model_name(args.cfg), Path(args.data).stem,
+                        extra=extra, results_dir=args.results_dir)
+    print(f"epoch {sum(walls) / len(walls):.2f} s for {batches} steps of {step:.3f} s: "
+          f"{sum(overheads) / len(overheads):.2f} s beyond the steps -> {path}")
+
+
 def cmd_bccd(args: argparse.Namespace) -> None:
     """Record best.pt's mAP on the test split, with the train command and time from train_summary.json."""
     from utils.evaluation.validate import run as validate
@@ -196,7 +228,7 @@ def cmd_bccd(args: argparse.Namespace) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
-    for mode in ("throughput", "ddp"):
+    for mode in ("throughput", "ddp", "overhead"):
         s = sub.add_parser(mode)
         s.add_argument("--cfg", default="gelan-c.yaml")
         s.add_argument("--data", default=str(ROOT / "data/coco128.yaml"))
@@ -211,6 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--cache", action="store_true", help="decode the images into RAM first, as train.py --cache")
         s.add_argument("--compile", action="store_true", help="torch.compile the step, as train.py --compile")
         s.add_argument("--backend", default=None, help="torch.compile backend (aot_eager: a CPU dry run)")
+        s.add_argument("--epochs", type=int, default=4, help="overhead mode: epochs of train.py to run")
         s.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
         s.add_argument("--results-dir", type=Path, default=None)
     s = sub.add_parser("bccd")
@@ -225,7 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    {"throughput": cmd_throughput, "ddp": cmd_ddp, "bccd": cmd_bccd}[args.mode](args)
+    {"throughput": cmd_throughput, "ddp": cmd_ddp, "overhead": cmd_overhead, "bccd": cmd_bccd}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
     the model's forward pass in its place (a compiled ``model``: ``utils.training.acceleration``).
     """
     precision = precision or make_precision(device, "off")
-    forward = forward or model
+    forward = model if forward is None else forward
     layout = memory_format(model)
     model.train()
     nb = len(loader)
