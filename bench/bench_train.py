@@ -197,11 +197,49 @@ def cmd_overhead(args: argparse.Namespace) -> None:
     overheads = [w - batches * step for w in walls]
     extra = {"epoch_wall_seconds": walls, "step_seconds": step, "batches_per_epoch": batches, "images": images,
              "overhead_per_epoch_seconds": overheads, "epochs": args.epochs, **settings(args)}
-    name = f"train_epoch_overhead_seconds_{model_name(args.cfg)}_{Path(args.data).stem}"
-    path = write_record(name, sum(overheads) / len(overheads), "s", model_name(args.cfg), Path(args.data).stem,
-                        extra=extra, results_dir=args.results_dir)
+    dataset = args.dataset or Path(args.data).stem
+    path = write_record(f"train_epoch_overhead_seconds_{dataset}", sum(overheads) / len(overheads), "s",
+                        model_name(args.cfg), dataset, extra=extra, results_dir=args.results_dir)
     print(f"epoch {sum(walls) / len(walls):.2f} s for {batches} steps of {step:.3f} s: "
           f"{sum(overheads) / len(overheads):.2f} s beyond the steps -> {path}")
+
+
+def cmd_loader(args: argparse.Namespace) -> None:
+    """The loader's wait per epoch when the step itself leaves the CPU idle (a GPU step): batches are
+    drawn epoch after epoch with a sleep of --step-ms per batch, once from a DataLoader iterated anew
+    each epoch (persistent workers, as before EpochLoader) and once from the EpochLoader stream."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from utils.data.config import load_data_config, load_hyp, require_split
+    from utils.data.dataset import YoloDataset, create_dataloader, init_worker
+
+    data, hyp = load_data_config(args.data), load_hyp(args.hyp)
+    stream, dataset = create_dataloader(require_split(data, "train"), args.imgsz, args.batch_size, 32, hyp=hyp,
+                                        augment=True, workers=args.workers, shuffle=True, nc=data["nc"])
+    if args.cache:
+        dataset.cache_images()
+    per_epoch = DataLoader(dataset, batch_size=stream.sampler.batch_size, shuffle=True, num_workers=stream.num_workers,
+                           persistent_workers=stream.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                           collate_fn=YoloDataset.collate_fn, worker_init_fn=init_worker)
+    step, waits = args.step_ms / 1e3, {}
+    for name, loader in (("per_epoch", per_epoch), ("stream", stream)):
+        for _ in loader:  # one epoch to start the workers
+            time.sleep(step)
+        start, batches = time.perf_counter(), 0
+        for _ in range(args.epochs):
+            for _ in loader:
+                time.sleep(step)
+                batches += 1
+        waits[name] = (time.perf_counter() - start - batches * step) / args.epochs
+        print(f"{name}: {waits[name]:.3f} s of waiting for data per epoch of {len(loader)} batches", flush=True)
+    dataset_name = args.dataset or Path(args.data).stem
+    extra = {"wait_per_epoch_seconds": waits, "batches_per_epoch": len(stream), "step_ms": args.step_ms,
+             "epochs": args.epochs, **settings(args)}
+    path = write_record(f"loader_wait_per_epoch_ratio_{dataset_name}", waits["stream"] / max(waits["per_epoch"], 1e-9),
+                        "ratio (EpochLoader / DataLoader iterated per epoch)", "data pipeline", dataset_name,
+                        extra=extra, results_dir=args.results_dir)
+    print(f"-> {path}")
 
 
 def cmd_bccd(args: argparse.Namespace) -> None:
@@ -228,7 +266,7 @@ def cmd_bccd(args: argparse.Namespace) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
-    for mode in ("throughput", "ddp", "overhead"):
+    for mode in ("throughput", "ddp", "overhead", "loader"):
         s = sub.add_parser(mode)
         s.add_argument("--cfg", default="gelan-c.yaml")
         s.add_argument("--data", default=str(ROOT / "data/coco128.yaml"))
@@ -244,6 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--compile", action="store_true", help="torch.compile the step, as train.py --compile")
         s.add_argument("--backend", default=None, help="torch.compile backend (aot_eager: a CPU dry run)")
         s.add_argument("--epochs", type=int, default=4, help="overhead mode: epochs of train.py to run")
+        s.add_argument("--dataset", default="", help="overhead, loader: dataset name in the record (default: yaml stem)")
+        s.add_argument("--step-ms", type=float, default=200.0, help="loader mode: simulated GPU step per batch")
         s.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
         s.add_argument("--results-dir", type=Path, default=None)
     s = sub.add_parser("bccd")
@@ -258,7 +298,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    {"throughput": cmd_throughput, "ddp": cmd_ddp, "overhead": cmd_overhead, "bccd": cmd_bccd}[args.mode](args)
+    {"throughput": cmd_throughput, "ddp": cmd_ddp, "overhead": cmd_overhead, "loader": cmd_loader,
+     "bccd": cmd_bccd}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ class _FakeQuantInt8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, amax_in: torch.Tensor, narrow_range: bool) -> torch.Tensor:
         amax = amax_in.float()
-        xf = x.float()
         scale = torch.full_like(amax, MAX_BOUND).div_(amax)  # not 127.0 / amax: that is 127 * (1 / amax)
+        # a scale of at least one dimension makes the product float32 whatever x's dtype, without a copy of x
+        scale = scale.reshape(1) if scale.dim() == 0 and x.dim() > 0 else scale
         low = -MAX_BOUND if narrow_range else -MAX_BOUND - 1
-        y = (xf * scale).round_().clamp_(low, MAX_BOUND).div_(scale)
+        y = torch.mul(x, scale).round_().clamp_(low, MAX_BOUND).div_(scale)
         y = y.masked_fill_(amax < DEAD_AMAX, 0.0)
         if ctx.needs_input_grad[0]:
             # x's own dtype: against a 0-d amax, PyTorch's type promotion then rounds amax to bf16/fp16, as

@@ -92,7 +92,7 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
             accumulate_now = accumulate
         pending += 1
         will_step = pending >= accumulate_now or i == n - 1
-        imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=layout).float() / 255
+        imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=layout).float().div_(255)
         targets = targets.to(device, non_blocking=True)
         # DDP all-reduces gradients on every backward; skip that on batches that only accumulate.
         sync = contextlib.nullcontext() if (will_step or not ddp) else model.no_sync()

@@ -110,7 +110,7 @@ def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: i
         "model": raw,
         "ema": deepcopy(ema.ema).to(memory_format=torch.contiguous_format),
         "updates": ema.updates,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": deepcopy(optimizer.state_dict()),  # a copy: the file may be written while training goes on
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "best_epoch": best_epoch,
         "opt": plain_options(opt),
@@ -270,7 +270,7 @@ def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
 
 def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, device: torch.device, info: DistInfo,
            on_epoch_end: Callable[[int, dict], None] | None, run: dict) -> Path:
-    from utils.checkpoint import save_checkpoint
+    from utils.checkpoint import CheckpointWriter
     from utils.data.config import load_data_config, load_hyp, require_split
     from utils.data.dataset import create_dataloader, set_epoch
 
@@ -355,6 +355,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     session = {"first_epoch": state.start_epoch + 1}
     sessions = (previous_sessions(save_dir / "train_summary.json") if state.start_epoch else []) + [session]
     run["last"] = last
+    writer = CheckpointWriter()
     if opt.close_mosaic:  # for the epochs, not from an epoch on: the loader prepares batches ahead
         dataset.close_mosaic(from_epoch=opt.epochs - opt.close_mosaic)
     for epoch in range(state.start_epoch, opt.epochs):
@@ -379,9 +380,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
             results.append([epoch + 1, *stats.loss, metrics["precision"], metrics["recall"], metrics["map50"],
                             metrics["map50_95"], *metrics["val_loss"], *(lrs + [0.0] * 3)[:3]])
             ckpt = make_checkpoint(model, ema, optimizer, precision.scaler, epoch, best_fitness, best_epoch, opt)
-            save_checkpoint(ckpt, last)
-            if best_epoch == epoch:
-                save_checkpoint(ckpt, best)
+            writer.submit(ckpt, [last, best] if best_epoch == epoch else [last])
             del ckpt
             session.update(last_epoch=epoch + 1, seconds=round(time.perf_counter() - t_start, 1))
             write_summary(save_dir / "train_summary.json", opt, sessions, best_epoch, best_fitness, info.world_size,
@@ -390,9 +389,11 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
             if stop:
                 LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs (best epoch {best_epoch + 1})")
             if on_epoch_end is not None:
+                writer.wait()  # the callback may read the files
                 on_epoch_end(epoch, {**metrics, "fitness": fitness, "train_loss": stats.loss})
         if broadcast_object(stop, info):
             break
+    writer.wait()
 
     if info.is_main:
         for f in (last, best):
