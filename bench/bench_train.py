@@ -1,24 +1,44 @@
-"""Training benchmarks (GPU; the lead runs them on the device).
+"""Training benchmarks (GPU; the lead runs them on the device; every mode also runs on a CPU at toy size).
 
 throughput (~2 min on one H100): images/s of the real training step (augmenting dataloader,
-forward, TAL loss, backward, optimizer, EMA) for a model built from --cfg, after --warmup
-iterations, over --iters timed iterations; also the step alone on one repeated batch:
+forward, TAL loss, backward, optimizer, EMA; channels-last on CUDA, as train.py) for a model built
+from --cfg, after --warmup iterations, over --iters timed iterations; also the step alone on one
+repeated batch. --cache decodes the images into RAM first and --compile compiles the step, as
+train.py's flags of those names do; the record says which:
 
     python bench/bench_train.py throughput --cfg gelan-c.yaml --data data/coco128.yaml \
-        --imgsz 640 --batch-size 32 --workers 16
+        --imgsz 640 --batch-size 32 --workers 16 --cache --compile
     -> bench/results/train_throughput_gelan-c.json
 
 ddp (~4 min on two H100s): the same measurement with one GPU, then with torchrun on two
-(the same batch per GPU), and the ratio of total images/s:
+(the same batch per GPU), the ratio of total images/s and of images/s per GPU:
 
     python bench/bench_train.py ddp --cfg gelan-c.yaml --data data/coco128.yaml --batch-size 32
-    -> bench/results/ddp_speedup_2gpu.json
+    -> bench/results/ddp_speedup_2gpu.json, ddp_per_gpu_throughput_ratio_2gpu.json
+
+overhead: what an epoch of train.py costs beyond its steps (loader start, validation,
+checkpoints), from ``on_epoch_end`` timestamps and the repeated-batch step time:
+
+    python bench/bench_train.py overhead --cfg tests/assets/gelan-tiny.yaml --data <BCCD yaml> \
+        --dataset bccd --imgsz 64 --batch-size 32 --epochs 5 --workers 2 --device cpu --amp off
+    -> bench/results/train_epoch_overhead_seconds_bccd.json
+
+loader: the wait for data per epoch with a simulated GPU step (a sleep), a DataLoader iterated
+anew each epoch against the EpochLoader stream:
+
+    python bench/bench_train.py loader --data <BCCD yaml> --dataset bccd --imgsz 320 --batch-size 32 \
+        --workers 2 --epochs 6 --step-ms 500 --cache --device cpu
+    -> bench/results/loader_wait_per_epoch_ratio_bccd.json
 
 bccd (~20 s): after `python train.py ... --data <bccd yaml>` finished, evaluate the run's
 best.pt on the BCCD test split and record mAP50 and mAP50-95 with the run's train command:
 
     python bench/bench_train.py bccd --run runs/train/bccd --data runs/data/bccd/data.yaml
     -> bench/results/train_bccd_map50.json, train_bccd_map50_95.json
+
+A CPU dry run of throughput / ddp: --cfg tests/assets/gelan-tiny.yaml --imgsz 64 --batch-size 4
+--workers 1 --warmup 1 --iters 3 --device cpu --amp off --results-dir /tmp/x (with --compile,
+add --backend aot_eager: the compile path is traced without generating code).
 """
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def entropy_amax(counts: torch.Tensor, width: torch.Tensor, stride: int) -> torc
         kept = cumulative[rows][:, ends - 1]  # (q, C): counts below each end
         p = b + last * (total[rows] - kept)[:, :, None]
         nonzero = (b > 0).double()
-        index = level.expand_as(b)
+        index = level.expand_as(b).contiguous()
         per_level = torch.zeros(*b.shape[:2], LEVELS, dtype=torch.float64, device=device).scatter_add_(2, index, b)
         filled = torch.zeros_like(per_level).scatter_add_(2, index, nonzero)
         q = per_level.gather(2, index) / filled.gather(2, index).clamp(min=1) * nonzero
