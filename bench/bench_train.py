@@ -302,7 +302,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--compile", action="store_true", help="torch.compile the step, as train.py --compile")
         s.add_argument("--backend", default=None, help="torch.compile backend (aot_eager: a CPU dry run)")
         s.add_argument("--epochs", type=int, default=4, help="overhead mode: epochs of train.py to run")
-        s.add_argument("--dataset", default="", help="overhead, loader: dataset name in the record (default: yaml stem)")
+        s.add_argument("--dataset", default="", help="overhead, loader: the record's dataset name (default: yaml stem)")
         s.add_argument("--step-ms", type=float, default=200.0, help="loader mode: simulated GPU step per batch")
         s.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
         s.add_argument("--results-dir", type=Path, default=None)
