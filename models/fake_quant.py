@@ -24,7 +24,6 @@ amax)`` here), which can move a value lying within a float32 rounding of a half 
 from __future__ import annotations
 
 import torch
-from modelopt.torch.quantization.export_onnx import export_int8
 from torch.onnx import symbolic_helper
 
 MAX_BOUND = 127.0  # the scale maps amax to 127; -128 is reached only below -amax
@@ -58,6 +57,8 @@ class _FakeQuantInt8(torch.autograd.Function):
     @symbolic_helper.parse_args("v", "t", "b")
     def symbolic(g, x, amax, narrow_range):
         # Model Optimizer's own INT8 export, so graphs are the ones its TensorQuantizer writes
+        from modelopt.torch.quantization.export_onnx import export_int8
+
         return export_int8(g, x, amax, 8, False, narrow_range, None)
 
 

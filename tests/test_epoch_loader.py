@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 from tests.data_builders import build_dataset
 from utils.data.config import load_hyp
+from utils.data.dataset import YoloDataset, set_epoch
 from utils.data.epoch_loader import EpochBatchSampler, EpochLoader
 from utils.dataloaders import create_dataloader
 from utils.paths import ROOT
@@ -48,6 +50,19 @@ def test_persistent_stream_gives_each_epoch_the_batches_of_a_loader_built_for_it
         assert same(got, take(rebuilt)), epoch
     assert [p for *_, p, _ in epochs[0]] != [p for *_, p, _ in epochs[1]]  # a new order each epoch
     assert stream.persistent_workers and stream.num_workers == 2  # the DataLoader's attributes show through
+
+
+def test_stream_gives_the_batches_of_a_plain_dataloader_set_to_each_epoch(images):
+    """The same order and augmentations as a DataLoader over a one-replica DistributedSampler whose
+    sampler and dataset are told the epoch (``set_epoch``), rebuilt for every epoch."""
+    stream, _ = training_loader(images, workers=2)
+    for epoch in range(2):
+        got = take(stream)
+        _, dataset = training_loader(images, workers=0)
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=5)
+        plain = DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=YoloDataset.collate_fn)
+        set_epoch(plain, epoch)
+        assert same(got, take(plain)), epoch
 
 
 def test_epochs_cut_short_do_not_shift_the_next_ones(images):
