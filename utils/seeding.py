@@ -14,11 +14,10 @@ import torch
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)
-    np.random.seed(random.getrandbits(32))  # not seed % 2**32: neighbouring samples get unrelated numpy streams
+    np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """One seed per (run seed, epoch, rank): a resumed epoch draws the same shuffles and augmentations."""
     return seed * 1_000_003 + epoch * 1_009 + max(rank, 0) + 1
-
