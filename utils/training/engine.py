@@ -83,46 +83,48 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
     done, images, steps, pending = 0, 0, 0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, unit="batch")
-    optimizer.zero_grad(set_to_none=True)
-    for i, (imgs, targets, *_) in zip(range(n), loader):  # range first: no batch is fetched past n
-        ni = i + nb * epoch
-        if warmup is not None and warmup.active(ni):
-            accumulate_now = warmup.apply(optimizer, ni, lr_factor)
-        else:
-            accumulate_now = accumulate
-        pending += 1
-        will_step = pending >= accumulate_now or i == n - 1
-        imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=layout).float().div_(255)
-        targets = targets.to(device, non_blocking=True)
-        # DDP all-reduces gradients on every backward; skip that on batches that only accumulate.
-        sync = contextlib.nullcontext() if (will_step or not ddp) else model.no_sync()
-        with sync:
-            with precision.autocast(device):
-                preds = forward(imgs)
-                loss, items = loss_fn(preds, targets)
-                if extra_loss_fn is not None:
-                    extra = extra_loss_fn(imgs, preds, targets)
-                    loss = loss + extra * imgs.shape[0]
-                    mextra += (extra.detach() - mextra) / (done + 1)
-            precision.scaler.scale(loss * world_size).backward()  # DDP averages over ranks; upstream sums
-        if will_step:
-            precision.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_GRAD_NORM)
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            steps += 1
-            pending = 0
-        done += 1
-        mloss += (items.to(device) - mloss) / done
-        images += imgs.shape[0]
-        bar.update()
-        if progress and (i % 10 == 0 or i == n - 1):
-            box, cls, dfl = mloss.tolist()
-            mem = torch.cuda.memory_reserved(device) / 1e9 if device.type == "cuda" else 0.0
-            bar.set_postfix_str(f"mem {mem:.1f}G box {box:.3f} cls {cls:.3f} dfl {dfl:.3f} "
-                                f"inst {targets.shape[0]} size {imgs.shape[-1]}")
-    bar.close()
+    try:  # an interrupt closes the bar too, so that what is printed next starts on a line of its own
+        optimizer.zero_grad(set_to_none=True)
+        for i, (imgs, targets, *_) in zip(range(n), loader):  # range first: no batch is fetched past n
+            ni = i + nb * epoch
+            if warmup is not None and warmup.active(ni):
+                accumulate_now = warmup.apply(optimizer, ni, lr_factor)
+            else:
+                accumulate_now = accumulate
+            pending += 1
+            will_step = pending >= accumulate_now or i == n - 1
+            imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=layout).float().div_(255)
+            targets = targets.to(device, non_blocking=True)
+            # DDP all-reduces gradients on every backward; skip that on batches that only accumulate.
+            sync = contextlib.nullcontext() if (will_step or not ddp) else model.no_sync()
+            with sync:
+                with precision.autocast(device):
+                    preds = forward(imgs)
+                    loss, items = loss_fn(preds, targets)
+                    if extra_loss_fn is not None:
+                        extra = extra_loss_fn(imgs, preds, targets)
+                        loss = loss + extra * imgs.shape[0]
+                        mextra += (extra.detach() - mextra) / (done + 1)
+                precision.scaler.scale(loss * world_size).backward()  # DDP averages over ranks; upstream sums
+            if will_step:
+                precision.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_GRAD_NORM)
+                precision.scaler.step(optimizer)
+                precision.scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+                steps += 1
+                pending = 0
+            done += 1
+            mloss += (items.to(device) - mloss) / done
+            images += imgs.shape[0]
+            bar.update()
+            if progress and (i % 10 == 0 or i == n - 1):
+                box, cls, dfl = mloss.tolist()
+                mem = torch.cuda.memory_reserved(device) / 1e9 if device.type == "cuda" else 0.0
+                bar.set_postfix_str(f"mem {mem:.1f}G box {box:.3f} cls {cls:.3f} dfl {dfl:.3f} "
+                                    f"inst {targets.shape[0]} size {imgs.shape[-1]}")
+    finally:
+        bar.close()
     return EpochStats(tuple(mloss.tolist()), float(mextra), done, images, time.perf_counter() - t0, steps)

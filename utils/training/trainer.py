@@ -238,11 +238,13 @@ def train(opt: argparse.Namespace | dict | None = None,
         opt, ckpt, save_dir = _resume(opt)
         check_flags(vars(opt))
     device = select_device(opt.device)
-    run: dict = {}  # _train puts the path of last.pt here, for the message of an interrupt
+    run: dict = {}  # _train puts the path of last.pt and its writer here, for the message of an interrupt
     with process_group(device) as info:
         try:
             return _train(opt, ckpt, save_dir, device, info, on_epoch_end, run)
         except KeyboardInterrupt:
+            if "writer" in run:
+                run["writer"].wait()  # the checkpoint of the last finished epoch may still be on its way
             last = run.get("last")
             if info.is_main and last is not None and last.is_file():
                 raise KeyboardInterrupt(f"{last} holds the last finished epoch; continue with "
@@ -355,7 +357,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     session = {"first_epoch": state.start_epoch + 1}
     sessions = (previous_sessions(save_dir / "train_summary.json") if state.start_epoch else []) + [session]
     run["last"] = last
-    writer = CheckpointWriter()
+    writer = run["writer"] = CheckpointWriter()
     if opt.close_mosaic:  # for the epochs, not from an epoch on: the loader prepares batches ahead
         dataset.close_mosaic(from_epoch=opt.epochs - opt.close_mosaic)
     for epoch in range(state.start_epoch, opt.epochs):
@@ -381,6 +383,8 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
                             metrics["map50_95"], *metrics["val_loss"], *(lrs + [0.0] * 3)[:3]])
             ckpt = make_checkpoint(model, ema, optimizer, precision.scaler, epoch, best_fitness, best_epoch, opt)
             writer.submit(ckpt, [last, best] if best_epoch == epoch else [last])
+            if info.distributed:  # torchrun ends every rank as soon as one stops: the file must be on disk
+                writer.wait()
             del ckpt
             session.update(last_epoch=epoch + 1, seconds=round(time.perf_counter() - t_start, 1))
             write_summary(save_dir / "train_summary.json", opt, sessions, best_epoch, best_fitness, info.world_size,
