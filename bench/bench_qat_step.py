@@ -14,8 +14,8 @@ layer (qat.py's defaults). Each pair is timed eagerly and compiled (``torch.comp
 record's value is the compiled ratio (the eager one with --no-compile); both pairs of step times,
 the compile times and a check that compiled fake quantization gives the eager values bit for bit
 are in its ``extra``. The models are randomly initialised: a step's time does not depend on the
-values of the weights. About 4 minutes for gelan-s and 6 for gelan-c on one H100-class GPU,
-mostly compiling.
+values of the weights. Most of its time is compiling (not yet measured on a GPU); the eager record
+is written before compiling starts, so a run stopped while compiling still leaves it.
 
 Toy run on a CPU (tracing only: ``aot_eager`` runs the compiled graphs without generating code):
 

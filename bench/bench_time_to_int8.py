@@ -8,7 +8,7 @@ the lead runs it on the device):
 It runs the real command, ``python qat.py quantize --calib-method auto ...``, as a child process
 and times it from the child's start (Python start-up and every import included) to the last
 write of ``qat_best.pt``. Fresh: the child gets empty folders for every kernel cache (torch
-extensions, Triton, Inductor) and a copy of the dataset without label caches. The record says
+extensions, Triton, Inductor, CUDA's PTX cache) and a copy of the dataset without label caches. The record says
 whether Model Optimizer's CUDA extension was built (it must not be: its 45-56 s build is what this
 figure used to include) and gives seconds per stage: start-up (before the pipeline's clock
 starts), loading + the Origin evaluation, calibration, the range searches of the four methods,
@@ -39,7 +39,7 @@ from utils.errors import UserError, run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
 
 SPLITS = ("train", "val", "test")
-CACHE_VARIABLES = ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
+CACHE_VARIABLES = ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH")
 
 
 def fresh_dataset(data: str, folder: Path) -> Path:

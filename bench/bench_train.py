@@ -11,7 +11,8 @@ train.py's flags of those names do; the record says which:
     -> bench/results/train_throughput_gelan-c.json
 
 ddp (~4 min on two H100s): the same measurement with one GPU, then with torchrun on two
-(the same batch per GPU), the ratio of total images/s and of images/s per GPU:
+(the same batch per GPU), the ratio of total images/s and of images/s per GPU; --one-gpu-record
+takes the one-GPU run from a throughput record of the same settings instead (bench/gpu_speed.sh):
 
     python bench/bench_train.py ddp --cfg gelan-c.yaml --data data/coco128.yaml --batch-size 32
     -> bench/results/ddp_speedup_2gpu.json, ddp_per_gpu_throughput_ratio_2gpu.json
@@ -170,9 +171,9 @@ def cmd_ddp(args: argparse.Namespace) -> None:
               "--warmup", str(args.warmup), "--iters", str(args.iters), "--amp", args.amp,
               *(["--cache"] if args.cache else []), *(["--compile"] if args.compile else []),
               *(["--backend", args.backend] if args.backend else [])]
-    results = {}
+    results = {1: one_gpu_result(args)} if args.one_gpu_record else {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):
+        for n in (n for n in (1, 2) if n not in results):
             out = Path(tmp) / f"{n}.json"
             launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                           "--nproc_per_node", str(n)]
@@ -190,6 +191,22 @@ def cmd_ddp(args: argparse.Namespace) -> None:
                   "ratio (images/s per GPU with 2 GPUs / with 1 GPU)"))]
     print(f"1 GPU {results[1]['images_per_s']:.1f} images/s, 2 GPUs {results[2]['images_per_s']:.1f} images/s "
           f"({per_gpu['two_gpus']:.1f} per GPU): speed-up {speedup:.2f}x -> {', '.join(map(str, paths))}")
+
+
+def one_gpu_result(args: argparse.Namespace) -> dict:
+    """The one-GPU figures of a throughput record written earlier with these same settings (so that a
+    script can measure one GPU while the other GPU does other work, and two GPUs after)."""
+    from utils.data.config import read_yaml
+
+    record = read_yaml(args.one_gpu_record, "throughput record")  # JSON is YAML
+    extra = record.get("extra") or {}
+    if record.get("model") != model_name(args.cfg) or extra.get("processes") != 1:
+        raise UserError(f"{args.one_gpu_record}: not a one-GPU throughput record of {model_name(args.cfg)}")
+    differ = {k: (extra.get(k), v) for k, v in settings(args).items() if extra.get(k) != v}
+    if differ:
+        raise UserError(f"{args.one_gpu_record}: measured with other settings (record, now): {differ}")
+    return {k: extra[k] for k in ("images_per_s", "images", "seconds", "fixed_batch_images_per_s", "processes",
+                                  "accumulate", "memory_gb") if k in extra}
 
 
 def cmd_overhead(args: argparse.Namespace) -> None:
@@ -305,6 +322,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--dataset", default="", help="overhead, loader: the record's dataset name (default: yaml stem)")
         s.add_argument("--step-ms", type=float, default=200.0, help="loader mode: simulated GPU step per batch")
         s.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
+        s.add_argument("--one-gpu-record", default="",
+                       help="ddp mode: take the one-GPU figures from this train_throughput record (same settings)")
         s.add_argument("--results-dir", type=Path, default=None)
     s = sub.add_parser("bccd")
     s.add_argument("--run", required=True, help="the train.py run folder (runs/train/<name>)")
