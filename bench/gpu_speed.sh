@@ -21,8 +21,9 @@
 # cache is not dropped.
 #
 # Every stage has a time limit (a stage past it is stopped; the records already written stay: the
-# step benches write the eager ratio before compiling), so the whole script ends within about
-# LANE_SECONDS + DDP_SECONDS (default 340 + 100 s). Records and one log land in SPEED_OUT (default
+# step benches write the eager ratio before compiling), and each lane's last stage gets what is
+# left of the lane's LANE_SECONDS, so the whole script ends within about LANE_SECONDS + DDP_SECONDS
+# (default 330 + 90 s) plus 20 s of grace per stopped stage. Records and one log land in SPEED_OUT (default
 # bench/results/gpu_speed; 6 records + gpu_speed.log). DATA is the converted BCCD yaml.
 #
 # SPEED_DRY=1: the same stages on this CPU at toy size (tiny config, 64 px, one epoch, aot_eager
@@ -41,9 +42,9 @@ if [ "$DRY" = 1 ]; then
   TPUT=(--imgsz 64 --batch-size 4 --warmup 1 --iters 3)
 else
   OUT_DIR=${SPEED_OUT:-bench/results/gpu_speed}
-  LANE_SECONDS=${LANE_SECONDS:-340} DDP_SECONDS=${DDP_SECONDS:-100}
+  LANE_SECONDS=${LANE_SECONDS:-330} DDP_SECONDS=${DDP_SECONDS:-90}
   S_CFG=gelan-s.yaml C_CFG=gelan-c.yaml S_NAME=gelan-s C_NAME=gelan-c
-  DEVICE=0 IMGSZ=640 FP32_EPOCHS=${FP32_EPOCHS:-40} WORKERS=14 AMP=bf16 BACKEND=()
+  DEVICE=0 IMGSZ=640 FP32_EPOCHS=${FP32_EPOCHS:-30} WORKERS=14 AMP=bf16 BACKEND=()
   TTB=(--imgsz 640 --batch-size 16 --epochs 4 --iters 80 --calib-batches 16)  # as the H100 record before
   STEP=(--imgsz 640 --batch-size 16 --iters 20 --repeats 2)
   TPUT=(--imgsz 640 --batch-size 32 --warmup 10 --iters 50)
@@ -55,6 +56,8 @@ RUNS=$(mktemp -d /tmp/gpu_speed_runs.XXXXXX)
 cores=$(nproc --all)
 half=$(( cores / 2 ))
 LANE_A_CORES=0-$(( half - 1 )) LANE_B_CORES=$half-$(( cores - 1 ))
+PIN_A=(taskset -c "$LANE_A_CORES") PIN_B=(taskset -c "$LANE_B_CORES")
+command -v taskset >/dev/null || PIN_A=() PIN_B=()  # unpinned: the log's first lines say so
 TPUT_RECORD=$OUT_DIR/train_throughput_$(basename "$C_CFG" .yaml).json
 
 # stage NAME SECONDS COMMAND...: run one bench under a time limit, say how it ended
@@ -68,6 +71,9 @@ stage() {
   return $rc
 }
 
+# what is left of this lane's LANE_SECONDS (a lane runs in its own bash, whose SECONDS start at 0)
+left() { echo $(( LANE_SECONDS - SECONDS > 10 ? LANE_SECONDS - SECONDS : 10 )); }
+
 lane_a() {
   export CUDA_VISIBLE_DEVICES=0
   stage fp32-train-$S_NAME $(( LANE_SECONDS * 32 / 100 )) python3 train.py --cfg "$S_CFG" --data "$DATA" \
@@ -77,30 +83,31 @@ lane_a() {
   stage time-to-best-$S_NAME $(( LANE_SECONDS * 40 / 100 )) python3 bench/bench_time_to_int8.py \
     --weights "$RUNS/fp32/weights/best.pt" --data "$DATA" --model "$S_NAME" "${TTB[@]}" --device "$DEVICE" \
     --workers "$WORKERS" --results-dir "$OUT_DIR"
-  stage throughput-gelan-c $(( LANE_SECONDS * 28 / 100 )) python3 bench/bench_train.py throughput --cfg "$C_CFG" \
+  stage throughput-$C_NAME "$(left)" python3 bench/bench_train.py throughput --cfg "$C_CFG" \
     --data "$DATA" "${TPUT[@]}" --workers "$WORKERS" --amp "$AMP" --cache --device "$DEVICE" \
     --results-dir "$OUT_DIR"
 }
 
 lane_b() {
   export CUDA_VISIBLE_DEVICES=1
-  stage qat-step-$S_NAME $(( LANE_SECONDS * 45 / 100 )) python3 bench/bench_qat_step.py --cfg "$S_CFG" \
+  stage qat-step-$S_NAME $(( LANE_SECONDS * 40 / 100 )) python3 bench/bench_qat_step.py --cfg "$S_CFG" \
     --model "$S_NAME" --data "$DATA" "${STEP[@]}" --workers 4 --device "$DEVICE" "${BACKEND[@]}" --results-dir "$OUT_DIR"
-  stage qat-step-$C_NAME $(( LANE_SECONDS * 55 / 100 )) python3 bench/bench_qat_step.py --cfg "$C_CFG" \
+  stage qat-step-$C_NAME "$(left)" python3 bench/bench_qat_step.py --cfg "$C_CFG" \
     --model "$C_NAME" --data "$DATA" "${STEP[@]}" --workers 4 --device "$DEVICE" \
     "${BACKEND[@]}" --results-dir "$OUT_DIR"
 }
 
 {
   echo "gpu_speed.sh $(date -u +%FT%TZ) dry=$DRY data=$DATA out=$OUT_DIR cores=$cores"
+  echo "lane A: ${PIN_A[*]:-unpinned (no taskset)}; lane B: ${PIN_B[*]:-unpinned (no taskset)}"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } >"$LOG" 2>&1
 start=$SECONDS
-taskset -c "$LANE_A_CORES" bash -c "$(declare -f stage lane_a); $(declare -p DATA DEVICE IMGSZ FP32_EPOCHS WORKERS \
-  AMP S_CFG C_CFG S_NAME TTB TPUT RUNS OUT_DIR LANE_SECONDS); lane_a" >"$RUNS/lane_a.log" 2>&1 &
+"${PIN_A[@]}" bash -c "$(declare -f stage left lane_a); $(declare -p DATA DEVICE IMGSZ FP32_EPOCHS WORKERS \
+  AMP S_CFG C_CFG S_NAME C_NAME TTB TPUT RUNS OUT_DIR LANE_SECONDS); lane_a" >"$RUNS/lane_a.log" 2>&1 &
 pid_a=$!
-taskset -c "$LANE_B_CORES" bash -c "$(declare -f stage lane_b); $(declare -p DATA DEVICE S_CFG C_CFG S_NAME C_NAME STEP \
+"${PIN_B[@]}" bash -c "$(declare -f stage left lane_b); $(declare -p DATA DEVICE S_CFG C_CFG S_NAME C_NAME STEP \
   BACKEND OUT_DIR LANE_SECONDS); lane_b" >"$RUNS/lane_b.log" 2>&1 &
 pid_b=$!
 wait "$pid_a" "$pid_b"
