@@ -205,8 +205,9 @@ def one_gpu_result(args: argparse.Namespace) -> dict:
     differ = {k: (extra.get(k), v) for k, v in settings(args).items() if extra.get(k) != v}
     if differ:
         raise UserError(f"{args.one_gpu_record}: measured with other settings (record, now): {differ}")
-    return {k: extra[k] for k in ("images_per_s", "images", "seconds", "fixed_batch_images_per_s", "processes",
-                                  "accumulate", "memory_gb") if k in extra}
+    kept = ("images_per_s", "images", "seconds", "fixed_batch_images_per_s", "processes", "accumulate", "memory_gb")
+    return {**{k: extra[k] for k in kept if k in extra}, "from_record": str(args.one_gpu_record),
+            "machine": record.get("machine")}
 
 
 def cmd_overhead(args: argparse.Namespace) -> None:
