@@ -104,6 +104,9 @@ lane_b() {
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } >"$LOG" 2>&1
 start=$SECONDS
+# Job control: without it the lanes, started with &, and all they run would ignore SIGINT, and a
+# stage past its limit could not stop as Ctrl-C stops it (train.py then finishes its checkpoint).
+set -m
 "${PIN_A[@]}" bash -c "$(declare -f stage left lane_a); $(declare -p DATA DEVICE IMGSZ FP32_EPOCHS WORKERS \
   AMP S_CFG C_CFG S_NAME C_NAME TTB TPUT RUNS OUT_DIR LANE_SECONDS); lane_a" >"$RUNS/lane_a.log" 2>&1 &
 pid_a=$!
