@@ -30,6 +30,9 @@
 # instead of Inductor, gloo instead of NCCL), records in a temporary folder unless SPEED_OUT is set.
 set -uo pipefail  # not -e: a stage that fails leaves the others running and their records written
 cd "$(dirname "$0")/.."
+# NVLink multicast stays off (the device machines' rule: it can take shared GPUs out of service);
+# every child process inherits these
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 DATA=${DATA:-.data/bccd/bccd.yaml}
 DRY=${SPEED_DRY:-0}
 if [ "$DRY" = 1 ]; then
