@@ -53,6 +53,10 @@ else
   TPUT=(--imgsz 640 --batch-size 32 --warmup 10 --iters 50)
 fi
 mkdir -p "$OUT_DIR"
+if compgen -G "$OUT_DIR/*.json" >/dev/null; then  # DDP reads lane A's record: none may be left from before
+  echo "gpu_speed.sh: $OUT_DIR already holds records; empty it or name another SPEED_OUT" >&2
+  exit 2
+fi
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LOG=$OUT_DIR/gpu_speed.log
 RUNS=$(mktemp -d /tmp/gpu_speed_runs.XXXXXX)
@@ -119,7 +123,7 @@ pid_b=$!
 wait "$pid_a" "$pid_b"
 echo "lanes done after $(( SECONDS - start )) s" >>"$LOG"
 if [ -f "$TPUT_RECORD" ]; then
-  stage ddp-gelan-c "$DDP_SECONDS" python3 bench/bench_train.py ddp --cfg "$C_CFG" --data "$DATA" "${TPUT[@]}" \
+  stage ddp-$C_NAME "$DDP_SECONDS" python3 bench/bench_train.py ddp --cfg "$C_CFG" --data "$DATA" "${TPUT[@]}" \
     --workers "$WORKERS" --amp "$AMP" --cache --device "$DEVICE" --one-gpu-record "$TPUT_RECORD" \
     --results-dir "$OUT_DIR" >"$RUNS/ddp.log" 2>&1
 else
