@@ -24,7 +24,11 @@
 # step benches write the eager ratio before compiling), and each lane's last stage gets what is
 # left of the lane's LANE_SECONDS, so the whole script ends within about LANE_SECONDS + DDP_SECONDS
 # (default 330 + 90 s) plus 20 s of grace per stopped stage. Records and one log land in SPEED_OUT (default
-# bench/results/gpu_speed; 6 records + gpu_speed.log). DATA is the converted BCCD yaml.
+# bench/results/gpu_speed; 6 records + gpu_speed.log). DATA (default .data/bccd/bccd.yaml) is BCCD
+# in YOLO form with real image files (the device cannot follow links into /work/shared) and a
+# `path` relative to the repository root, carried as .data/bccd:
+#   python tools/voc2yolo.py --voc ../shared/datasets/bccd/BCCD --out /tmp/bccd && mkdir -p .data &&
+#   cp -rL /tmp/bccd .data/bccd && sed 's#^path: .*#path: .data/bccd#' /tmp/bccd/data.yaml >.data/bccd/bccd.yaml
 #
 # SPEED_DRY=1: the same stages on this CPU at toy size (tiny config, 64 px, one epoch, aot_eager
 # instead of Inductor, gloo instead of NCCL), records in a temporary folder unless SPEED_OUT is set.
