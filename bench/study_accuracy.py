@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -303,8 +302,8 @@ def job_train(plan: Plan, model: str) -> None:
              "wall_seconds": time.time() - started}
     (run / "convergence.json").write_text(json.dumps({"map50_95_by_epoch": history, **check}, indent=2) + "\n")
     summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").exists() else {}
-    best_epoch = summary.get("best_epoch", int(np.argmax(history)))
-    _record(plan, f"fp32_val_map50_95_{model}", history[best_epoch], "mAP50-95", model, f"{DATASET} val",
+    best_epoch = summary.get("best_epoch", int(np.argmax(history)) + 1)  # 1-based, as train_summary.json
+    _record(plan, f"fp32_val_map50_95_{model}", history[best_epoch - 1], "mAP50-95", model, f"{DATASET} val",
             {**check, "cfg": cfg, "converted_to": converted_cfg, "best_epoch": best_epoch, "epochs_planned": epochs,
              "imgsz": plan.imgsz, "batch": plan.batch, "selected_on": "val",
              "train_seconds": summary.get("train_seconds"), "run": str(run)})
@@ -424,31 +423,13 @@ def ort_and_agreement(plan: Plan, model: str, fp32: Path, qat_best: Path) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
-class CudaExtension(threading.Thread):
-    """Builds (or loads) Model Optimizer's CUDA kernels in the background while stage A trains, so
-    that stage B's jobs neither wait for the ~1 min build nor race each other to do it."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.seconds = 0.0
-
-    def run(self) -> None:
-        from bench.bench_qat import load_cuda_extension
-
-        self.seconds = load_cuda_extension()
-
-
-def run_stage(stage: str, plan: Plan, models: list[str], gpus: list[str], per_gpu: int, minutes: float,
-              extension: CudaExtension | None = None) -> dict:
+def run_stage(stage: str, plan: Plan, models: list[str], gpus: list[str], per_gpu: int, minutes: float) -> dict:
     root = Path(plan.root)
-    if extension is not None:
-        extension.join()
     plan.deadline = time.time() + 60 * minutes
     plan_file = plan.save(root / f"plan-{stage}.json")
     t = time.time()
     status = run_jobs(stage, models, gpus, per_gpu, plan_file, plan.deadline, root / "logs")
-    result = {"stage": stage, "seconds": time.time() - t, "jobs": status,
-              "cuda_extension_seconds": extension.seconds if extension is not None else None}
+    result = {"stage": stage, "seconds": time.time() - t, "jobs": status}
     (root / f"status-{stage}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
@@ -587,11 +568,8 @@ def main(argv: list[str] | None = None) -> dict:
     per_gpu = 1 if opt.dry_run else opt.per_gpu
     stages = ("train", "quantize") if opt.cmd == "all" else (opt.cmd,)
     minutes = {"train": opt.train_minutes, "quantize": opt.quantize_minutes}
-    extension = CudaExtension() if "quantize" in stages else None
-    if extension is not None:
-        extension.start()
-    result = {stage: run_stage(stage, plan, models, gpus, per_gpu, 10_000 if opt.dry_run else minutes[stage],
-                               extension if stage == "quantize" else None) for stage in stages}
+    result = {stage: run_stage(stage, plan, models, gpus, per_gpu, 10_000 if opt.dry_run else minutes[stage])
+              for stage in stages}
     out = Path(opt.out or Path(plan.root) / "out")
     pack(plan, models, opt.cmd, out, with_weights=opt.cmd == "train")
     result["wall_seconds"] = time.time() - t
