@@ -65,7 +65,8 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
 
     Batches are upstream's ``(imgs uint8, targets (n, 6), paths, shapes)``. ``loss_fn(preds, targets)``
     returns ``(loss * batch, items)`` as ``ComputeLoss`` does; segmentation batches add
-    ``(masks, polygons)`` and their loss is called as ``loss_fn(preds, targets, masks)``. ``extra_loss_fn(imgs, preds, targets)``
+    ``(masks, polygons)`` and their loss is called as ``loss_fn(preds, targets, masks)``.
+    ``extra_loss_fn(imgs, preds, targets)``
     returns a batch-mean scalar that is added with the same batch scaling (e.g. a distillation term
     whose teacher runs under ``torch.no_grad`` inside it). Gradients are accumulated over
     ``accumulate`` batches (the warm-up may lower that early on); each epoch ends with a step so that

@@ -138,7 +138,7 @@ class ComputeLoss:
         return Targets(padded[..., :1], boxes, mask, rows)
 
     def prepare(self, feats: list[torch.Tensor], targets: torch.Tensor):
-        """Padded targets, anchor points, strides and the input (h, w), in full precision, for one batch's level maps."""
+        """Padded targets, anchor points, strides and the input (h, w) of one batch's level maps, in full precision."""
         device = feats[0].device
         stride = self.stride.to(device)
         img_hw = torch.tensor(feats[0].shape[2:], device=device, dtype=torch.float32) * stride[0]
