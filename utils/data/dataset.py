@@ -328,6 +328,16 @@ def _label_kind(scan, source: str, task: str) -> str:
     return "polygons" if polygon_files else "boxes" if box_files else ""
 
 
+def model_task(model: torch.nn.Module) -> str:
+    """'segment' when the model's last layer is a segmentation head, else 'detect' (what data it needs).
+
+    Read from the head's prototype branch, which every segmentation head has (ours and upstream's),
+    so library code copied into an upstream checkout by patch_yolov9.sh answers the same.
+    """
+    layers = getattr(getattr(model, "module", model), "model", None)  # DDP wraps the model
+    return "segment" if layers is not None and hasattr(layers[-1], "proto") else "detect"
+
+
 def check_task(dataset: YoloDataset, model: str, task: str) -> None:
     """Refuse a model whose task does not fit the dataset's labels, naming both.
 
