@@ -9,6 +9,11 @@ next to the detection loss (per image, like it). Its gradient is proportional to
 is small where quantization already matches the float model and nothing drifts; an error that
 feeds on itself, as an error normalised by its own value would, cannot build up (the tests train
 a tiny model at 100x the QAT learning rate and the error stays where PTQ left it).
+
+A segmentation model's masks are made inside its head, after the last supervised layer: there the
+mask-coefficient towers and the prototype layer of every branch are supervised as well, each one
+more relative error in the mean, so the prototype branch learns to undo its INT8 error the way
+the backbone does (the teacher then runs its head too).
 """
 from __future__ import annotations
 
@@ -34,9 +39,21 @@ def relative_error(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e
     return (s - t).pow(2).mean() / (t.pow(2).mean() + eps)
 
 
+def mask_outputs(model: nn.Module) -> list[str]:
+    """Names of the modules whose outputs are a segmentation head's mask coefficients (one tower
+    per level) and prototypes, every branch; empty for a detector."""
+    layers = de_parallel(model).model
+    head = layers[-1]
+    if not hasattr(head, "mask_branch"):
+        return []
+    name_of = {id(m): f"model.{len(layers) - 1}.{n}" for n, m in head.named_modules()}
+    return [name_of[id(m)] for b in range(head.branches) for towers, proto in [head.mask_branch(b)]
+            for m in (*towers, proto)]
+
+
 def _truncated(model: nn.Module, last: int) -> nn.Module:
-    """A frozen copy of ``model`` that stops after layer ``last``: the teacher never needs its head,
-    which is a good part of a detector's compute."""
+    """A frozen copy of ``model`` that stops after layer ``last``: a detector's teacher never needs
+    its head, which is a good part of its compute."""
     copy = deepcopy(model)
     copy.model = copy.model[: last + 1]
     return copy.eval().requires_grad_(False)
@@ -44,30 +61,34 @@ def _truncated(model: nn.Module, last: int) -> nn.Module:
 
 class FeatureDistillation:
     """``extra_loss_fn`` for ``utils.training.engine.train_one_epoch``: runs the teacher on the same images and
-    returns ``weight`` x the mean relative feature error of the student's last forward pass."""
+    returns ``weight`` x the mean relative feature error of the student's last forward pass (the
+    supervised layers' outputs and, for a segmentation model, its mask coefficients and prototypes)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], weight: float = 1.0):
-        self.teacher = _truncated(teacher, max(layers))
+        masks = mask_outputs(student)
+        self.teacher = _truncated(teacher, len(teacher.model) - 1 if masks else max(layers))
         self.weight = weight
-        self.layers = layers
-        self._student_out: dict[int, list[torch.Tensor]] = {}
-        self._teacher_out: dict[int, list[torch.Tensor]] = {}
-        s_layers, t_layers = de_parallel(student).model, self.teacher.model
-        self._hooks = [s_layers[i].register_forward_hook(self._keep(self._student_out, i)) for i in layers]
-        self._hooks += [t_layers[i].register_forward_hook(self._keep(self._teacher_out, i)) for i in layers]
+        self.sites = [f"model.{i}" for i in layers] + masks
+        self._student_out: dict[str, list[torch.Tensor]] = {}
+        self._teacher_out: dict[str, list[torch.Tensor]] = {}
+        s_model = de_parallel(student)
+        self._hooks = [s_model.get_submodule(n).register_forward_hook(self._keep(self._student_out, n))
+                       for n in self.sites]
+        self._hooks += [self.teacher.get_submodule(n).register_forward_hook(self._keep(self._teacher_out, n))
+                        for n in self.sites]
         self._err_sum: torch.Tensor | float = 0.0  # summed on the device: no host sync per step
         self._err_count = 0
 
     @staticmethod
-    def _keep(store: dict, i: int):
+    def _keep(store: dict, name: str):
         def hook(module, args, out):
-            store[i] = flat_tensors(out)
+            store[name] = flat_tensors(out)
         return hook
 
     def error(self) -> torch.Tensor:
-        """Mean relative error over the supervised layers of the last student / teacher passes."""
-        errs = [relative_error(s, t) for i in self.layers
-                for s, t in zip(self._student_out.get(i, []), self._teacher_out.get(i, []))]
+        """Mean relative error over the supervised outputs of the last student / teacher passes."""
+        errs = [relative_error(s, t) for n in self.sites
+                for s, t in zip(self._student_out.get(n, []), self._teacher_out.get(n, []))]
         if not errs:
             raise RuntimeError("distillation: no layer outputs captured (was the student run first?)")
         return torch.stack(errs).mean()
