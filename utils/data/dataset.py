@@ -37,6 +37,7 @@ from utils.data.label_cache import load_or_scan
 from utils.data.label_check import IMG_FORMATS
 from utils.data.polygons import rasterize
 from utils.errors import UserError
+from utils.options import MIN_STRIDE
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("yolov9.data")
@@ -99,6 +100,8 @@ class YoloDataset(Dataset):
             raise ValueError("fixed_hw is a validation input size: it takes neither augment nor rect")
         if task not in TASKS:
             raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+        if MIN_STRIDE % mask_ratio:
+            raise UserError(f"--mask-ratio {mask_ratio}: must divide {MIN_STRIDE}, as every image side does")
         self.task = task
         self.mask_ratio = mask_ratio
         self.img_size = img_size
