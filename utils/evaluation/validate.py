@@ -59,19 +59,26 @@ def _build_dataloader(data: dict, task: str, imgsz: int, batch_size: int, stride
     return loader
 
 
-def _save_coco_json(artifacts: EvalArtifacts, data: dict, names: list[str], save_dir: Path, stem: str,
-                    single_cls: bool) -> tuple[Path, Path]:
-    """Predictions and ground truth as COCO JSON; with masks, predictions carry RLEs and truth its polygons."""
+def coco_json(artifacts: EvalArtifacts, data: dict, names: list[str], single_cls: bool) -> tuple[list[dict], dict]:
+    """COCO result list and ground-truth dataset of an ``evaluate(..., keep_boxes=True)`` pass; with masks,
+    predictions carry RLEs (original resolution) and the truth its polygons."""
     cat_ids = [0] if single_cls else category_ids(data)
     img_ids = image_ids(artifacts.files)
-    pred_path, gt_path = save_dir / f"{stem}_predictions.json", save_dir / "ground_truth.json"
     segmented = artifacts.mask_ap is not None
     rles = [mask_rles([m.full(*hw) for m in masks]) for masks, hw in zip(artifacts.masks, artifacts.shapes)] \
         if segmented else None
-    pred_path.write_text(json.dumps(predictions_to_coco(artifacts.detections, img_ids, cat_ids, rles)))
     gt = ground_truth_to_coco(artifacts.labels, artifacts.shapes, img_ids, cat_ids,
                               ["all-classes"] if single_cls else names, artifacts.files,
                               artifacts.polygons if segmented else None)
+    return predictions_to_coco(artifacts.detections, img_ids, cat_ids, rles), gt
+
+
+def _save_coco_json(artifacts: EvalArtifacts, data: dict, names: list[str], save_dir: Path, stem: str,
+                    single_cls: bool) -> tuple[Path, Path]:
+    """``coco_json``'s pair written as {stem}_predictions.json and ground_truth.json."""
+    predictions, gt = coco_json(artifacts, data, names, single_cls)
+    pred_path, gt_path = save_dir / f"{stem}_predictions.json", save_dir / "ground_truth.json"
+    pred_path.write_text(json.dumps(predictions))
     gt_path.write_text(json.dumps(gt))
     return pred_path, gt_path
 
