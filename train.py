@@ -1,6 +1,7 @@
-"""Train a YOLOv9 / GELAN detector from scratch (--cfg) or from a checkpoint (--weights).
+"""Train a YOLOv9 / GELAN detector or segmentation model from scratch (--cfg) or from a checkpoint (--weights).
 
     python train.py --cfg gelan-s.yaml --data data/bccd.yaml --epochs 200 --batch-size 16 --device 0
+    python train.py --cfg gelan-c-seg.yaml --data ../shared/datasets/coco128-seg/coco128-seg.yaml  # masks too
     python train.py --resume runs/train/exp/weights/last.pt        # continue an interrupted run
     torchrun --nproc_per_node 2 train.py --cfg gelan-c.yaml --data ... --batch-size 64 --device 0,1
 
@@ -49,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
     p.add_argument("--cache", nargs="?", const="ram", default=d["cache"], choices=("", "ram"),
                    metavar="ram", help="decode the images once and keep them in RAM")
+    p.add_argument("--mask-ratio", type=int, default=d["mask_ratio"],
+                   help="segmentation: input pixels per pixel of the true masks (4: the prototypes' resolution)")
     p.add_argument("--unsafe-load", action="store_true",
                    help="unpickle --weights without the class allowlist (trusted files only)")
     return parse_flags(p, argv)

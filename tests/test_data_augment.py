@@ -48,18 +48,19 @@ def colour_fraction(img: np.ndarray, box, colour) -> float:
 
 def test_mosaic_then_affine_keeps_boxes_on_their_pixels(coco128_dir):
     labels = np.array(PAINTED_BOXES, np.float32)
-    tiles = [(painted_image(coco128_dir, i, PAINTED_BOXES), labels) for i in range(4)]
+    tiles = [(painted_image(coco128_dir, i, PAINTED_BOXES), labels, None) for i in range(4)]
     hyp = load_hyp(ROOT / "data" / "hyps" / "hyp.scratch-high.yaml")
     s, kept = 160, 0
     for seed in range(8):
         random.seed(seed)
         centre = (random.randint(s // 2, 3 * s // 2), random.randint(s // 2, 3 * s // 2))
-        canvas, boxes = mosaic4(tiles, s, centre)
+        canvas, boxes, no_segments = mosaic4(tiles, s, centre)
+        assert no_segments is None
         assert canvas.shape == (2 * s, 2 * s, 3)
         assert (boxes[:, 1:] >= 0).all() and (boxes[:, 1:] <= 2 * s).all()
-        img, boxes = random_perspective(canvas, boxes, degrees=hyp["degrees"], translate=hyp["translate"],
-                                        scale=hyp["scale"], shear=hyp["shear"], perspective=hyp["perspective"],
-                                        border=(-s // 2, -s // 2))
+        img, boxes, _ = random_perspective(canvas, boxes, degrees=hyp["degrees"], translate=hyp["translate"],
+                                           scale=hyp["scale"], shear=hyp["shear"], perspective=hyp["perspective"],
+                                           border=(-s // 2, -s // 2))
         assert img.shape == (s, s, 3)
         assert (boxes[:, [1, 3]] >= 0).all() and (boxes[:, [1, 3]] <= s).all()
         assert (boxes[:, [2, 4]] >= 0).all() and (boxes[:, [2, 4]] <= s).all()
@@ -76,8 +77,8 @@ def test_rotation_and_shear_keep_boxes_inside_and_around_their_object(coco128_di
     labels = np.array(PAINTED_BOXES, np.float32)
     labels[:, 1:] = xywh2xyxy(labels[:, 1:]) * [w, h, w, h]
     random.seed(3)
-    out, boxes = random_perspective(img, labels.copy(), degrees=20, translate=0.05, scale=0.2, shear=5,
-                                    perspective=0.0005)
+    out, boxes, _ = random_perspective(img, labels.copy(), degrees=20, translate=0.05, scale=0.2, shear=5,
+                                       perspective=0.0005)
     assert out.shape == img.shape and len(boxes)
     assert (boxes[:, [1, 3]] <= w).all() and (boxes[:, [2, 4]] <= h).all() and (boxes[:, 1:] >= 0).all()
     for c, *xyxy in boxes:  # a rotated rectangle fills about half or more of its bounding box

@@ -9,6 +9,8 @@ from utils.training.loss import (  # noqa: F401
     BranchLoss,
     ComputeLoss,
     DualComputeLoss,
+    DualSegmentationLoss,
+    SegmentationLoss,
     build_loss,
     distribution_focal_loss,
 )

@@ -42,6 +42,7 @@ COUNTS: dict[str, tuple[int, str]] = {
     "vid_stride": (1, "video frame step"),
     "line_thickness": (1, "pixels"),
     "seed": (0, "random seed"),
+    "mask_ratio": (1, "input pixels per mask pixel"),
 }
 # flag -> (the test a value must pass, what the test says)
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {

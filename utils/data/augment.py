@@ -1,8 +1,14 @@
-"""Image resizing and training augmentations that move boxes together with pixels.
+"""Image resizing and training augmentations that move boxes and instance polygons together with pixels.
 
 Every function takes a BGR uint8 image and labels as an (n, 5) float array [cls, ...] and
-returns both transformed, so the pairing of pixels and boxes is kept in one place. Randomness
-comes from the ``random`` module, which the dataloader seeds per worker.
+returns both transformed, so the pairing of pixels and boxes is kept in one place. Segmentation
+data adds ``segments``, a list of each instance's (k, 2) polygon in pixels, which moves with the
+boxes; for detection data it is None and stays None. Polygons are cut exactly where an image ends
+(``utils.data.polygons.clip_polygon``), and where a transform moves them, the boxes become the
+bounding boxes of the moved and cut polygons, which fit an object tighter than the moved corners
+of its old box. A straight edge stays straight under every transform here (affine and
+perspective), so a polygon's vertices are all that needs moving. Randomness comes from the ``random`` module, which the dataloader
+seeds per worker.
 """
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ import cv2
 import numpy as np
 
 from utils.boxes import xywhn2xyxy
+from utils.data.polygons import clip_polygon
+
+Polygons = list  # of (k, 2) float arrays, one per instance, in the order of the label rows
 
 PAD_VALUE = 114  # grey used by upstream for letterbox and mosaic borders; trained models expect it
 
@@ -59,32 +68,36 @@ def augment_hsv(im: np.ndarray, hgain: float = 0.5, sgain: float = 0.5, vgain: f
     cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR, dst=im)
 
 
-def random_flip(im: np.ndarray, labels: np.ndarray, flipud: float = 0.0,
-                fliplr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Flip with the given probabilities; labels are normalised [cls, x, y, w, h]."""
+def random_flip(im: np.ndarray, labels: np.ndarray, segments: Polygons | None = None, flipud: float = 0.0,
+                fliplr: float = 0.5) -> tuple[np.ndarray, np.ndarray, Polygons | None]:
+    """Flip with the given probabilities; labels are normalised [cls, x, y, w, h], segments in pixels."""
     if random.random() < flipud:
         im = np.flipud(im)
         labels[:, 2] = 1 - labels[:, 2]
+        if segments is not None:
+            segments = [p * (1, -1) + (0, im.shape[0]) for p in segments]
     if random.random() < fliplr:
         im = np.fliplr(im)
         labels[:, 1] = 1 - labels[:, 1]
-    return im, labels
+        if segments is not None:
+            segments = [p * (-1, 1) + (im.shape[1], 0) for p in segments]
+    return im, labels, segments
 
 
-def mosaic4(tiles: list[tuple[np.ndarray, np.ndarray]], size: int,
-            center: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def mosaic4(tiles: list[tuple[np.ndarray, np.ndarray, Polygons | None]], size: int,
+            center: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, Polygons | None]:
     """Place four images around ``center`` (x, y) on a 2*size square canvas.
 
-    ``tiles`` holds (image, normalised [cls, x, y, w, h] labels) in the order top-left,
-    top-right, bottom-left, bottom-right; each image is anchored at the centre and cropped
-    where it leaves the canvas. Returns the canvas and pixel [cls, x1, y1, x2, y2] labels,
-    clipped to the canvas.
+    ``tiles`` holds (image, normalised [cls, x, y, w, h] labels, normalised segments or None) in
+    the order top-left, top-right, bottom-left, bottom-right; each image is anchored at the centre
+    and cropped where it leaves the canvas. Returns the canvas, pixel [cls, x1, y1, x2, y2] labels
+    and pixel segments, clipped to the canvas.
     """
     xc, yc = center
     s2 = 2 * size
     canvas = np.full((s2, s2, tiles[0][0].shape[2]), PAD_VALUE, dtype=np.uint8)
-    placed = []
-    for k, (img, labels) in enumerate(tiles):
+    placed, placed_segments = [], []
+    for k, (img, labels, segments) in enumerate(tiles):
         h, w = img.shape[:2]
         right, bottom = k in (1, 3), k in (2, 3)
         # Region on the canvas: the tile grows away from the centre along both axes.
@@ -98,27 +111,34 @@ def mosaic4(tiles: list[tuple[np.ndarray, np.ndarray]], size: int,
         if len(boxes):
             boxes[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, x1 - tx1, y1 - ty1)
         placed.append(boxes)
+        if segments is not None:
+            placed_segments += [clip_polygon(p * (w, h) + (x1 - tx1, y1 - ty1), s2, s2) for p in segments]
     labels = np.concatenate(placed, 0) if placed else np.zeros((0, 5), np.float32)
     np.clip(labels[:, 1:], 0, s2, out=labels[:, 1:])
-    return canvas, labels
+    if tiles[0][2] is None:
+        return canvas, labels, None
+    for row, polygon in zip(labels, placed_segments):  # the box of what the canvas shows of each outline
+        row[1:] = np.concatenate((polygon.min(0), polygon.max(0))) if len(polygon) else 0
+    return canvas, labels, placed_segments
 
 
-def mixup(im: np.ndarray, labels: np.ndarray, im2: np.ndarray,
-          labels2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Blend two same-size images with a ratio near 0.5 and keep the boxes of both."""
+def mixup(im: np.ndarray, labels: np.ndarray, segments: Polygons | None, im2: np.ndarray, labels2: np.ndarray,
+          segments2: Polygons | None) -> tuple[np.ndarray, np.ndarray, Polygons | None]:
+    """Blend two same-size images with a ratio near 0.5 and keep the boxes (and polygons) of both."""
     r = np.random.beta(32.0, 32.0)
     im = (im * r + im2 * (1 - r)).astype(np.uint8)
-    return im, np.concatenate((labels, labels2), 0)
+    return im, np.concatenate((labels, labels2), 0), None if segments is None else segments + segments2
 
 
-def random_perspective(im: np.ndarray, labels: np.ndarray, degrees: float = 10, translate: float = 0.1,
-                       scale: float = 0.1, shear: float = 10, perspective: float = 0.0,
-                       border: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
-    """Random rotation, scale, shear, translation and perspective of an image and its boxes.
+def random_perspective(im: np.ndarray, labels: np.ndarray, segments: Polygons | None = None, degrees: float = 10,
+                       translate: float = 0.1, scale: float = 0.1, shear: float = 10, perspective: float = 0.0,
+                       border: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray, Polygons | None]:
+    """Random rotation, scale, shear, translation and perspective of an image, its boxes and polygons.
 
-    ``labels`` are pixel [cls, x1, y1, x2, y2]. A negative ``border`` (h, w) crops that much off
-    each side, which turns a 2s mosaic canvas into an s output. Boxes are mapped by their four
-    corners, clipped to the output, and dropped when too little of them is left.
+    ``labels`` are pixel [cls, x1, y1, x2, y2], ``segments`` pixel polygons or None. A negative
+    ``border`` (h, w) crops that much off each side, which turns a 2s mosaic canvas into an s
+    output. Boxes are mapped by their four corners (or are the bounds of their mapped polygon),
+    clipped to the output, and dropped when too little of them is left.
     """
     height = im.shape[0] + 2 * border[0]
     width = im.shape[1] + 2 * border[1]
@@ -146,19 +166,29 @@ def random_perspective(im: np.ndarray, labels: np.ndarray, degrees: float = 10, 
 
     n = len(labels)
     if n:
-        corners = np.ones((n * 4, 3))
-        corners[:, :2] = labels[:, [1, 2, 3, 4, 1, 4, 3, 2]].reshape(n * 4, 2)  # x1y1, x2y2, x1y2, x2y1
-        corners = corners @ m.T
-        xy = corners[:, :2] / corners[:, 2:3] if perspective else corners[:, :2]
-        xy = xy.reshape(n, 8)
-        xs, ys = xy[:, [0, 2, 4, 6]], xy[:, [1, 3, 5, 7]]
-        boxes = np.stack((xs.min(1), ys.min(1), xs.max(1), ys.max(1)), 1)
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+        if segments is None:
+            corners = labels[:, [1, 2, 3, 4, 1, 4, 3, 2]].reshape(n * 4, 2)  # x1y1, x2y2, x1y2, x2y1
+            xy = _transform_points(corners, m, perspective).reshape(n, 4, 2)
+            xy[..., 0] = xy[..., 0].clip(0, width)
+            xy[..., 1] = xy[..., 1].clip(0, height)
+            boxes = np.concatenate((xy.min(1), xy.max(1)), 1)
+        else:
+            moved = np.split(_transform_points(np.concatenate(segments), m, perspective),
+                             np.cumsum([len(p) for p in segments])[:-1])
+            segments = [clip_polygon(p, width, height) for p in moved]
+            boxes = np.array([np.concatenate((p.min(0), p.max(0))) if len(p) else np.zeros(4) for p in segments])
         keep = box_candidates(labels[:, 1:5].T * gain, boxes.T)
         labels = labels[keep]
         labels[:, 1:5] = boxes[keep]
-    return im, labels
+        if segments is not None:
+            segments = [p for p, k in zip(segments, keep) if k]
+    return im, labels, segments
+
+
+def _transform_points(xy: np.ndarray, m: np.ndarray, perspective: bool) -> np.ndarray:
+    """(p, 2) points through the 3x3 matrix ``m`` (divided by w for a perspective matrix)."""
+    mapped = np.concatenate((xy, np.ones((len(xy), 1))), 1) @ m.T
+    return mapped[:, :2] / mapped[:, 2:3] if perspective else mapped[:, :2]
 
 
 def box_candidates(before: np.ndarray, after: np.ndarray, min_side: float = 2, max_aspect: float = 100,

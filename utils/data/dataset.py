@@ -1,10 +1,18 @@
-"""YOLO-format detection datasets and the DataLoader that batches them.
+"""YOLO-format detection and segmentation datasets and the DataLoader that batches them.
 
 A dataset is a set of images found from folders or ``.txt`` lists; each image's labels sit at
 the same path with the last ``images`` folder replaced by ``labels`` and a ``.txt`` suffix
 (upstream's rule, so existing datasets work unchanged). Images and labels are checked once
 (``utils.data.label_check``) and the result is cached (``utils.data.label_cache``). Batches have
 upstream's layout so the loss, the evaluator and QAT calibration can consume them directly.
+
+Segmentation (``task='segment'``) needs polygon labels. Each instance's polygon goes through the
+same geometric augmentations as its box and is rasterised at the end, at ``1 / mask_ratio`` of the
+input size (the prototype resolution of every YOLOv9 segmentation head for ``mask_ratio`` 4). Every
+instance gets its own mask (upstream's ``--no-overlap``): where instances overlap, each keeps its
+whole outline, rather than one mask image per picture in which the smaller instance takes the
+shared pixels, which upstream's own flag help says costs mAP. The batch then holds one mask per
+target row, in the same order.
 """
 from __future__ import annotations
 
@@ -27,11 +35,15 @@ from utils.data.augment import augment_hsv, letterbox, mixup, mosaic4, random_fl
 from utils.data.config import AUGMENT_KEYS, load_hyp
 from utils.data.label_cache import load_or_scan
 from utils.data.label_check import IMG_FORMATS
+from utils.data.polygons import rasterize
 from utils.errors import UserError
+from utils.options import MIN_STRIDE
 from utils.paths import ROOT
 
 LOGGER = logging.getLogger("yolov9.data")
 DEFAULT_HYP = ROOT / "data" / "hyps" / "hyp.scratch-high.yaml"
+TASKS = ("detect", "segment")
+MASK_RATIO = 4  # input pixels per mask pixel: the prototypes' stride in every YOLOv9 segmentation head
 
 
 def img2label_paths(im_files: list[str]) -> list[str]:
@@ -69,16 +81,29 @@ class YoloDataset(Dataset):
     """Images with checked YOLO labels; training augmentation or letterbox-only validation.
 
     ``labels`` is a list of (n, 5) float32 arrays [cls, x, y, w, h] normalised to each image,
-    ``shapes`` an (N, 2) array of original (width, height); both follow the order of ``im_files``.
+    ``segments`` a list of each image's normalised polygons (empty for box labels), ``shapes`` an
+    (N, 2) array of original (width, height); all follow the order of ``im_files``.
     ``fixed_hw`` letterboxes every image to exactly that (h, w) instead of ``img_size`` square: the
     input of an exported model, which may be non-square (validation only).
+
+    Items are ``(image, targets, path, shapes)`` for ``task='detect'``; ``task='segment'`` adds
+    ``masks`` (n, h / mask_ratio, w / mask_ratio) uint8, one per target row, and ``polygons``, the
+    list of each instance's (k, 2) polygon in input pixels (what the evaluator maps back to the
+    original image to rasterise ground truth there).
     """
 
     def __init__(self, path: str | Path | list, img_size: int = 640, batch_size: int = 16, augment: bool = False,
                  hyp: dict | str | Path | None = None, rect: bool = False, stride: int = 32, pad: float = 0.0,
-                 prefix: str = "", nc: int | None = None, fixed_hw: tuple[int, int] | None = None, seed: int = 0):
+                 prefix: str = "", nc: int | None = None, fixed_hw: tuple[int, int] | None = None, seed: int = 0,
+                 task: str = "detect", mask_ratio: int = MASK_RATIO):
         if fixed_hw is not None and (augment or rect):
             raise ValueError("fixed_hw is a validation input size: it takes neither augment nor rect")
+        if task not in TASKS:
+            raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+        if MIN_STRIDE % mask_ratio:
+            raise UserError(f"--mask-ratio {mask_ratio}: must divide {MIN_STRIDE}, as every image side does")
+        self.task = task
+        self.mask_ratio = mask_ratio
         self.img_size = img_size
         self.seed = seed
         self.fit_hw = tuple(fixed_hw) if fixed_hw is not None else (img_size, img_size)
@@ -88,6 +113,7 @@ class YoloDataset(Dataset):
         self.stride = stride
         self.mosaic_border = (-img_size // 2, -img_size // 2)
 
+        self.source = str(path) if not isinstance(path, (list, tuple)) else ", ".join(map(str, path))
         im_files = list_image_files(path, prefix)
         label_files = img2label_paths(im_files)
         single_list = not isinstance(path, (list, tuple)) and Path(path).is_file()
@@ -100,7 +126,9 @@ class YoloDataset(Dataset):
 
         self.im_files = list(self.scan.im_files)
         self.labels = list(self.scan.labels)
+        self.segments = list(self.scan.segments)
         self.shapes = np.asarray(self.scan.shapes)
+        self.label_kind = _label_kind(self.scan, f"{prefix}{path}", task)
         n = len(self.im_files)
         self.indices = range(n)
         self.batch = np.arange(n) // batch_size
@@ -129,6 +157,7 @@ class YoloDataset(Dataset):
         order = aspect.argsort()
         self.im_files = [self.im_files[i] for i in order]
         self.labels = [self.labels[i] for i in order]
+        self.segments = [self.segments[i] for i in order]
         self.shapes = self.shapes[order]
         aspect = aspect[order]
         shapes = []
@@ -159,11 +188,12 @@ class YoloDataset(Dataset):
 
     def _load_item(self, index: int):
         hyp = self.hyp
+        segment = self.task == "segment"
         if self.mosaic and random.random() < hyp["mosaic"]:
-            img, labels = self.load_mosaic(index)
+            img, labels, segments = self.load_mosaic(index)
             shapes = None
             if random.random() < hyp["mixup"]:
-                img, labels = mixup(img, labels, *self.load_mosaic(random.randrange(len(self))))
+                img, labels, segments = mixup(img, labels, segments, *self.load_mosaic(random.randrange(len(self))))
         else:
             img, (h0, w0) = self.load_image(index)
             hr, wr = img.shape[:2]
@@ -174,20 +204,28 @@ class YoloDataset(Dataset):
             labels = self.labels[index].copy()
             if len(labels):
                 labels[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, padw, padh)
+            segments = [p * (w, h) + (padw, padh) for p in self.segments[index]] if segment else None
             if self.augment:
-                img, labels = random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"],
-                                                 scale=hyp["scale"], shear=hyp["shear"], perspective=hyp["perspective"])
+                img, labels, segments = random_perspective(
+                    img, labels, segments, degrees=hyp["degrees"], translate=hyp["translate"],
+                    scale=hyp["scale"], shear=hyp["shear"], perspective=hyp["perspective"])
         if len(labels):
             labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
         if self.augment:
             augment_hsv(img, hgain=hyp["hsv_h"], sgain=hyp["hsv_s"], vgain=hyp["hsv_v"])
-            img, labels = random_flip(img, labels, flipud=hyp["flipud"], fliplr=hyp["fliplr"])
+            img, labels, segments = random_flip(img, labels, segments, flipud=hyp["flipud"], fliplr=hyp["fliplr"])
 
         targets = torch.zeros((len(labels), 6))
         if len(labels):
             targets[:, 1:] = torch.from_numpy(labels)
-        img = np.ascontiguousarray(img.transpose((2, 0, 1))[::-1])  # HWC BGR -> CHW RGB
-        return torch.from_numpy(img), targets, self.im_files[index], shapes
+        item = (torch.from_numpy(np.ascontiguousarray(img.transpose((2, 0, 1))[::-1])),  # HWC BGR -> CHW RGB
+                targets, self.im_files[index], shapes)
+        if not segment:
+            return item
+        polygons = [np.asarray(p, dtype=np.float32) for p in segments]
+        r = self.mask_ratio
+        masks = rasterize(polygons, img.shape[0] // r, img.shape[1] // r, scale=1 / r)
+        return (*item, torch.from_numpy(masks), polygons)
 
     def cache_images(self) -> int:
         """Decode and resize every image once into RAM (``train.py --cache ram``); returns the bytes held.
@@ -219,28 +257,72 @@ class YoloDataset(Dataset):
             im = cv2.resize(im, (round(w0 * r), round(h0 * r)), interpolation=interp)
         return im, (h0, w0)
 
-    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Four images around a random centre, then random affine; returns pixel xyxy labels."""
+    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+        """Four images around a random centre, then random affine; returns pixel xyxy labels and polygons."""
         s = self.img_size
         centre = tuple(int(random.uniform(-b, 2 * s + b)) for b in self.mosaic_border)
         picks = [index] + random.choices(self.indices, k=3)
         random.shuffle(picks)
-        tiles = [(self.load_image(i)[0], self.labels[i]) for i in picks]
-        img, labels = mosaic4(tiles, s, centre)
+        tiles = [(self.load_image(i)[0], self.labels[i], self.segments[i] if self.task == "segment" else None)
+                 for i in picks]
+        img, labels, segments = mosaic4(tiles, s, centre)
         hyp = self.hyp
-        return random_perspective(img, labels, degrees=hyp["degrees"], translate=hyp["translate"], scale=hyp["scale"],
-                                  shear=hyp["shear"], perspective=hyp["perspective"], border=self.mosaic_border)
+        return random_perspective(img, labels, segments, degrees=hyp["degrees"], translate=hyp["translate"],
+                                  scale=hyp["scale"], shear=hyp["shear"], perspective=hyp["perspective"],
+                                  border=self.mosaic_border)
 
     @staticmethod
     def collate_fn(batch):
-        """Stack images; concatenate targets with column 0 set to the image's index in the batch."""
-        ims, targets, paths, shapes = zip(*batch)
+        """Stack images; concatenate targets with column 0 set to the image's index in the batch.
+
+        Segmentation items' masks are concatenated like the targets they belong to; their polygons
+        stay one list per image.
+        """
+        ims, targets, paths, shapes, *segmentation = zip(*batch)
         for i, t in enumerate(targets):
             t[:, 0] = i
-        return torch.stack(ims, 0), torch.cat(targets, 0), paths, shapes
+        collated = (torch.stack(ims, 0), torch.cat(targets, 0), paths, shapes)
+        if not segmentation:
+            return collated
+        masks, polygons = segmentation
+        return (*collated, torch.cat(masks, 0), polygons)
 
 
 LoadImagesAndLabels = YoloDataset  # upstream's name, for code written against it
+
+
+def _label_kind(scan, source: str, task: str) -> str:
+    """What the split's label files hold: 'polygons', 'boxes', or '' when no file has a row.
+
+    A mix is refused for segmentation (a box has no outline to learn a mask from) and reported for
+    detection, which reads every polygon as its bounding box.
+    """
+    polygon_files, box_files = scan.files_of_kind("polygons"), scan.files_of_kind("boxes")
+    if polygon_files and box_files:
+        mix = (f"{len(polygon_files)} label files hold polygons (e.g. {img2label_paths(polygon_files[:1])[0]}) and "
+               f"{len(box_files)} hold boxes (e.g. {img2label_paths(box_files[:1])[0]})")
+        if task == "segment":
+            raise UserError(f"{source}: {mix}; segmentation needs a polygon for every instance: convert or "
+                            "remove the box files")
+        LOGGER.warning(f"WARNING {source}: {mix}; detection uses each polygon's bounding box")
+        return "boxes"
+    return "polygons" if polygon_files else "boxes" if box_files else ""
+
+
+def check_task(dataset: YoloDataset, model: str, task: str) -> None:
+    """Refuse a model whose task does not fit the dataset's labels, naming both.
+
+    ``model`` is how the user knows the model (a weights file, a config); ``task`` is its head's task.
+    A detection model on polygon labels would be trained or scored on boxes while the user expects
+    masks; a segmentation model on box labels has no mask to learn or score.
+    """
+    source = dataset.source
+    if task == "segment" and dataset.label_kind == "boxes":
+        raise UserError(f"{model} is a segmentation model but {source} holds box labels (class x y w h), not "
+                        "polygons; pass a segmentation dataset (class x1 y1 x2 y2 ... rows) or a detection model")
+    if task == "detect" and dataset.label_kind == "polygons":
+        raise UserError(f"{model} is a detection model but {source} holds segmentation labels (polygons); "
+                        "pass a segmentation model (e.g. gelan-c-seg.yaml) or a box-labelled dataset")
 
 
 @contextlib.contextmanager
@@ -285,8 +367,10 @@ def init_worker(worker_id: int) -> None:
 def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, augment: bool = False,
                       rect: bool = False, pad: float = 0.0, workers: int = 8, shuffle: bool = False, prefix: str = "",
                       seed: int = 0, close_mosaic: bool = False, rank: int = -1, nc: int | None = None,
-                      fixed_hw: tuple[int, int] | None = None):
+                      fixed_hw: tuple[int, int] | None = None, task: str = "detect", mask_ratio: int = MASK_RATIO):
     """Build a ``YoloDataset`` and its DataLoader; returns (loader, dataset).
+
+    ``task='segment'`` batches are ``(images, targets, paths, shapes, masks, polygons)``; see ``YoloDataset``.
 
     ``nc`` lets the scan drop rows whose class id is out of range; pass the data yaml's ``nc``.
     ``fixed_hw``: letterbox to exactly this (h, w), e.g. a non-square exported model's input.
@@ -301,7 +385,8 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, 
         shuffle = False
     with _rank_zero_first(rank):
         dataset = YoloDataset(path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, stride=int(stride),
-                              pad=pad, prefix=prefix, nc=nc, fixed_hw=fixed_hw, seed=seed)
+                              pad=pad, prefix=prefix, nc=nc, fixed_hw=fixed_hw, seed=seed, task=task,
+                              mask_ratio=mask_ratio)
     batch_size = min(batch_size, len(dataset))
     n_devices = max(torch.cuda.device_count(), 1)
     n_workers = min((os.cpu_count() or 1) // n_devices, batch_size if batch_size > 1 else 0, workers)

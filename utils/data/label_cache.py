@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from utils.data import label_check as label_check
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: polygons and each file's label kind
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1)))
 LOGGER = logging.getLogger("yolov9.data")
 
@@ -42,10 +42,18 @@ class LabelScan:
     repaired: int = 0
     dropped: int = 0
     messages: list[str] = field(default_factory=list)
+    segments: list[list[np.ndarray]] = field(default_factory=list)  # per image: normalised polygons, or []
+    kinds: list[str] = field(default_factory=list)  # per image: 'polygons', 'boxes' or '' (no rows)
+
+    def files_of_kind(self, kind: str) -> list[str]:
+        """Images whose label file was written as ``kind`` ('polygons' or 'boxes')."""
+        return [f for f, k in zip(self.im_files, self.kinds) if k == kind]
 
     def summary(self) -> str:
         """The totals line printed after every scan or cache read."""
-        return (f"{len(self.im_files)} images: {self.found} label files found, {self.missing} missing, "
+        polygons = len(self.files_of_kind("polygons"))
+        kinds = f" ({polygons} of polygons, {len(self.files_of_kind('boxes'))} of boxes)" if polygons else ""
+        return (f"{len(self.im_files)} images: {self.found} label files found{kinds}, {self.missing} missing, "
                 f"{self.empty} empty, {self.corrupt} corrupt images dropped; "
                 f"{self.repaired} label rows repaired, {self.dropped} dropped")
 
@@ -75,6 +83,8 @@ def scan_labels(im_files: list[str], label_files: list[str], nc: int | None, des
                 setattr(scan, check.status, getattr(scan, check.status) + 1)
                 scan.im_files.append(check.im_file)
                 scan.labels.append(check.labels)
+                scan.segments.append(check.segments)
+                scan.kinds.append(check.kind)
                 shapes.append(check.shape)
             scan.repaired += check.repaired
             scan.dropped += check.dropped
@@ -95,13 +105,18 @@ def save_scan(path: Path, key: str, scan: LabelScan) -> bool:
         return False
     counts = np.array([len(lb) for lb in scan.labels], dtype=np.int64)
     rows = np.concatenate(scan.labels, 0) if scan.labels else np.zeros((0, 5), np.float32)
+    polygons = [p for segments in scan.segments for p in segments]
+    points = np.concatenate(polygons, 0) if polygons else np.zeros((0, 2), np.float32)
+    polygon_counts = np.array([len(s) for s in scan.segments], dtype=np.int64)  # polygons per image
+    point_counts = np.array([len(p) for p in polygons], dtype=np.int64)
     totals = np.array([scan.found, scan.missing, scan.empty, scan.corrupt, scan.repaired, scan.dropped])
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             np.savez(f, version=np.array(CACHE_VERSION), key=np.array(key), im_files=np.array(scan.im_files, dtype=str),
                      rows=rows.astype(np.float32), counts=counts, shapes=scan.shapes, totals=totals,
-                     messages=np.array(scan.messages, dtype=str))
+                     messages=np.array(scan.messages, dtype=str), points=points.astype(np.float32),
+                     polygon_counts=polygon_counts, point_counts=point_counts, kinds=np.array(scan.kinds, dtype=str))
         os.replace(tmp, path)
         return True
     except OSError as exc:
@@ -118,11 +133,24 @@ def load_scan(path: Path, key: str) -> LabelScan | None:
                 return None
             counts, rows = z["counts"], z["rows"]
             totals = [int(t) for t in z["totals"]]
-            scan = LabelScan([str(f) for f in z["im_files"]], np.split(rows, np.cumsum(counts)[:-1]) if len(counts) else [],
-                             z["shapes"], *totals, messages=[str(m) for m in z["messages"]])
+            polygons = _split(z["points"], z["point_counts"])
+            scan = LabelScan([str(f) for f in z["im_files"]], _split(rows, counts), z["shapes"], *totals,
+                             messages=[str(m) for m in z["messages"]],
+                             segments=[list(g) for g in _split_list(polygons, z["polygon_counts"])],
+                             kinds=[str(k) for k in z["kinds"]])
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
         return None
     return scan
+
+
+def _split(array: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """Consecutive pieces of ``array`` with the given lengths."""
+    return np.split(array, np.cumsum(counts)[:-1]) if len(counts) else []
+
+
+def _split_list(items: list, counts: np.ndarray) -> list[list]:
+    ends = np.cumsum(counts)
+    return [items[end - n:end] for n, end in zip(counts, ends)]
 
 
 def load_or_scan(cache_path: Path, im_files: list[str], label_files: list[str], nc: int | None,

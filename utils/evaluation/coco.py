@@ -1,7 +1,8 @@
 """COCO JSON for predictions and ground truth, and evaluation by the reference COCO tools.
 
 Our own metrics (utils/evaluation/metrics.py) follow COCOeval's rules; this module exists so any result
-can be checked against pycocotools (or its faster re-implementation) on the same boxes.
+can be checked against pycocotools (or its faster re-implementation) on the same boxes, and for
+segmentation on the same masks: predicted masks as RLE, true ones as the polygons they came from.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from pycocotools import mask as coco_mask
 
 from utils.errors import UserError
 
@@ -71,37 +73,57 @@ def _exact_score(score) -> float:
     return float(np.format_float_positional(np.float32(score), unique=True, trim="-"))
 
 
+def mask_rles(masks: Sequence[np.ndarray]) -> list[dict]:
+    """COCO run-length encodings (JSON-ready, 'counts' as text) of same-size (h, w) bool masks."""
+    if not len(masks):
+        return []
+    rles = coco_mask.encode(np.asfortranarray(np.stack(masks, -1).astype(np.uint8)))
+    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
 def predictions_to_coco(detections: Sequence[torch.Tensor | np.ndarray], img_ids: Sequence[int],
-                        cat_ids: Sequence[int]) -> list[dict]:
-    """COCO result list from per-image (n, 6) [x1, y1, x2, y2, conf, cls] in original image pixels."""
+                        cat_ids: Sequence[int], segmentations: Sequence[list[dict]] | None = None) -> list[dict]:
+    """COCO result list from per-image (n, 6) [x1, y1, x2, y2, conf, cls] in original image pixels.
+
+    ``segmentations`` adds each detection's mask, per image a list of RLEs (``mask_rles``).
+    """
     results = []
-    for det, img_id in zip(detections, img_ids):
+    for k, (det, img_id) in enumerate(zip(detections, img_ids)):
         det = det.cpu().numpy() if isinstance(det, torch.Tensor) else np.asarray(det)
         if len(det) == 0:
             continue
-        for box, score, cls in zip(_xyxy_to_coco(det[:, :4]).round(3), det[:, 4], det[:, 5]):
+        for i, (box, score, cls) in enumerate(zip(_xyxy_to_coco(det[:, :4]).round(3), det[:, 4], det[:, 5])):
             results.append({"image_id": img_id, "category_id": int(cat_ids[int(cls)]),
                             "bbox": box.tolist(), "score": _exact_score(score)})
+            if segmentations is not None:
+                results[-1]["segmentation"] = segmentations[k][i]
     return results
 
 
 def ground_truth_to_coco(labels: Sequence[np.ndarray], shapes: Sequence[tuple[int, int]],
                          img_ids: Sequence[int], cat_ids: Sequence[int], names: Sequence[str],
-                         files: Sequence[str | Path] | None = None) -> dict:
+                         files: Sequence[str | Path] | None = None,
+                         polygons: Sequence[list[np.ndarray]] | None = None) -> dict:
     """COCO ground-truth dataset from per-image (m, 5) [cls, x1, y1, x2, y2] in original pixels.
 
-    ``shapes`` are (height, width). Areas are box areas: YOLO labels carry no masks, so the
-    'small/medium/large' splits differ from COCO's mask-area ones; the headline 'all' AP does not.
+    ``shapes`` are (height, width). Without ``polygons`` areas are box areas: box labels carry no
+    masks, so the 'small/medium/large' splits differ from COCO's mask-area ones; the headline 'all'
+    AP does not. ``polygons`` (per image, each label's (k, 2) outline in original pixels) become the
+    annotations' segmentations, and their pixel counts the areas, as in COCO's own files.
     """
     images, annotations = [], []
     for i, (lab, (h, w), img_id) in enumerate(zip(labels, shapes, img_ids)):
         images.append({"id": img_id, "height": int(h), "width": int(w),
                        "file_name": Path(files[i]).name if files is not None else str(img_id)})
         lab = np.asarray(lab, dtype=np.float64).reshape(-1, 5)
-        for cls, box in zip(lab[:, 0], _xyxy_to_coco(lab[:, 1:])):
+        for k, (cls, box) in enumerate(zip(lab[:, 0], _xyxy_to_coco(lab[:, 1:]))):
             annotations.append({"id": len(annotations) + 1, "image_id": img_id,
                                 "category_id": int(cat_ids[int(cls)]), "bbox": box.tolist(),
                                 "area": float(box[2] * box[3]), "iscrowd": 0})
+            if polygons is not None:
+                outline = np.asarray(polygons[i][k], dtype=np.float64).ravel().tolist()
+                annotations[-1]["segmentation"] = [outline]
+                annotations[-1]["area"] = float(coco_mask.area(coco_mask.frPyObjects([outline], int(h), int(w)))[0])
     categories = [{"id": int(c), "name": str(n)} for c, n in zip(cat_ids, names)]
     return {"info": {"description": "ground truth written by yolov9-qat utils/evaluation/coco.py"}, "licenses": [],
             "images": images, "annotations": annotations, "categories": categories}
@@ -124,8 +146,9 @@ def _backend(name: str):
 
 
 def coco_evaluate(ground_truth: dict | str | Path, predictions: list[dict] | str | Path,
-                  backend: str = "pycocotools", img_ids: Sequence[int] | None = None) -> dict:
-    """Run COCO bbox evaluation; returns {'map50_95', 'map50', 'stats'} (the 12 summary numbers).
+                  backend: str = "pycocotools", img_ids: Sequence[int] | None = None, iou_type: str = "bbox") -> dict:
+    """Run COCO evaluation of boxes (``iou_type`` 'bbox') or masks ('segm'); returns {'map50_95', 'map50',
+    'stats'} (the 12 summary numbers).
 
     Both inputs may be in-memory objects or JSON file paths. ``img_ids`` restricts evaluation to
     some images (upstream does this when the annotation file covers all of val2017).
@@ -136,7 +159,8 @@ def coco_evaluate(ground_truth: dict | str | Path, predictions: list[dict] | str
         preds = _load_predictions(predictions)
         if not preds:
             return {"map50_95": 0.0, "map50": 0.0, "stats": [0.0] * 12}
-        evaluator = COCOeval(gt, gt.loadRes(preds), "bbox")
+        # loadRes fills in fields of the dicts it is given; copies keep the caller's list as it was
+        evaluator = COCOeval(gt, gt.loadRes([dict(p) for p in preds]), iou_type)
         if img_ids is not None:
             evaluator.params.imgIds = list(img_ids)
         evaluator.evaluate()

@@ -35,15 +35,18 @@ def process_batch(detections: torch.Tensor, labels: torch.Tensor,
     return torch.from_numpy(correct).to(detections.device)
 
 
-def match_detections(detections: np.ndarray, labels: np.ndarray,
-                     thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
-    """``process_batch`` on numpy arrays: COCOeval's greedy matching, all thresholds at once."""
+def match_detections(detections: np.ndarray, labels: np.ndarray, thresholds: np.ndarray = IOU_THRESHOLDS,
+                     iou: np.ndarray | None = None) -> np.ndarray:
+    """``process_batch`` on numpy arrays: COCOeval's greedy matching, all thresholds at once.
+
+    ``iou`` (n, m) replaces the box IoU, e.g. with the IoU of the detections' and labels' masks.
+    """
     n, m = len(detections), len(labels)
     correct = np.zeros((n, len(thresholds)), dtype=bool)
     if not (n and m):
         return correct
-    # no epsilon: an IoU exactly at a threshold must pass, as in COCOeval; 0/0 of empty boxes -> 0
-    iou = np.nan_to_num(box_iou(torch.from_numpy(detections[:, :4]), torch.from_numpy(labels[:, 1:]), eps=0).numpy())
+    if iou is None:  # no epsilon: an IoU exactly at a threshold must pass, as in COCOeval; 0/0 of empty boxes -> 0
+        iou = np.nan_to_num(box_iou(torch.from_numpy(detections[:, :4]), torch.from_numpy(labels[:, 1:]), eps=0).numpy())
     iou = iou * (detections[:, 5:6] == labels[None, :, 0])
     order = np.argsort(-detections[:, 4], kind="stable")
     order = order[iou[order].max(1) >= thresholds.min()]  # the rest cannot match at any threshold
@@ -165,13 +168,17 @@ class DetectionStats:
         self._images, self._correct, self._conf, self._cls, self._target_cls = [], [], [], [], []
 
     def add(self, detections: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
-            image: str | Path | None = None) -> None:
-        """One image: detections (n, 6) [x1, y1, x2, y2, conf, cls], labels (m, 5) [cls, x1, y1, x2, y2]."""
+            image: str | Path | None = None, iou: np.ndarray | None = None) -> None:
+        """One image: detections (n, 6) [x1, y1, x2, y2, conf, cls], labels (m, 5) [cls, x1, y1, x2, y2].
+
+        ``iou`` (n, m) scores the matches by another overlap than the boxes' (masks).
+        """
         det, lab = _as_float64(detections).reshape(-1, 6), _as_float64(labels).reshape(-1, 5)
         if self.max_dets_per_class is not None:
-            det = det[within_per_class_limit(det[:, 4], det[:, 5], self.max_dets_per_class)]
+            kept = within_per_class_limit(det[:, 4], det[:, 5], self.max_dets_per_class)
+            det, iou = det[kept], None if iou is None else iou[kept]
         self._images.append(image)
-        self._correct.append(match_detections(det, lab, self.thresholds))
+        self._correct.append(match_detections(det, lab, self.thresholds, iou))
         self._conf.append(det[:, 4])
         self._cls.append(det[:, 5])
         self._target_cls.append(lab[:, 0])

@@ -1,4 +1,4 @@
-"""Evaluation figures as PNG files: precision-recall curves and the confusion matrix."""
+"""Evaluation figures as PNG files: precision-recall curves, the confusion matrix, validation images with masks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,4 +55,59 @@ def plot_confusion_matrix(confusion: ConfusionMatrix, names: Sequence[str], path
     ax.set(xlabel="True", ylabel="Predicted", title="Confusion Matrix" + (" (normalised)" if normalize else ""))
     fig.savefig(path, dpi=200)
     plt.close(fig)
+    return path
+
+
+# One colour per class, cycled; strong enough to read through a 50 % blend.
+_PALETTE = np.array([(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 178, 29), (207, 210, 49), (146, 204, 23),
+                     (26, 147, 52), (0, 212, 187), (44, 153, 168), (52, 69, 147), (100, 115, 255), (0, 24, 236),
+                     (132, 56, 255), (82, 0, 133), (203, 56, 255), (255, 149, 200), (255, 55, 199), (255, 112, 31)],
+                    dtype=np.uint8)  # RGB
+MASK_ALPHA = 0.5
+MIN_TILE = 320  # pixels on the longer side of each image in a mask plot
+
+
+def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, masks: np.ndarray,
+                   captions: Sequence[str]) -> np.ndarray:
+    """``image`` (H, W, 3) RGB with each instance's mask blended in and its box and caption drawn."""
+    import cv2
+
+    out = image.copy()
+    for box, cls, mask, caption in zip(boxes, classes, masks, captions):
+        colour = _PALETTE[int(cls) % len(_PALETTE)]
+        out[mask] = (out[mask] * (1 - MASK_ALPHA) + colour * MASK_ALPHA).astype(np.uint8)
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), tuple(int(c) for c in colour), 1)
+        cv2.putText(out, caption, (x1, max(y1 - 2, 8)), cv2.FONT_HERSHEY_SIMPLEX, 0.3, tuple(int(c) for c in colour), 1)
+    return out
+
+
+def plot_mask_samples(samples: Sequence, names: Sequence[str], path: str | Path, predictions: bool) -> Path:
+    """A grid of validation images with their true (or, with ``predictions``, predicted) masks and boxes,
+    as upstream's ``val_batch*_labels/pred`` images: ``samples`` are the evaluator's ``MaskSample``s.
+
+    Small images are enlarged (nearest neighbour) to ``MIN_TILE`` pixels so that captions stay legible.
+    """
+    import cv2
+
+    path = Path(path)
+    tiles = []
+    for s in samples:
+        if predictions:
+            boxes, classes, masks = s.detections[:, :4], s.detections[:, 5], s.detection_masks
+            captions = [f"{names[int(c)]} {conf:.2f}" for conf, c in s.detections[:, 4:6]]
+        else:
+            boxes, classes, masks = s.labels[:, 1:5], s.labels[:, 0], s.label_masks
+            captions = [names[int(c)] for c in classes]
+        f = max(1, MIN_TILE // max(s.image.shape[:2]))
+        image = s.image.repeat(f, 0).repeat(f, 1)
+        masks = masks.repeat(f, 1).repeat(f, 2) if len(masks) else np.zeros((0, *image.shape[:2]), bool)
+        tiles.append(draw_instances(image, boxes * f, classes, masks, captions))
+    h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)  # rect batches differ in shape
+    cols = int(np.ceil(np.sqrt(len(tiles))))
+    grid = np.full((int(np.ceil(len(tiles) / cols)) * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[r * h:r * h + tile.shape[0], c * w:c * w + tile.shape[1]] = tile
+    cv2.imwrite(str(path), grid[..., ::-1])
     return path

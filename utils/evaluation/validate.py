@@ -1,7 +1,8 @@
-"""Evaluate a detection model on a split of a data yaml: the mAP table, results.json/.md, plots.
+"""Evaluate a detection or segmentation model on a split of a data yaml: the mAP table, results.json/.md, plots.
 
 val.py is this function's command line; the trainer and the QAT pipeline call ``run(model=...,
-dataloader=...)`` after each epoch and get the same ``EvalResult`` the command prints.
+dataloader=...)`` after each epoch and get the same ``EvalResult`` the command prints. The model's
+head decides the task: a segmentation model is scored on boxes and masks, with the mask plots.
 """
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ import json
 from pathlib import Path
 
 from models.loading import attempt_load
+from models.yolo import model_task
 from utils.data.config import load_data_config, require_split
-from utils.data.dataset import create_dataloader
+from utils.data.dataset import check_task, create_dataloader
 from utils.errors import UserError
 from utils.evaluation.coco import (
     category_ids,
     coco_evaluate,
     ground_truth_to_coco,
     image_ids,
+    mask_rles,
     predictions_to_coco,
 )
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
-from utils.evaluation.plots import plot_confusion_matrix, plot_pr_curve
+from utils.evaluation.plots import plot_confusion_matrix, plot_mask_samples, plot_pr_curve
 from utils.options import check_flags, check_imgsz
 from utils.paths import ROOT, increment_path
 from utils.torch_utils import de_parallel, select_device
@@ -43,25 +46,50 @@ def _check_model_matches_data(model, data: dict, weights) -> None:
                         "pass the --data it was trained on (or --single-cls)")
 
 
-def _build_dataloader(data: dict, task: str, imgsz: int, batch_size: int, stride: int, workers: int):
+def _build_dataloader(data: dict, task: str, imgsz: int, batch_size: int, stride: int, workers: int,
+                      model_kind: str, weights) -> object:
+    """The split's loader, after checking that its labels fit the model (boxes or polygons)."""
     if task not in TASKS:
         raise UserError(f"--task {task}: expected one of {', '.join(TASKS)}")
     check_imgsz(imgsz, stride)
     # rect batches with half-stride padding, as upstream validates: least padding, same mAP.
-    return create_dataloader(require_split(data, task), imgsz, batch_size, stride, rect=True, pad=0.5,
-                             workers=workers, prefix=f"{task}: ", nc=data["nc"])[0]
+    loader, dataset = create_dataloader(require_split(data, task), imgsz, batch_size, stride, rect=True, pad=0.5,
+                                        workers=workers, prefix=f"{task}: ", nc=data["nc"], task=model_kind)
+    check_task(dataset, str(weights), model_kind)
+    return loader
+
+
+def coco_json(artifacts: EvalArtifacts, data: dict, names: list[str], single_cls: bool) -> tuple[list[dict], dict]:
+    """COCO result list and ground-truth dataset of an ``evaluate(..., keep_boxes=True)`` pass; with masks,
+    predictions carry RLEs (original resolution) and the truth its polygons."""
+    cat_ids = [0] if single_cls else category_ids(data)
+    img_ids = image_ids(artifacts.files)
+    segmented = artifacts.mask_ap is not None
+    rles = [mask_rles([m.full(*hw) for m in masks]) for masks, hw in zip(artifacts.masks, artifacts.shapes)] \
+        if segmented else None
+    gt = ground_truth_to_coco(artifacts.labels, artifacts.shapes, img_ids, cat_ids,
+                              ["all-classes"] if single_cls else names, artifacts.files,
+                              artifacts.polygons if segmented else None)
+    return predictions_to_coco(artifacts.detections, img_ids, cat_ids, rles), gt
 
 
 def _save_coco_json(artifacts: EvalArtifacts, data: dict, names: list[str], save_dir: Path, stem: str,
                     single_cls: bool) -> tuple[Path, Path]:
-    cat_ids = [0] if single_cls else category_ids(data)
-    img_ids = image_ids(artifacts.files)
+    """``coco_json``'s pair written as {stem}_predictions.json and ground_truth.json."""
+    predictions, gt = coco_json(artifacts, data, names, single_cls)
     pred_path, gt_path = save_dir / f"{stem}_predictions.json", save_dir / "ground_truth.json"
-    pred_path.write_text(json.dumps(predictions_to_coco(artifacts.detections, img_ids, cat_ids)))
-    gt = ground_truth_to_coco(artifacts.labels, artifacts.shapes, img_ids, cat_ids,
-                              ["all-classes"] if single_cls else names, artifacts.files)
+    pred_path.write_text(json.dumps(predictions))
     gt_path.write_text(json.dumps(gt))
     return pred_path, gt_path
+
+
+def _coco_figures(gt_path: Path, pred_path: Path, segmented: bool) -> dict:
+    """pycocotools' box figures, and for segmentation its mask figures as 'mask_map50_95' / 'mask_map50'."""
+    figures = {"backend": "pycocotools", **coco_evaluate(gt_path, pred_path), "predictions": str(pred_path)}
+    if segmented:
+        segm = coco_evaluate(gt_path, pred_path, iou_type="segm")
+        figures.update(mask_map50_95=segm["map50_95"], mask_map50=segm["map50"], mask_stats=segm["stats"])
+    return figures
 
 
 def _write_report(result: EvalResult, save_dir: Path) -> None:
@@ -98,7 +126,8 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     names = _class_names(data)
     if dataloader is None:
         stride = max(int(de_parallel(model).stride.max()), 32)
-        dataloader = _build_dataloader(data, task, imgsz, batch_size, stride, workers)
+        dataloader = _build_dataloader(data, task, imgsz, batch_size, stride, workers, model_task(model),
+                                       weights if weights is not None else "the model")
     if not training:
         save_dir = save_dir or increment_path(Path(project) / name, exist_ok=exist_ok)
     save_dir = Path(save_dir) if save_dir else None
@@ -114,7 +143,8 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         result, artifacts = evaluate(net, dataloader, names, device=device, half=half, conf_thres=conf_thres,
                                      iou_thres=iou_thres, max_det=max_det, postprocess=postprocess,
                                      single_cls=single_cls, compute_loss=compute_loss,
-                                     keep_boxes=save_json and save_dir is not None)
+                                     keep_boxes=save_json and save_dir is not None,
+                                     mask_plots=plots and save_dir is not None)
     finally:
         model.train(was_training)
 
@@ -126,14 +156,20 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
     if save_dir and save_json:
         stem = Path(weights).stem if weights else "model"
         pred_path, gt_path = _save_coco_json(artifacts, data, names, save_dir, stem, single_cls)
-        result.coco = {"backend": "pycocotools", **coco_evaluate(gt_path, pred_path),
-                       "predictions": str(pred_path)}
-        print(f"pycocotools: mAP50-95 {result.coco['map50_95']:.4f}, mAP50 {result.coco['map50']:.4f} "
+        result.coco = _coco_figures(gt_path, pred_path, artifacts.mask_ap is not None)
+        masks = (f"; masks mAP50-95 {result.coco['mask_map50_95']:.4f}, mAP50 {result.coco['mask_map50']:.4f}"
+                 if "mask_map50" in result.coco else "")
+        print(f"pycocotools: mAP50-95 {result.coco['map50_95']:.4f}, mAP50 {result.coco['map50']:.4f}{masks} "
               f"({pred_path})")
     if save_dir and plots:
+        plot_names = ["all-classes"] if single_cls else names
         plot_pr_curve(artifacts.ap, names, save_dir / "PR_curve.png")
-        plot_confusion_matrix(artifacts.confusion, ["all-classes"] if single_cls else names,
-                              save_dir / "confusion_matrix.png")
+        plot_confusion_matrix(artifacts.confusion, plot_names, save_dir / "confusion_matrix.png")
+        if artifacts.mask_ap is not None:
+            plot_pr_curve(artifacts.mask_ap, names, save_dir / "MaskPR_curve.png")
+        if artifacts.mask_samples:
+            plot_mask_samples(artifacts.mask_samples, plot_names, save_dir / "val_masks_labels.png", predictions=False)
+            plot_mask_samples(artifacts.mask_samples, plot_names, save_dir / "val_masks_pred.png", predictions=True)
     if save_dir and not training:
         _write_report(result, save_dir)
         print(f"Results saved to {save_dir}")

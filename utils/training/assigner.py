@@ -16,12 +16,14 @@ from utils.boxes import bbox_iou
 
 
 class Assignment(NamedTuple):
-    """Per-anchor targets: labels (b, A), boxes xyxy (b, A, 4), soft scores (b, A, nc), positives (b, A)."""
+    """Per-anchor targets: labels (b, A), boxes xyxy (b, A, 4), soft scores (b, A, nc), positives (b, A),
+    and which of the image's boxes each anchor was given (b, A; meaningful where ``fg_mask``)."""
 
     labels: torch.Tensor
     bboxes: torch.Tensor
     scores: torch.Tensor
     fg_mask: torch.Tensor
+    gt_idx: torch.Tensor
 
 
 def anchors_inside_boxes(points: torch.Tensor, gt_bboxes: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -71,7 +73,8 @@ class TaskAlignedAssigner(nn.Module):
         if n_boxes == 0:
             return Assignment(torch.full((b, n_anchors), nc, dtype=torch.long, device=pd_scores.device),
                               torch.zeros_like(pd_bboxes), torch.zeros_like(pd_scores),
-                              torch.zeros((b, n_anchors), dtype=torch.bool, device=pd_scores.device))
+                              torch.zeros((b, n_anchors), dtype=torch.bool, device=pd_scores.device),
+                              torch.zeros((b, n_anchors), dtype=torch.long, device=pd_scores.device))
 
         labels = gt_labels.long().squeeze(-1).clamp(0, nc - 1)  # (b, n)
         inside = anchors_inside_boxes(anc_points, gt_bboxes, self.eps) & mask_gt.bool()  # (b, n, A)
@@ -93,7 +96,7 @@ class TaskAlignedAssigner(nn.Module):
         best_align = align.amax(-1, keepdim=True)
         best_iou = (overlaps * mask_pos).amax(-1, keepdim=True)
         quality = (align * best_iou / (best_align + self.eps)).amax(1)  # (b, A)
-        return Assignment(target_labels, target_bboxes, target_scores * quality[..., None], fg_mask)
+        return Assignment(target_labels, target_bboxes, target_scores * quality[..., None], fg_mask, gt_idx)
 
     def _alignment(self, pd_scores, pd_bboxes, labels, gt_bboxes, inside):
         """Alignment metric and CIoU (b, n, A), computed only for anchors inside their box (zero elsewhere)."""

@@ -46,7 +46,7 @@ def make_precision(device: torch.device, mode: str = "bf16") -> Precision:
 class EpochStats:
     """What one call of ``train_one_epoch`` did."""
 
-    loss: tuple[float, float, float]  # mean box, cls, dfl loss items over the batches
+    loss: tuple[float, ...]  # mean loss items over the batches: the loss's item_names (box, cls, dfl[, seg])
     extra: float  # mean of extra_loss_fn's value (0 without it)
     iters: int
     images: int
@@ -63,7 +63,8 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
     """Train ``model`` over ``loader`` once (or for ``max_iters`` batches).
 
     Batches are upstream's ``(imgs uint8, targets (n, 6), paths, shapes)``. ``loss_fn(preds, targets)``
-    returns ``(loss * batch, items)`` as ``ComputeLoss`` does. ``extra_loss_fn(imgs, preds, targets)``
+    returns ``(loss * batch, items)`` as ``ComputeLoss`` does; segmentation batches add
+    ``(masks, polygons)`` and their loss is called as ``loss_fn(preds, targets, masks)``. ``extra_loss_fn(imgs, preds, targets)``
     returns a batch-mean scalar that is added with the same batch scaling (e.g. a distillation term
     whose teacher runs under ``torch.no_grad`` inside it). Gradients are accumulated over
     ``accumulate`` batches (the warm-up may lower that early on); each epoch ends with a step so that
@@ -74,13 +75,13 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
     nb = len(loader)
     n = nb if max_iters is None else min(nb, max_iters)
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    mloss = torch.zeros(3, device=device)
+    mloss = None  # running mean of the loss items, as many as the loss reports
     mextra = torch.zeros((), device=device)
     done, images, steps, pending = 0, 0, 0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, unit="batch")
     optimizer.zero_grad(set_to_none=True)
-    for i, (imgs, targets, *_) in zip(range(n), loader):  # range first: no batch is fetched past n
+    for i, (imgs, targets, _, _, *segmentation) in zip(range(n), loader):  # range first: no batch past n
         ni = i + nb * epoch
         if warmup is not None and warmup.active(ni):
             accumulate_now = warmup.apply(optimizer, ni, lr_factor)
@@ -90,12 +91,13 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
         will_step = pending >= accumulate_now or i == n - 1
         imgs = imgs.to(device, non_blocking=True).float() / 255
         targets = targets.to(device)
+        masks = [segmentation[0].to(device, non_blocking=True)] if segmentation else []
         # DDP all-reduces gradients on every backward; skip that on batches that only accumulate.
         sync = contextlib.nullcontext() if (will_step or not ddp) else model.no_sync()
         with sync:
             with precision.autocast(device):
                 preds = model(imgs)
-                loss, items = loss_fn(preds, targets)
+                loss, items = loss_fn(preds, targets, *masks)
                 if extra_loss_fn is not None:
                     extra = extra_loss_fn(imgs, preds, targets)
                     loss = loss + extra * imgs.shape[0]
@@ -112,13 +114,14 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
             steps += 1
             pending = 0
         done += 1
+        mloss = torch.zeros(items.shape, device=device) if mloss is None else mloss
         mloss += (items.to(device) - mloss) / done
         images += imgs.shape[0]
         bar.update()
         if progress and (i % 10 == 0 or i == n - 1):
-            box, cls, dfl = mloss.tolist()
             mem = torch.cuda.memory_reserved(device) / 1e9 if device.type == "cuda" else 0.0
-            bar.set_postfix_str(f"mem {mem:.1f}G box {box:.3f} cls {cls:.3f} dfl {dfl:.3f} "
-                                f"inst {targets.shape[0]} size {imgs.shape[-1]}")
+            names = getattr(loss_fn, "item_names", [f"loss{k}" for k in range(len(mloss))])
+            items_text = " ".join(f"{name} {v:.3f}" for name, v in zip(names, mloss.tolist()))
+            bar.set_postfix_str(f"mem {mem:.1f}G {items_text} inst {targets.shape[0]} size {imgs.shape[-1]}")
     bar.close()
-    return EpochStats(tuple(mloss.tolist()), float(mextra), done, images, time.perf_counter() - t0, steps)
+    return EpochStats(tuple(mloss.tolist()) if mloss is not None else (), float(mextra), done, images, time.perf_counter() - t0, steps)

@@ -40,7 +40,7 @@ DEFAULTS: dict = dict(
     weights="", cfg="", data=str(ROOT / "data/coco.yaml"), hyp=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
     epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
     exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, patience=100,
-    sync_bn=False, amp="bf16", noval=False, cache="",
+    sync_bn=False, amp="bf16", noval=False, cache="", mask_ratio=4,
     # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
     # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
     nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
@@ -52,6 +52,13 @@ FIXED_ON_RESUME = ("cfg", "weights", "optimizer")
 RESULTS_COLUMNS = ("epoch", "train/box_loss", "train/cls_loss", "train/dfl_loss", "metrics/precision",
                    "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/cls_loss",
                    "val/dfl_loss", "x/lr0", "x/lr1", "x/lr2")
+# Segmentation runs: upstream's segment/train.py columns, box (B) and mask (M) metrics.
+SEGMENT_RESULTS_COLUMNS = ("epoch", "train/box_loss", "train/seg_loss", "train/cls_loss", "train/dfl_loss",
+                           "metrics/precision(B)", "metrics/recall(B)", "metrics/mAP_0.5(B)", "metrics/mAP_0.5:0.95(B)",
+                           "metrics/precision(M)", "metrics/recall(M)", "metrics/mAP_0.5(M)",
+                           "metrics/mAP_0.5:0.95(M)", "val/box_loss", "val/seg_loss", "val/cls_loss", "val/dfl_loss",
+                           "x/lr0", "x/lr1", "x/lr2")
+METRIC_KEYS = ("precision", "recall", "map50", "map50_95")
 
 
 def make_options(opt: argparse.Namespace | dict | None = None, **overrides) -> argparse.Namespace:
@@ -158,8 +165,11 @@ def find_resume_checkpoint(resume: str | bool, project: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 def build_model(opt: argparse.Namespace, nc: int, resume_ckpt: dict | None) -> nn.Module:
-    """From a resumed checkpoint, from ``--weights`` (matching tensors transferred), or from ``--cfg``."""
-    from models.yolo import DetectionModel
+    """From a resumed checkpoint, from ``--weights`` (matching tensors transferred), or from ``--cfg``.
+
+    The YAML's head decides the class (``Model``): a segmentation head gives a ``SegmentationModel``.
+    """
+    from models.yolo import Model
     from utils.checkpoint import load_checkpoint
 
     if resume_ckpt is not None:
@@ -172,7 +182,7 @@ def build_model(opt: argparse.Namespace, nc: int, resume_ckpt: dict | None) -> n
                             ("; it is a PTQ/QAT checkpoint (qat.py), pass the FP32 weights it came from"
                              if ckpt.get("quant") is not None else ""))
         src = src.float()
-        model = DetectionModel(opt.cfg or src.yaml, ch=3, nc=nc)
+        model = Model(opt.cfg or src.yaml, ch=3, nc=nc)
         theirs, ours = src.state_dict(), model.state_dict()
         match = {k: v for k, v in theirs.items() if k in ours and v.shape == ours[k].shape}
         model.load_state_dict(match, strict=False)
@@ -180,7 +190,7 @@ def build_model(opt: argparse.Namespace, nc: int, resume_ckpt: dict | None) -> n
         return model
     if not opt.cfg:
         raise UserError("train: pass --cfg (model yaml, e.g. gelan-s.yaml) or --weights (a .pt checkpoint)")
-    return DetectionModel(opt.cfg, ch=3, nc=nc)
+    return Model(opt.cfg, ch=3, nc=nc)
 
 
 def cache_images(dataset, split: str) -> None:
@@ -196,15 +206,16 @@ def cache_images(dataset, split: str) -> None:
 class ResultsCSV:
     """Upstream's results.csv: one row per finished epoch, appended so a resumed run continues it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, columns: tuple[str, ...] = RESULTS_COLUMNS):
         self.path = path
+        self.columns = columns
 
     def append(self, values: list[float]) -> None:
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(RESULTS_COLUMNS)
+                writer.writerow(self.columns)
             writer.writerow([values[0]] + [f"{v:.5g}" for v in values[1:]])
 
     def truncate_after(self, epoch: int) -> None:
@@ -268,9 +279,10 @@ def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
 
 def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, device: torch.device, info: DistInfo,
            on_epoch_end: Callable[[int, dict], None] | None, run: dict) -> Path:
+    from models.yolo import model_task
     from utils.checkpoint import save_checkpoint
     from utils.data.config import load_data_config, load_hyp, require_split
-    from utils.data.dataset import create_dataloader, set_epoch
+    from utils.data.dataset import check_task, create_dataloader, set_epoch
 
     t_start = time.perf_counter()
     hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
@@ -283,6 +295,8 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     seed_everything(epoch_seed(opt.seed, -1, info.rank))
     model = build_model(opt, nc, ckpt).to(device)
     model.nc, model.names, model.hyp = nc, names, hyp
+    task = model_task(model)
+    model_name = opt.resume or opt.weights or opt.cfg
     stride = max(int(model.stride.max()), 32)
     check_imgsz(opt.imgsz, stride)
     imgsz = opt.imgsz
@@ -310,13 +324,15 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     train_loader, dataset = create_dataloader(
         require_split(data, "train"), imgsz, batch_per_rank, stride, hyp=hyp, augment=True, workers=opt.workers,
         shuffle=True, prefix="train: ", seed=opt.seed, close_mosaic=opt.close_mosaic > 0,
-        rank=info.local_rank, nc=nc)
+        rank=info.local_rank, nc=nc, task=task, mask_ratio=opt.mask_ratio)
+    check_task(dataset, str(model_name), task)
     loss_fn = build_loss(model)
     evaluator = None
     if info.is_main:
         val_loader, val_dataset = create_dataloader(require_split(data, "val"), imgsz, batch_per_rank * 2, stride,
                                                     hyp=hyp, rect=True, pad=0.5, workers=opt.workers,
-                                                    prefix="val: ", nc=nc)
+                                                    prefix="val: ", nc=nc, task=task, mask_ratio=opt.mask_ratio)
+        check_task(val_dataset, str(model_name), task)
         evaluator = Evaluator(data, imgsz, batch_per_rank * 2, val_loader, loss_fn, opt.epochs, opt.noval)
         if opt.cache:
             cache_images(val_dataset, "val")
@@ -339,7 +355,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     nb = len(train_loader)
     warmup = Warmup(max(round(hyp["warmup_epochs"] * nb), opt.min_warmup_iters), hyp["warmup_bias_lr"],
                     hyp["warmup_momentum"], hyp["momentum"], accumulate)
-    results = ResultsCSV(save_dir / "results.csv")
+    results = ResultsCSV(save_dir / "results.csv", SEGMENT_RESULTS_COLUMNS if task == "segment" else RESULTS_COLUMNS)
     if info.is_main:
         results.truncate_after(state.start_epoch)
         LOGGER.info(f"Training {opt.epochs} epochs, batch {opt.batch_size} (x{accumulate} accumulation), "
@@ -366,14 +382,17 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
         if info.is_main:
             ema.update_attr(model)
             metrics, fitness = evaluator.epoch(ema.ema, epoch)
+            masks = (f", mask mAP50 {metrics['mask']['map50']:.4f}, mask mAP50-95 {metrics['mask']['map50_95']:.4f}"
+                     if metrics.get("mask") else "")
             LOGGER.info(f"epoch {epoch + 1}/{opt.epochs}: train loss {sum(stats.loss):.4f} "
                         f"({stats.images / max(stats.seconds, 1e-9):.1f} img/s), mAP50 {metrics['map50']:.4f}, "
-                        f"mAP50-95 {metrics['map50_95']:.4f}")
+                        f"mAP50-95 {metrics['map50_95']:.4f}{masks}")
             if fitness > best_fitness or best_epoch < 0:
                 best_fitness, best_epoch = fitness, epoch
             lrs = [g["lr"] for g in optimizer.param_groups]
-            results.append([epoch + 1, *stats.loss, metrics["precision"], metrics["recall"], metrics["map50"],
-                            metrics["map50_95"], *metrics["val_loss"], *(lrs + [0.0] * 3)[:3]])
+            mask_values = [metrics["mask"][k] for k in METRIC_KEYS] if task == "segment" else []
+            results.append([epoch + 1, *stats.loss, *(metrics[k] for k in METRIC_KEYS), *mask_values,
+                            *metrics["val_loss"], *(lrs + [0.0] * 3)[:3]])
             ckpt = make_checkpoint(model, ema, optimizer, precision.scaler, epoch, best_fitness, best_epoch, opt)
             save_checkpoint(ckpt, last)
             if best_epoch == epoch:
@@ -436,17 +455,21 @@ class Evaluator:
     noval: bool = False
 
     def epoch(self, model: nn.Module, epoch: int) -> tuple[dict, float]:
-        """Metrics and fitness; with --noval only the final epoch is measured (others report zeros)."""
+        """Metrics and fitness ('mask' holds the mask metrics of a segmentation model); with --noval only
+        the final epoch is measured (others report zeros)."""
+        from models.yolo import model_task
         from utils.evaluation.validate import run as validate
 
+        zero_loss = (0.0,) * len(self.loss_fn.item_names)
         if self.noval and epoch != self.epochs - 1:
-            return {"precision": 0.0, "recall": 0.0, "map50": 0.0, "map50_95": 0.0, "val_loss": (0.0, 0.0, 0.0)}, 0.0
+            zeros = dict.fromkeys(METRIC_KEYS, 0.0)
+            return {**zeros, "val_loss": zero_loss, "mask": zeros if model_task(model) == "segment" else None}, 0.0
         # half=False: a half/float round trip would truncate the EMA weights themselves.
         r = validate(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
                     half=False, plots=False, compute_loss=self.loss_fn)
-        val_loss = tuple(float(x) for x in r.loss) if r.loss is not None else (0.0, 0.0, 0.0)
+        val_loss = tuple(float(x) for x in r.loss) if r.loss is not None else zero_loss
         metrics = {"precision": r.precision, "recall": r.recall, "map50": r.map50, "map50_95": r.map50_95,
-                   "val_loss": val_loss}
+                   "val_loss": val_loss, "mask": r.mask}
         return metrics, float(r.fitness)
 
     def final(self, best: Path, device: torch.device, save_dir: Path) -> None:
