@@ -2,12 +2,15 @@
 
     python val_trt.py --onnx runs/qat/exp/weights/qat_best.onnx --data data/bccd.yaml --imgsz 640
     python val_trt.py --engine qat_best.engine --benchmark --batch-sizes 1,4,8,12,16,32
+    python val_trt.py --onnx qat_best.onnx --reference best.pt --source deployment_images/ clip.mp4
 
 ``--backend auto`` takes TensorRT when it is installed (building and caching an engine beside an
 ``--onnx``), else ONNX Runtime. Raw outputs are decoded with ``--postprocess nms|none``; End2End
 outputs are already detections. mAP goes through the same evaluator as val.py, on images
 letterboxed to the input size the ONNX file or engine declares (non-square too); the batch range
-comes from the file (a static batch, an engine profile's maximum) as well.
+comes from the file (a static batch, an engine profile's maximum) as well. ``--reference`` with
+``--source`` scores, without labels, how closely the exported model reproduces the FP32 model's
+own detections.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 from utils.deployment.backends import BACKENDS
 from utils.deployment.validate import run
 from utils.errors import run_cli
+from utils.evaluation.agreement import REFERENCE_CONF
 from utils.paths import ROOT
 
 
@@ -25,6 +29,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--onnx", help="exported ONNX (raw or End2End)")
     src.add_argument("--engine", help="serialized TensorRT engine")
     p.add_argument("--data", help="dataset.yaml; evaluate mAP on its --task split")
+    p.add_argument("--reference", help="FP32 checkpoint whose own detections are the ground truth on --source")
+    p.add_argument("--source", nargs="+", help="unlabelled images, videos or folders of them, for agreement")
+    p.add_argument("--reference-conf", type=float, default=REFERENCE_CONF,
+                   help="confidence at which the reference's detections count as ground truth")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
                    help="only for a model whose image size is dynamic (default 640); a fixed-size model uses its own "

@@ -22,7 +22,8 @@ BLOCK = re.compile(r"(<!-- results -->)(.*?)(<!-- /results -->)", re.S)
 README_BLOCK = re.compile(r"(<!-- readme-results -->)(.*?)(<!-- /readme-results -->)", re.S)
 CONFORMANCE_BLOCK = re.compile(r"(<!-- conformance -->)(.*?)(<!-- /conformance -->)", re.S)
 CONFORMANCE_VARIANTS = ("raw", "nms", "topk")  # bench/conformance.py's order
-STUDY_MODELS = ("gelan-s", "gelan-c")  # the BCCD study's models, in README's order
+# The BCCD study's models, in README's order (a model is shown once its QAT record exists).
+STUDY_MODELS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c", "gelan-e", "yolov9-s-converted")
 FIELDS = ("name", "value", "unit", "model", "dataset", "command", "machine", "date")
 
 
@@ -38,9 +39,15 @@ def load_records(results_dir: Path = RESULTS_DIR) -> list[dict]:
     return records
 
 
+def _interval(rec: dict) -> str:
+    """' [low, high]' when the record carries a 95% interval, else nothing."""
+    extra = rec.get("extra") or {}
+    return f" [{extra['ci95_low']:.4f}, {extra['ci95_high']:.4f}]" if "ci95_low" in extra else ""
+
+
 def _value(rec: dict) -> str:
     v = rec["value"]
-    return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return (f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}") + _interval(rec)
 
 
 def render(records: list[dict]) -> str:
@@ -54,20 +61,45 @@ def render(records: list[dict]) -> str:
 
 
 def render_study(records: list[dict]) -> str:
-    """README's summary of the BCCD study: FP32, best PTQ, QAT, ONNX Runtime and step-time figures."""
+    """README's summary of the BCCD study: one row per model, each delta with its interval where
+    the record has one, '-' where a figure was not measured."""
     by_name = {r["name"]: r for r in records}
-    rows = ["| model | FP32 mAP50-95 | best PTQ | QAT | QAT - FP32 | ONNX Runtime INT8 - PyTorch QAT "
-            "| QAT step / FP32 step |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(name: str, signed: bool = True) -> str:
+        rec = by_name.get(name)
+        if rec is None:
+            return "-"
+        return f"{rec['value']:+.4f}{_interval(rec)}" if signed else f"{rec['value']:.4f}{_interval(rec)}"
+
+    rows = ["| model | FP32 mAP50-95 | FP32 converged | chosen on | PTQ - FP32 | QAT - FP32 | QAT - control "
+            "| ONNX Runtime INT8 - QAT | INT8 agreement, BCCD test | INT8 agreement, COCO128 | QAT step / FP32 step |",
+            "|---|---:|---|---|---|---|---|---|---|---|---:|"]
     for model in STUDY_MODELS:
-        qat = by_name[f"qat_delta_map50_95_{model}"]
-        ptqs = [r for name, r in by_name.items() if name.startswith(f"ptq_delta_map50_95_{model}_")]
-        best = max(ptqs, key=lambda r: r["extra"]["ptq_map50_95"])
-        method = best["name"].rsplit("_", 1)[1]
-        rows.append(f"| {model} | {qat['extra']['fp32_map50_95']:.4f} | {best['extra']['ptq_map50_95']:.4f} ({method}) "
-                    f"| {qat['extra']['qat_map50_95']:.4f} | {qat['value']:+.4f} "
-                    f"| {by_name[f'ort_int8_minus_qat_map50_95_{model}']['value']:+.4f} "
-                    f"| {by_name[f'qat_step_time_ratio_{model}']['value']:.2f} |")
+        qat = by_name.get(f"qat_delta_map50_95_{model}")
+        if qat is None:
+            continue
+        extra = qat["extra"]
+        check = by_name.get(f"fp32_val_map50_95_{model}", {}).get("extra", {})
+        converged = ("yes" if check["converged"] else "no") if "converged" in check else "-"
+        ptq = by_name.get(f"ptq_delta_map50_95_{model}") or _auto_pick(records, model)
+        step = by_name.get(f"qat_step_time_ratio_{model}")
+        cells = [model, f"{extra['fp32_map50_95']:.4f}", converged, extra.get("selected_on", extra.get("split", "-")),
+                 f"{ptq['value']:+.4f}{_interval(ptq)} ({ptq['extra']['method']})" if ptq else "-",
+                 cell(f"qat_delta_map50_95_{model}"),
+                 cell(f"qat_minus_control_map50_95_{model}"), cell(f"ort_int8_minus_qat_map50_95_{model}"),
+                 cell(f"int8_agreement_map50_95_{model}", signed=False),
+                 cell(f"int8_agreement_coco128_map50_95_{model}", signed=False),
+                 f"{step['value']:.2f}" if step else "-"]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _auto_pick(records: list[dict], model: str) -> dict | None:
+    """The first study's PTQ record of the method --calib-method auto kept (one record per method)."""
+    for r in records:
+        if r["name"].startswith(f"ptq_delta_map50_95_{model}_") and r.get("extra", {}).get("chosen_by_auto"):
+            return {**r, "extra": {**r["extra"], "method": r["name"].rsplit("_", 1)[1]}}
+    return None
 
 
 def conformance_table(by_config_nc_variant: dict) -> str:

@@ -40,3 +40,26 @@ def test_a_record_without_a_machine_is_refused(tmp_path):
         assert "machine" in str(exc)
     else:
         raise AssertionError("an incomplete record was accepted")
+
+
+def _record(name: str, value: float, **extra) -> dict:
+    return {"name": name, "value": value, "unit": "mAP50-95", "model": "m", "dataset": "BCCD test",
+            "command": "python bench/study_accuracy.py all", "machine": "2x H200", "date": "2026-12-01", "extra": extra}
+
+
+def test_results_tables_show_intervals_the_control_and_agreement():
+    ci = {"ci95_low": -0.0041, "ci95_high": 0.0022, "selected_on": "val"}
+    records = [
+        _record("fp32_val_map50_95_gelan-t", 0.61, converged=True, trend_rise=0.001),
+        _record("ptq_delta_map50_95_gelan-t", -0.0031, method="mse", **ci),
+        _record("qat_delta_map50_95_gelan-t", -0.0009, fp32_map50_95=0.6012, **ci),
+        _record("qat_minus_control_map50_95_gelan-t", -0.0012, **ci),
+        _record("ort_int8_minus_qat_map50_95_gelan-t", 0.0001, **ci),
+        _record("int8_agreement_map50_95_gelan-t", 0.9312, ci95_low=0.9201, ci95_high=0.9405, selected_on="val"),
+    ]
+    row = next(line for line in report.render_study(records).splitlines() if line.startswith("| gelan-t |"))
+    assert row == ("| gelan-t | 0.6012 | yes | val | -0.0031 [-0.0041, 0.0022] (mse) | -0.0009 [-0.0041, 0.0022] "
+                   "| -0.0012 [-0.0041, 0.0022] | +0.0001 [-0.0041, 0.0022] | 0.9312 [0.9201, 0.9405] | - | - |")
+    assert "QAT - control" in report.render_study(records)
+    assert "| `qat_delta_map50_95_gelan-t` | -0.0009 [-0.0041, 0.0022] |" in report.render(records)
+    assert "gelan-e" not in report.render_study(records)  # a model without records gets no row

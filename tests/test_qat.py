@@ -9,10 +9,13 @@ from copy import deepcopy
 
 import pytest
 import torch
+import yaml
+from modelopt.torch.quantization.nn import TensorQuantizer
 
 import qat
 from models.loading import attempt_load
 from models.quantize import calibrate, prepare, set_trainable
+from tests.export_helpers import lively_head
 from tests.qat_helpers import one_thread, save_float_checkpoint, tiny_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp
@@ -102,8 +105,8 @@ def test_supervised_layers():
         supervised_layers(23, 0)
 
 
-def _quantize(shapes, tmp_path, *extra):
-    weights = save_float_checkpoint(tiny_model(), tmp_path / "fp.pt")
+def _quantize(shapes, tmp_path, *extra, model=None):
+    weights = save_float_checkpoint(model or tiny_model(), tmp_path / "fp.pt")
     args = ["quantize", "--weights", str(weights), "--data", str(shapes), "--imgsz", str(IMGSZ), "--batch-size", "4",
             "--device", "cpu", "--workers", "0", "--calib-batches", "2", "--iters", "1",
             "--project", str(tmp_path / "runs"), "--name", "q", *extra]
@@ -116,8 +119,9 @@ def test_quantize_then_eval_and_resume(shapes, tmp_path):
     assert all((w / f).is_file() for f in ("ptq.pt", "qat_last.pt", "qat_best.pt"))
     report = json.loads((run / "report.json").read_text())
     md = (run / "report.md").read_text()
-    assert "| Origin |" in md and "| PTQ (max) |" in md and "| QAT (best) |" in md
+    assert "| Origin |" in md and "| PTQ (max) |" in md and f"| QAT (best, epoch {report['qat_best']['epoch']}) |" in md
     assert report["skip_layers"] == [22] and [e["epoch"] for e in report["epochs"]] == [1, 2]
+    assert report["reported_on"] == "val"  # the shapes yaml's test split is its val folder: nothing apart
     assert report["seconds_to_qat_best"] > 0 and report["seconds"]["ptq"] > 0 and "## Time" in md
     assert all(e["train_seconds"] > 0 and e["eval_seconds"] > 0 for e in report["epochs"])
 
@@ -134,6 +138,85 @@ def test_quantize_then_eval_and_resume(shapes, tmp_path):
     assert qat.main(["quantize", "--resume", str(w / "qat_last.pt"), "--device", "cpu", "--workers", "0"]) == run
     resumed = json.loads((run / "report.json").read_text())
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+
+
+def _with_test_split(shapes, tmp_path):
+    """The shapes yaml with a test split of its own (the 8 training images; val has 4)."""
+    d = yaml.safe_load(shapes.read_text())
+    d["test"] = "images/train"
+    path = tmp_path / "shapes_test.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _labelled_by(weights, tmp_path):
+    """A fresh shapes dataset (test split apart) whose labels are ``weights``' own confident boxes, so
+    that an untrained model scores a real mAP there and quantization moves it."""
+    from utils.deployment.predict import run as detect
+
+    data = _with_test_split(make_shapes_dataset(tmp_path / "own", n_train=8, n_val=4, imgsz=IMGSZ), tmp_path)
+    model = attempt_load(weights, fuse=True).float()
+    for split in ("train", "val"):
+        out = detect(source=tmp_path / "own" / "images" / split, imgsz=IMGSZ, conf_thres=0.6, save_txt=True,
+                     nosave=True, model=model, project=tmp_path / "detect", name=split)
+        for f in (out / "labels").glob("*.txt"):
+            f.replace(tmp_path / "own" / "labels" / split / f.name)
+    return data
+
+
+def _eval(weights, data, tmp_path, task):
+    return qat.main(["eval", "--weights", str(weights), "--data", str(data), "--imgsz", str(IMGSZ), "--batch-size",
+                     "4", "--device", "cpu", "--workers", "0", "--task", task, "--project", str(tmp_path / "eval")])
+
+
+def test_choices_on_val_rows_on_test_with_intervals_and_a_control(shapes, tmp_path):
+    weights = save_float_checkpoint(lively_head(tiny_model()), tmp_path / "lively.pt")
+    data = _labelled_by(weights, tmp_path)
+    run, weights = _quantize(data, tmp_path, "--epochs", "2", "--control", model=attempt_load(weights))
+    w = run / "weights"
+    report = json.loads((run / "report.json").read_text())
+    assert (report["selected_on"], report["reported_on"], report["reported"]["images"]) == ("val", "test", 8)
+
+    # the best epochs are chosen on val ...
+    for phase, history in (("qat_best", "epochs"), ("control_best", "control_epochs")):
+        assert [e["epoch"] for e in report[history]] == [1, 2]
+        best = max(report[history], key=lambda e: e["map50_95"])  # the first of equals, as the run keeps it
+        assert report[phase]["epoch"] == best["epoch"] and report[phase]["map50_95"] == best["map50_95"]
+    # ... and every row is the chosen model evaluated on test
+    reported = report["reported"]
+    assert _eval(w / "qat_best.pt", data, tmp_path, "test").map50_95 == reported["qat_best"]["map50_95"]
+    assert _eval(w / "ptq.pt", data, tmp_path, "test").map50 == reported["ptq"]["map50"]
+    assert reported["origin"]["map50_95"] > 0 and reported["qat_best"]["epoch"] == report["qat_best"]["epoch"]
+
+    # the control: the FP32 model fine-tuned by the same recipe, no quantizers, no teacher
+    control = load_checkpoint(w / "control_best.pt")["model"]
+    assert not any(isinstance(m, TensorQuantizer) for m in control.modules())
+    fp = attempt_load(weights, fuse=True).float()
+    assert any(not torch.equal(a, b) for a, b in zip(control.state_dict().values(), fp.state_dict().values()))
+    assert all(e["distill_error"] == 0 for e in report["control_epochs"])
+    assert all(e["distill_error"] > 0 for e in report["epochs"])
+
+    # a 95% paired interval around each delta, the delta being the rows' difference
+    pairs = {"ptq_minus_origin": ("ptq", "origin"), "qat_minus_origin": ("qat_best", "origin"),
+             "control_minus_origin": ("control_best", "origin"), "qat_minus_control": ("qat_best", "control_best")}
+    assert set(report["intervals"]) == set(pairs) and report["bootstrap"]["resamples"] == 1000
+    for name, (a, b) in pairs.items():
+        for metric, iv in report["intervals"][name].items():
+            assert iv["value"] == pytest.approx(reported[a][metric] - reported[b][metric], abs=1e-12)
+            assert iv["ci95_low"] <= iv["value"] <= iv["ci95_high"]
+    assert report["intervals"]["ptq_minus_origin"]["map50_95"]["ci95_low"] < \
+        report["intervals"]["ptq_minus_origin"]["map50_95"]["ci95_high"]  # quantization moved mAP: a real spread
+    md = (run / "report.md").read_text()
+    assert "chosen on the **val** split, reported on the **test** split (8 images)" in md
+    assert "QAT - control" in md and "| Control (best, epoch" in md
+
+
+def test_report_task_none_reports_on_the_selection_split(shapes, tmp_path):
+    run, _ = _quantize(_with_test_split(shapes, tmp_path), tmp_path, "--epochs", "0", "--report-task", "none")
+    report = json.loads((run / "report.json").read_text())
+    assert report["reported_on"] == report["selected_on"] == "val" and report["reported"]["images"] == 4
+    assert report["reported"]["ptq"]["map50_95"] == report["ptq"]["map50_95"]  # same split, same model
+    assert "chosen and reported on the same **val** split" in (run / "report.md").read_text()
 
 
 def test_val_py_evaluates_a_ptq_checkpoint_like_qat_eval(shapes, tmp_path):

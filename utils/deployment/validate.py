@@ -20,9 +20,11 @@ from utils.deployment.benchmark_report import (
     write_report,
 )
 from utils.errors import UserError
+from utils.evaluation.agreement import REFERENCE_CONF
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
 from utils.options import check_flags
 from utils.paths import ROOT, existing_file, increment_path
+from utils.torch_utils import select_device
 
 
 def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, imgsz: int | tuple[int, int],
@@ -91,13 +93,27 @@ def _matching_data(data: str | Path, nc: int | None, model: Path) -> dict:
     return cfg
 
 
+def _reference_model(reference: str | Path, device: str, nc: int | None, model: Path) -> torch.nn.Module:
+    """The FP32 model whose detections are the ground truth of agreement, refused before any run
+    folder is made when its class count differs from the exported model's."""
+    from models.loading import attempt_load
+
+    ref = attempt_load(existing_file(reference, "FP32 checkpoint"), device=select_device(device), fuse=True)
+    if nc is not None and nc != int(ref.nc):
+        raise UserError(f"{model}: the model predicts {nc} classes but the reference {reference} has {int(ref.nc)}")
+    return ref.float().eval()
+
+
 def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: str | Path | None = None,
         batch_size: int = 32, imgsz: int | None = None, postprocess: str = "nms", backend: str = "auto",
         conf_thres: float = 0.001, iou_thres: float = 0.7, max_det: int = 300, task: str = "val",
         device: str = "", workers: int = 8, benchmark_sweep: bool = False,
         batch_sizes: tuple[int, ...] = (1, 4, 8, 12, 16, 32), warmup: int = 10, iters: int = 50,
-        project: str | Path = ROOT / "runs/val_trt", name: str = "exp", exist_ok: bool = False) -> dict:
-    """Evaluate (when ``data`` is given) and/or benchmark; results go to a fresh project/name folder.
+        project: str | Path = ROOT / "runs/val_trt", name: str = "exp", exist_ok: bool = False,
+        reference: str | Path | None = None, source: list[str] | None = None,
+        reference_conf: float = REFERENCE_CONF) -> dict:
+    """Evaluate (when ``data`` is given), score agreement with an FP32 ``reference`` on unlabelled
+    ``source`` images, and/or benchmark; results go to a fresh project/name folder.
 
     The input size is the model's own (read from the ONNX or engine, non-square too); ``imgsz``
     only sizes a model whose image size is dynamic, and is otherwise ignored with a note.
@@ -105,8 +121,11 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     check_flags(locals())  # the parameters are val_trt.py's flags
     if (onnx is None) == (engine is None):
         raise UserError("val_trt.py: pass exactly one of --onnx and --engine")
-    if data is None and not benchmark_sweep:
-        raise UserError("val_trt.py: nothing to do; pass --data to evaluate and/or --benchmark to time")
+    if (reference is None) != (source is None):
+        raise UserError("val_trt.py: --reference (the FP32 checkpoint) and --source (images or videos) go together")
+    if data is None and source is None and not benchmark_sweep:
+        raise UserError("val_trt.py: nothing to do; pass --data to evaluate, --reference with --source to score "
+                        "agreement, and/or --benchmark to time")
     if postprocess not in ("nms", "none"):
         raise UserError(f"--postprocess {postprocess}: expected nms or none")
     onnx = existing_file(onnx, "ONNX file") if onnx else None
@@ -116,6 +135,7 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     hw = runner.geometry.input_hw(imgsz, onnx or engine)
     dev = torch.device("cuda", int(device) if device.isdigit() else 0) if chosen == "tensorrt" else torch.device("cpu")
     cfg = _matching_data(data, runner.signature.nc, onnx or engine) if data is not None else None
+    ref_model = _reference_model(reference, device, runner.signature.nc, onnx or engine) if source else None
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     out = {"backend": chosen, "model": str(onnx or engine), "save_dir": str(save_dir)}
     if cfg is not None:
@@ -125,6 +145,15 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
         (save_dir / "results.json").write_text(json.dumps({**out, **result.to_dict()}, indent=2) + "\n")
         (save_dir / "results.md").write_text(result.markdown())
         out["eval"] = result
+    if ref_model is not None:
+        from utils.evaluation.agreement import run_agreement
+
+        backend_model = DetectionBackend(runner, int(ref_model.nc))
+        out["agreement"] = run_agreement(
+            backend_model, ref_model, source, hw, save_dir, f"Agreement of {Path(onnx or engine).name} ({chosen}) "
+            f"with {Path(reference).name}", candidate_device=dev, batch_size=batch_size,
+            postprocess="none" if backend_model.end2end else postprocess, reference_conf=reference_conf,
+            conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
     if benchmark_sweep:
         rows = benchmark(runner, list(batch_sizes), hw, dev, warmup, iters)
         title = f"{Path(onnx or engine).name} on {chosen} ({dev.type}), {hw[0]}x{hw[1]}"

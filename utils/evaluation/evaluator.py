@@ -30,7 +30,7 @@ from utils.evaluation.masks import (
     polygons_in_original,
     segmentation_output,
 )
-from utils.evaluation.metrics import COCO_MAX_DETS, APResult, ConfusionMatrix, DetectionStats, fitness
+from utils.evaluation.metrics import COCO_MAX_DETS, APResult, ConfusionMatrix, DetectionStats, PerImageStats, fitness
 from utils.evaluation.postprocess import postprocess as run_postprocess
 
 TABLE_HEADER = ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
@@ -117,10 +117,11 @@ class MaskSample:
 
 @dataclass
 class EvalArtifacts:
-    """By-products for plots and COCO JSON; boxes (and masks) are kept only when asked for."""
+    """By-products for plots, COCO JSON and bootstrap intervals; boxes (and masks) are kept only when asked for."""
 
     ap: APResult
     confusion: ConfusionMatrix
+    per_image: PerImageStats | None = None  # the matches image by image (utils.evaluation.bootstrap)
     files: list[str] = field(default_factory=list)
     shapes: list[tuple[int, int]] = field(default_factory=list)  # original (h, w)
     detections: list[np.ndarray] = field(default_factory=list)  # (n, 6), original pixels
@@ -266,7 +267,7 @@ def evaluate(model: nn.Module, dataloader: Iterable, names: Sequence[str], devic
                         images=seen, instances=int(ap.n_targets.sum()),
                         mask=None if mask_ap is None else {"precision": mask_ap.mp, "recall": mask_ap.mr,
                                                            "map50": mask_ap.map50, "map50_95": mask_ap.map50_95})
-    return result, EvalArtifacts(ap, confusion, mask_ap=mask_ap, **kept)
+    return result, EvalArtifacts(ap, confusion, stats.per_image(), mask_ap=mask_ap, **kept)
 
 
 def _mask_sample(image: torch.Tensor, targets: torch.Tensor, polygons: list[np.ndarray], pred: torch.Tensor,

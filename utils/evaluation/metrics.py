@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -115,6 +116,53 @@ def _box_smooth(y: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     return np.convolve(padded, np.ones(width) / width, mode="valid")
 
 
+def class_ap(ranks: np.ndarray, hits: np.ndarray, n_targets: int) -> tuple[np.ndarray, np.ndarray]:
+    """One class's AP at each IoU threshold, and its sampled precision envelope at the first (the PR curve).
+
+    ``ranks`` (k,) are the places (0-based, ascending, in descending score among the class's
+    detections) of the detections that match at some threshold, and ``hits`` (k, T) says at which.
+    Recall changes and precision rises only at a match, so COCOeval's envelope at each recall point
+    is read off the matches alone: the far more numerous misses count only through the ranks.
+    """
+    ap, curve = np.zeros(hits.shape[1]), np.zeros(len(RECALL_POINTS))
+    if not len(ranks):
+        return ap, curve
+    found = hits.cumsum(0)
+    recall = found / n_targets
+    envelope = np.maximum.accumulate((found / (ranks + 1 + _EPS)[:, None])[::-1], 0)[::-1]
+    for t in range(hits.shape[1]):
+        idx = np.searchsorted(recall[:, t], RECALL_POINTS, side="left")
+        valid = idx < len(ranks)
+        sampled = np.zeros(len(RECALL_POINTS))
+        sampled[valid] = envelope[idx[valid], t]
+        ap[t] = sampled.mean()
+        if t == 0:
+            curve = sampled
+    return ap, curve
+
+
+def mean_ap(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray) -> tuple[float, float]:
+    """(mAP50-95, mAP50) exactly as ``ap_per_class`` computes them, without P/R/F1 or curves.
+
+    A bootstrap scores a thousand resamples: one sort by (class, score) and no confidence-grid
+    tables make each cost milliseconds.
+    """
+    classes, n_targets = np.unique(np.asarray(target_cls).astype(int), return_counts=True)
+    if not len(classes):
+        return 0.0, 0.0
+    tp = np.asarray(tp, dtype=bool)
+    # by class, then by descending score with ties in input order: ap_per_class's order within a class
+    order = np.lexsort((-np.asarray(conf), np.asarray(pred_cls)))
+    sorted_cls, hit = np.asarray(pred_cls)[order], tp.any(1)[order]
+    starts = np.searchsorted(sorted_cls, classes, side="left")
+    ends = np.searchsorted(sorted_cls, classes, side="right")
+    ap = np.zeros((len(classes), tp.shape[1]))
+    for ci, (lo, hi) in enumerate(zip(starts, ends)):
+        ranks = np.flatnonzero(hit[lo:hi])
+        ap[ci] = class_ap(ranks, tp[order[lo + ranks]], n_targets[ci])[0]
+    return float(ap.mean()), float(ap[:, 0].mean())
+
+
 def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray) -> APResult:
     """AP per class and IoU threshold, plus P/R/F1 at the single confidence that maximises mean F1.
 
@@ -126,32 +174,49 @@ def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_
     order = np.argsort(-np.asarray(conf), kind="stable")
     tp, conf, pred_cls = tp[order], np.asarray(conf)[order], np.asarray(pred_cls)[order]
     classes, n_targets = np.unique(np.asarray(target_cls).astype(int), return_counts=True)
-    k, n_thr = len(classes), tp.shape[1]
-    ap = np.zeros((k, n_thr))
+    k = len(classes)
+    ap = np.zeros((k, tp.shape[1]))
     pr_curve = np.zeros((k, len(RECALL_POINTS)))
     p_at, r_at = np.zeros((k, len(CONF_GRID))), np.zeros((k, len(CONF_GRID)))
     for ci, c in enumerate(classes):
         sel = pred_cls == c
         if not sel.any():
             continue
-        tpc = tp[sel].cumsum(0)
-        fpc = (~tp[sel]).cumsum(0)
-        recall = tpc / n_targets[ci]
-        precision = tpc / (tpc + fpc + _EPS)
-        envelope = np.flip(np.maximum.accumulate(np.flip(precision, 0), 0), 0)
-        for t in range(n_thr):
-            idx = np.searchsorted(recall[:, t], RECALL_POINTS, side="left")
-            valid = idx < len(recall)
-            sampled = np.zeros(len(RECALL_POINTS))
-            sampled[valid] = envelope[idx[valid], t]
-            ap[ci, t] = sampled.mean()
-            if t == 0:
-                pr_curve[ci] = sampled
-        r_at[ci] = np.interp(-CONF_GRID, -conf[sel], recall[:, 0], left=0)
-        p_at[ci] = np.interp(-CONF_GRID, -conf[sel], precision[:, 0], left=1)
+        matches = tp[sel]
+        ranks = np.flatnonzero(matches.any(1))
+        ap[ci], pr_curve[ci] = class_ap(ranks, matches[ranks], n_targets[ci])
+        tpc = matches[:, 0].cumsum()
+        r_at[ci] = np.interp(-CONF_GRID, -conf[sel], tpc / n_targets[ci], left=0)
+        p_at[ci] = np.interp(-CONF_GRID, -conf[sel], tpc / (np.arange(1, len(tpc) + 1) + _EPS), left=1)
     f1_at = 2 * p_at * r_at / (p_at + r_at + 1e-16)
     best = int(_box_smooth(f1_at.mean(0)).argmax()) if k else 0
     return APResult(classes, n_targets, ap, p_at[:, best], r_at[:, best], f1_at[:, best], pr_curve)
+
+
+@dataclass
+class PerImageStats:
+    """An evaluation's matches kept image by image, so that any resample of its images can be
+    scored again without running the model (``utils.evaluation.bootstrap``)."""
+
+    images: list[str]             # one key per image (its path), in ranking order
+    correct: list[np.ndarray]     # (n_i, T) bool: each detection a true positive at each IoU threshold
+    conf: list[np.ndarray]        # (n_i,) detection scores
+    cls: list[np.ndarray]         # (n_i,) detection classes
+    target_cls: list[np.ndarray]  # (m_i,) ground-truth classes
+    n_thresholds: int = len(IOU_THRESHOLDS)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def concatenated(self, indices: Sequence[int] | np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tp, conf, pred_cls, target_cls) of the images at ``indices`` (all by default), in that
+        order and with repeats: the arguments of ``ap_per_class`` / ``mean_ap``."""
+        idx = range(len(self)) if indices is None else indices
+        parts = [[stats[i] for i in idx] for stats in (self.correct, self.conf, self.cls, self.target_cls)]
+        if not parts[0]:
+            return np.zeros((0, self.n_thresholds), bool), np.zeros(0), np.zeros(0), np.zeros(0)
+        return tuple(np.concatenate(p) for p in parts)
 
 
 class DetectionStats:
@@ -184,13 +249,17 @@ class DetectionStats:
         self._target_cls.append(lab[:, 0])
 
     def compute(self) -> APResult:
-        if not self._correct:
-            return ap_per_class(np.zeros((0, len(self.thresholds)), bool), np.zeros(0), np.zeros(0), np.zeros(0))
-        order = range(len(self._images))
-        if all(image is not None for image in self._images):
-            order = np.argsort(image_ids(self._images), kind="stable")
-        return ap_per_class(*(np.concatenate([parts[i] for i in order])
-                              for parts in (self._correct, self._conf, self._cls, self._target_cls)))
+        return ap_per_class(*self.per_image().concatenated())
+
+    def per_image(self) -> PerImageStats:
+        """The matches so far, image by image, in the order ``compute`` ranks them."""
+        order = list(range(len(self._images)))
+        if self._images and all(image is not None for image in self._images):
+            order = list(np.argsort(image_ids(self._images), kind="stable"))
+        keys = [str(image) if image is not None else f"#{i}" for i, image in enumerate(self._images)]
+        return PerImageStats([keys[i] for i in order], [self._correct[i] for i in order],
+                             [self._conf[i] for i in order], [self._cls[i] for i in order],
+                             [self._target_cls[i] for i in order], len(self.thresholds))
 
 
 def _as_float64(x: torch.Tensor | np.ndarray) -> np.ndarray:

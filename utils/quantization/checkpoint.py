@@ -10,6 +10,7 @@ exports bit for bit as it was saved. ``'qat'`` holds the run's report so far (fo
 from __future__ import annotations
 
 import datetime as _dt
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -26,23 +27,37 @@ def is_quantized_checkpoint(ckpt: dict) -> bool:
     return isinstance(ckpt, dict) and isinstance(ckpt.get("quant"), dict)
 
 
-def make_checkpoint(model: nn.Module, *, epoch: int = -1, best_fitness: float = 0.0, updates: int = 0,
-                    optimizer: torch.optim.Optimizer | None = None, opt: dict | None = None,
-                    report: dict | None = None) -> dict:
-    """The dict ``utils.checkpoint.save_checkpoint`` writes for a quantized ``model`` (plain containers and tensors only)."""
+def _run_fields(epoch: int, best_fitness: float, optimizer: torch.optim.Optimizer | None, opt: dict | None,
+                report: dict | None) -> dict:
+    """The fields of upstream's checkpoint dict that describe the run, plus our report so far."""
     return {
         "epoch": epoch,
         "best_fitness": float(best_fitness),
         "model": None,
         "ema": None,
-        "updates": updates,
+        "updates": 0,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "opt": run_options(opt or {}),
         "git": None,
         "date": _dt.datetime.now().isoformat(),
-        "quant": quant_state(de_parallel(model)),
         "qat": report or {},
     }
+
+
+def make_checkpoint(model: nn.Module, *, epoch: int = -1, best_fitness: float = 0.0, updates: int = 0,
+                    optimizer: torch.optim.Optimizer | None = None, opt: dict | None = None,
+                    report: dict | None = None) -> dict:
+    """The dict ``utils.checkpoint.save_checkpoint`` writes for a quantized ``model`` (plain containers and tensors only)."""
+    return {**_run_fields(epoch, best_fitness, optimizer, opt, report), "updates": updates,
+            "quant": quant_state(de_parallel(model))}
+
+
+def make_float_checkpoint(model: nn.Module, *, epoch: int = -1, best_fitness: float = 0.0,
+                          optimizer: torch.optim.Optimizer | None = None, opt: dict | None = None,
+                          report: dict | None = None) -> dict:
+    """The same for a float model fine-tuned beside QAT (the control): upstream's format, the module
+    itself kept in FP32 so that it evaluates exactly as it did during the run."""
+    return {**_run_fields(epoch, best_fitness, optimizer, opt, report), "model": deepcopy(de_parallel(model)).float()}
 
 
 def read_checkpoint(path: str | Path, unsafe: bool = False) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from utils.evaluation.agreement import REFERENCE_CONF
 from utils.options import parse_flags
 from utils.paths import ROOT
 from utils.training.engine import AMP_MODES
@@ -15,14 +16,15 @@ from utils.training.optim import OPTIMIZERS
 CALIB_CHOICES = ("max", "percentile", "mse", "entropy", "auto")
 
 
-def add_common_args(p: argparse.ArgumentParser, project: str, required: bool = True) -> None:
+def add_common_args(p: argparse.ArgumentParser, project: str, required: bool = True,
+                    task_help: str = "split every evaluation uses") -> None:
     p.add_argument("--weights", required=required, default="", help="checkpoint (.pt)")
     p.add_argument("--data", required=required, default="", help="dataset yaml")
     p.add_argument("--batch-size", type=int, default=16, help="total batch (training); evaluation uses twice it")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="image size (pixels)")
     p.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1 or cpu")
     p.add_argument("--workers", type=int, default=8, help="dataloader workers")
-    p.add_argument("--task", default="val", choices=("val", "test"), help="split every evaluation uses")
+    p.add_argument("--task", default="val", choices=("val", "test"), help=task_help)
     p.add_argument("--conf-thres", type=float, default=0.001, help="evaluation confidence threshold")
     p.add_argument("--iou-thres", type=float, default=0.7, help="evaluation NMS IoU threshold")
     p.add_argument("--postprocess", default="nms", choices=("nms", "none"), help="NMS, or top-k without NMS")
@@ -42,7 +44,11 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    add_common_args(p, "runs/qat", required=False)  # --resume restores them from the checkpoint
+    add_common_args(p, "runs/qat", required=False,  # --resume restores them from the checkpoint
+                    task_help="split that chooses the best QAT epoch and auto's calibration method")
+    p.add_argument("--report-task", default=None, choices=("test", "val", "none"),
+                   help="split every row is reported on, with intervals (default: test when the data has one; "
+                        "none: the --task split)")
     add_calibration_args(p)
     p.add_argument("--hyp", default=str(ROOT / "data/hyps/hyp.qat.yaml"), help="fine-tuning hyperparameters")
     p.add_argument("--epochs", type=int, default=10, help="QAT epochs (0: PTQ only)")
@@ -58,6 +64,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval-ptq", action="store_true", help="do not evaluate the PTQ model")
     p.add_argument("--skip-layers", default="", help="layers kept in floating point, e.g. 22 or 15,22")
     p.add_argument("--auto-skip", type=int, default=0, help="also keep the K most sensitive layers in float")
+    p.add_argument("--control", action="store_true",
+                   help="also fine-tune the FP32 model by the same recipe, without quantizers or distillation: "
+                        "the report's QAT - control row")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue the given qat_last.pt, or project/name's, with its own options; a flag typed "
                         "again replaces the saved value (the change is printed)")
@@ -69,7 +78,12 @@ def add_sensitive_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    add_common_args(p, "runs/qat_eval")
+    add_common_args(p, "runs/qat_eval", required=False)  # --data or --source: run_eval checks
+    p.add_argument("--reference", default="", help="FP32 checkpoint whose own detections are the ground truth "
+                                                   "on --source (agreement, no labels needed)")
+    p.add_argument("--source", nargs="+", default=None, help="unlabelled images, videos or folders of them")
+    p.add_argument("--reference-conf", type=float, default=REFERENCE_CONF,
+                   help="confidence at which the reference's detections count as ground truth")
 
 
 

@@ -2,8 +2,12 @@
 
 quantize: evaluate the float model (Origin), quantize and calibrate it (PTQ, ``ptq.pt``), then
 fine-tune it with the training engine (QAT, ``qat_last.pt`` / ``qat_best.pt``), evaluating every
-epoch, and write ``report.md`` / ``report.json``. Under torchrun only rank 0 calibrates and
-evaluates; the calibrated model is broadcast as plain state so every rank trains the same scales.
+epoch, and write ``report.md`` / ``report.json``. With ``--control`` the float model is also
+fine-tuned by the same recipe without quantizers (``control_best.pt``). Choices (the best epoch,
+auto's calibration method) are made on the ``--task`` split; every row is then evaluated again on
+the report split (test by default) with bootstrap intervals for the deltas. Under torchrun only
+rank 0 calibrates and evaluates; the calibrated model is broadcast as plain state so every rank
+trains the same scales.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -37,11 +41,19 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp, require_split
 from utils.data.dataset import create_dataloader, set_epoch
 from utils.errors import UserError
+from utils.evaluation import bootstrap
+from utils.evaluation.agreement import Agreement, run_agreement
 from utils.evaluation.evaluator import EvalResult, evaluate
+from utils.evaluation.metrics import PerImageStats
 from utils.logs import LOGGER
 from utils.options import check_flags, check_imgsz, resume_options, typed_flags
 from utils.paths import increment_path
-from utils.quantization.checkpoint import is_quantized_checkpoint, load_quantized, make_checkpoint
+from utils.quantization.checkpoint import (
+    is_quantized_checkpoint,
+    load_quantized,
+    make_checkpoint,
+    make_float_checkpoint,
+)
 from utils.quantization.distill import FeatureDistillation, supervised_layers
 from utils.quantization.report import metrics, new_report, write_report
 from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
@@ -101,23 +113,35 @@ class Evaluator:
     postprocess: str = "nms"
 
     def __call__(self, model: nn.Module) -> EvalResult:
+        return self.scored(model)[0]
+
+    def scored(self, model: nn.Module) -> tuple[EvalResult, PerImageStats]:
+        """The result and the per-image matches that bootstrap intervals resample."""
         model = de_parallel(model)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                result, _ = evaluate(model, self.loader, self.data["names"], conf_thres=self.conf_thres,
-                                     iou_thres=self.iou_thres, postprocess=self.postprocess)
+                result, artifacts = evaluate(model, self.loader, self.data["names"], conf_thres=self.conf_thres,
+                                             iou_thres=self.iou_thres, postprocess=self.postprocess)
         finally:
             model.train(was_training)
         LOGGER.info(result.table(per_class=False))
-        return result
+        return result, artifacts.per_image
 
 
-def _evaluator(opt: argparse.Namespace, data: dict, stride: int) -> Evaluator:
+def _evaluator(opt: argparse.Namespace, data: dict, stride: int, split: str | None = None) -> Evaluator:
     check_imgsz(opt.imgsz, stride)
-    loader = make_loader(data, opt.task, opt.imgsz, opt.batch_size * 2, stride, opt.workers)
+    loader = make_loader(data, split or opt.task, opt.imgsz, opt.batch_size * 2, stride, opt.workers)
     return Evaluator(data, loader, opt.conf_thres, opt.iou_thres, opt.postprocess)
+
+
+def report_split(task: str, report_task: str | None, data: dict) -> str:
+    """The split every row is reported on: ``--report-task``, by default the test split when the
+    data has one apart from the ``--task`` split that made the choices; 'none' reports on that one."""
+    if report_task is None:
+        return "test" if data.get("test") and data.get("test") != data.get(task) else task
+    return task if report_task == "none" else report_task
 
 
 def _run_dir(opt: argparse.Namespace, info: DistInfo) -> Path:
@@ -211,6 +235,23 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A fine-tune the report follows: QAT itself, or the FP32 control trained by the same recipe."""
+
+    name: str  # checkpoints <name>_last.pt / <name>_best.pt, report key <name>_best
+    label: str
+    history: str  # report key of its per-epoch rows
+    distill: bool  # the FP32 model supervises the features
+    checkpoint: Callable[..., dict]
+
+
+QAT = Phase("qat", "QAT", "epochs", True, make_checkpoint)
+# Same data, epochs, lr, seed and engine, no quantizers and no teacher: QAT - control is what
+# quantization itself costs, with the gain of fine-tuning a little longer taken out.
+CONTROL = Phase("control", "Control", "control_epochs", False, make_float_checkpoint)
+
+
 @dataclass
 class ResumeState:
     """Where fine-tuning starts: a fresh run, or the epoch after a ``qat_last.pt``."""
@@ -223,8 +264,9 @@ class ResumeState:
 
 def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, data: dict, hyp: dict,
              evaluate: Evaluator | None, report: dict, save_dir: Path, device: torch.device, info: DistInfo,
-             state: ResumeState) -> None:
-    """QAT epochs with the training engine; the float model supervises through ``FeatureDistillation``."""
+             state: ResumeState, phase: Phase = QAT) -> None:
+    """QAT epochs with the training engine; the float model supervises through ``FeatureDistillation``
+    (the control phase trains ``student``, a float copy, the same way without it)."""
     set_trainable(student)
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
@@ -237,7 +279,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     lf = lr_lambda(opt.epochs, hyp["lrf"], cosine=True)
     loss_fn = build_loss(student, hyp)
     distill = None
-    if opt.distill_weight > 0 and opt.supervision_stride > 0:
+    if phase.distill and opt.distill_weight > 0 and opt.supervision_stride > 0:
         layers = supervised_layers(len(student.model), opt.supervision_stride)
         distill = FeatureDistillation(student, teacher, layers, opt.distill_weight)
     model = student
@@ -268,22 +310,23 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                 r = evaluate(student)
                 row.update(metrics(r), eval_seconds=time.perf_counter() - t)
                 fitness = r.map50_95
-            report["epochs"].append(row)
+            report[phase.history].append(row)
             improved = fitness > best
             if improved:
                 best = fitness
-                report["qat_best"] = {**{k: row.get(k, 0.0) for k in ("map50_95", "map50", "precision", "recall",
-                                                                      "fitness")}, "epoch": epoch + 1}
-                report["seconds_to_qat_best"] = time.perf_counter() - state.started
-                report["qat_best_session"] = len(report["sessions"])
-            last_ckpt = make_checkpoint(student, epoch=epoch, best_fitness=best, optimizer=optimizer, opt=vars(opt),
-                                        report=report)
-            save_checkpoint(last_ckpt, weights / "qat_last.pt")
+                report[f"{phase.name}_best"] = {**{k: row.get(k, 0.0) for k in ("map50_95", "map50", "precision",
+                                                                                "recall", "fitness")}, "epoch": epoch + 1}
+                report[f"seconds_to_{phase.name}_best"] = time.perf_counter() - state.started
+                if phase is QAT:
+                    report["qat_best_session"] = len(report["sessions"])
+            last_ckpt = phase.checkpoint(student, epoch=epoch, best_fitness=best, optimizer=optimizer, opt=vars(opt),
+                                         report=report)
+            save_checkpoint(last_ckpt, weights / f"{phase.name}_last.pt")
             if improved:
-                save_checkpoint({**last_ckpt, "optimizer": None}, weights / "qat_best.pt")
+                save_checkpoint({**last_ckpt, "optimizer": None}, weights / f"{phase.name}_best.pt")
             write_report(report, save_dir)
-            LOGGER.info(f"QAT epoch {epoch + 1}/{opt.epochs}: mAP50-95 {row.get('map50_95', float('nan')):.4f}, "
-                        f"distillation error {row['distill_error']:.2e}")
+            LOGGER.info(f"{phase.label} epoch {epoch + 1}/{opt.epochs}: mAP50-95 "
+                        f"{row.get('map50_95', float('nan')):.4f}, distillation error {row['distill_error']:.2e}")
     except KeyboardInterrupt:
         last = weights / "qat_last.pt"
         if info.is_main and last.is_file():
@@ -369,15 +412,16 @@ def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None,
     evaluate = _evaluator(opt, data, stride) if info.is_main else None
     if save_dir is None:
         save_dir = _run_dir(opt, info)
+    reported_on = report_split(opt.task, opt.report_task, data)
 
     if ckpt is not None:
-        report = ckpt["qat"]
+        report = {"selected_on": opt.task, "reported_on": reported_on, **ckpt["qat"]}  # older reports lack both
         student = build_quantized(ckpt["quant"], device)
         state = ResumeState(ckpt["epoch"] + 1, float(ckpt["best_fitness"]), ckpt["optimizer"], t0)
-        if state.start_epoch >= opt.epochs:
+        if state.start_epoch >= opt.epochs and not opt.control:
             raise UserError(f"{opt.resume}: all {opt.epochs} QAT epochs are done; nothing to resume")
     else:
-        report = new_report(opt.weights, opt.data, opt.task)
+        report = new_report(opt.weights, opt.data, opt.task, reported_on)
         if info.is_main and not opt.no_eval_origin:
             report["origin"] = metrics(evaluate(teacher))
         report["seconds"] = {"load_and_origin": time.perf_counter() - t0}
@@ -398,10 +442,45 @@ def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None,
         report.setdefault("sessions", []).append({"first_epoch": state.start_epoch + 1,
                                                   "setup_seconds": time.perf_counter() - t0})
         finetune(opt, student, teacher, data, hyp, evaluate, report, save_dir, device, info, state)
+        if opt.control:  # a resumed run starts the control again from its first epoch
+            report[CONTROL.history], report["control_best"] = [], None
+            finetune(opt, deepcopy(teacher), teacher, data, hyp, evaluate, report, save_dir, device, info,
+                     ResumeState(started=t0), CONTROL)
     if info.is_main:
+        evaluate_reported_rows(opt, teacher, data, stride, report, save_dir, device)
         md, _ = write_report(report, save_dir)
         LOGGER.info(md.read_text())
     return save_dir
+
+
+# Report row -> how to rebuild its model from the run folder (the teacher is the Origin row).
+_ROW_MODELS = {
+    "ptq": lambda weights, device: load_quantized(weights / "ptq.pt", device)[0],
+    "qat_best": lambda weights, device: load_quantized(weights / "qat_best.pt", device)[0],
+    "control_best": lambda weights, device: load_float_model(weights / "control_best.pt", device),
+}
+# Interval name -> (row, reference row) of each delta the report gives an interval for.
+DELTAS = {"ptq_minus_origin": ("ptq", "origin"), "qat_minus_origin": ("qat_best", "origin"),
+          "control_minus_origin": ("control_best", "origin"), "qat_minus_control": ("qat_best", "control_best")}
+
+
+def evaluate_reported_rows(opt: argparse.Namespace, teacher: nn.Module, data: dict, stride: int, report: dict,
+                           save_dir: Path, device: torch.device) -> None:
+    """Every row again on the report split, as chosen on ``--task``, with paired bootstrap intervals
+    of the deltas (``report['reported']``, ``report['intervals']``)."""
+    split = report["reported_on"]
+    evaluate = _evaluator(opt, data, stride, split)
+    rows, matches = {}, {}
+    for key in ("origin", *_ROW_MODELS):
+        if report.get(key) is None:
+            continue
+        model = teacher if key == "origin" else _ROW_MODELS[key](save_dir / "weights", device)
+        result, matches[key] = evaluate.scored(model)
+        rows[key] = {**metrics(result), **{k: report[key][k] for k in ("method", "epoch") if k in report[key]}}
+    report["reported"] = {"split": split, "images": len(next(iter(matches.values()))) if matches else 0, **rows}
+    report["intervals"] = {name: {m: iv.to_dict() for m, iv in bootstrap.paired_delta(matches[a], matches[b]).items()}
+                           for name, (a, b) in DELTAS.items() if a in matches and b in matches}
+    report["bootstrap"] = bootstrap.method()
 
 
 def run_sensitive(opt: argparse.Namespace) -> Path:
@@ -427,17 +506,40 @@ def run_sensitive(opt: argparse.Namespace) -> Path:
     return save_dir
 
 
-def run_eval(opt: argparse.Namespace) -> EvalResult:
-    """``qat.py eval``: a saved PTQ/QAT checkpoint through the evaluator (results in the run folder)."""
+def run_eval(opt: argparse.Namespace) -> EvalResult | Agreement:
+    """``qat.py eval``: a saved PTQ/QAT checkpoint through the evaluator on ``--data``, and/or its
+    label-free agreement with the FP32 ``--reference`` on ``--source`` (results in the run folder)."""
     check_flags(vars(opt))
+    if not opt.weights:
+        raise UserError("qat.py eval: pass --weights (a PTQ/QAT checkpoint)")
+    if bool(opt.reference) != bool(opt.source):
+        raise UserError("qat.py eval: --reference (the FP32 checkpoint) and --source (images or videos) go together")
+    if not (opt.data or opt.source):
+        raise UserError("qat.py eval: pass --data (mAP on its --task split) and/or --reference with --source "
+                        "(agreement with the FP32 model)")
     device = select_device(opt.device)
-    data = load_data_config(opt.data)
     model, _ = load_quantized(opt.weights, device, opt.unsafe_load)
-    _check_classes(model, data, opt.weights)
-    evaluate = _evaluator(opt, data, max(int(model.stride.max()), 32))
+    stride = max(int(model.stride.max()), 32)
+    evaluate = reference = None
+    if opt.data:
+        data = load_data_config(opt.data)
+        _check_classes(model, data, opt.weights)
+        evaluate = _evaluator(opt, data, stride)
+    if opt.source:
+        check_imgsz(opt.imgsz, stride)
+        reference = load_float_model(opt.reference, device, opt.unsafe_load)
+        if int(reference.nc) != int(model.nc):
+            raise UserError(f"{opt.reference}: the reference has {reference.nc} classes but {opt.weights} has {model.nc}")
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
-    result = evaluate(model)
-    (save_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    (save_dir / "results.md").write_text(result.markdown())
+    result = None
+    if evaluate is not None:
+        result = evaluate(model)
+        (save_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        (save_dir / "results.md").write_text(result.markdown())
+    if reference is not None:
+        agreed = run_agreement(model, reference, opt.source, opt.imgsz, save_dir,
+                               f"Agreement of {Path(opt.weights).name} with {Path(opt.reference).name}",
+                               candidate_device=device, batch_size=opt.batch_size * 2, postprocess=opt.postprocess,
+                               reference_conf=opt.reference_conf, conf_thres=opt.conf_thres, iou_thres=opt.iou_thres)
+        return result or agreed
     return result
-

@@ -1,7 +1,9 @@
-"""The quantization report: Origin / PTQ / QAT rows with deltas, as markdown and JSON.
+"""The quantization report: Origin / PTQ / QAT (/ control) rows with deltas, as markdown and JSON.
 
 The report is a plain dict so that it travels inside checkpoints (a resumed run keeps its
-history) and is written unchanged as JSON; the markdown is rendered from it.
+history) and is written unchanged as JSON; the markdown is rendered from it. Two splits appear:
+the one that chose (the best epoch, auto's calibration method) and the one the rows are reported
+on, with a bootstrap interval for each delta, so that a choice never flatters the figure it made.
 """
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ from pathlib import Path
 from utils.evaluation.evaluator import EvalResult
 
 METRICS = (("map50_95", "AP50-95"), ("map50", "AP50"), ("precision", "P"), ("recall", "R"))
+# Row key -> label; the control row exists only with --control.
+ROWS = (("origin", "Origin"), ("ptq", "PTQ"), ("qat_best", "QAT (best)"), ("control_best", "Control (best)"))
+# Reported row -> its interval against Origin.
+ORIGIN_DELTAS = {"ptq": "ptq_minus_origin", "qat_best": "qat_minus_origin", "control_best": "control_minus_origin"}
 
 
 def metrics(result: EvalResult) -> dict:
@@ -19,9 +25,17 @@ def metrics(result: EvalResult) -> dict:
             "recall": result.recall, "fitness": result.fitness}
 
 
-def new_report(weights: str, data: str, task: str) -> dict:
-    return {"weights": str(weights), "data": str(data), "task": task, "origin": None, "ptq": None,
-            "calibration": [], "skip_layers": [], "qat_best": None, "epochs": []}
+def new_report(weights: str, data: str, selected_on: str, reported_on: str | None = None) -> dict:
+    """An empty report; its rows are reported on ``selected_on`` too unless another split is named."""
+    return {"weights": str(weights), "data": str(data), "selected_on": selected_on,
+            "reported_on": reported_on or selected_on,
+            "origin": None, "ptq": None, "calibration": [], "skip_layers": [], "qat_best": None, "epochs": []}
+
+
+def _label(key: str, label: str, m: dict) -> str:
+    if key == "ptq" and m.get("method"):
+        return f"PTQ ({m['method']})"
+    return f"{label[:-1]}, epoch {m['epoch']})" if "epoch" in m else label
 
 
 def _row(name: str, m: dict | None, origin: dict | None) -> str:
@@ -32,17 +46,54 @@ def _row(name: str, m: dict | None, origin: dict | None) -> str:
     return f"| {name} | " + " | ".join(cells + deltas) + " |"
 
 
+def _interval(iv: dict | None) -> str:
+    return f"[{iv['ci95_low']:+.4f}, {iv['ci95_high']:+.4f}]" if iv else "-"
+
+
+def _reported_table(report: dict) -> list[str]:
+    """The headline table: every row on the report split, deltas with their 95% intervals."""
+    reported, intervals = report["reported"], report.get("intervals", {})
+    boot = report.get("bootstrap", {})
+    if reported["split"] == report["selected_on"]:
+        where = (f"chosen and reported on the same **{reported['split']}** split (the data has no other, or "
+                 f"--report-task none), so the chosen rows are a little optimistic")
+    else:
+        where = f"chosen on the **{report['selected_on']}** split, reported on the **{reported['split']}** split"
+    lines = [f"The best epochs and --calib-method auto's method were {where} ({reported['images']} images). "
+             f"Deltas are against Origin (FP32); [low, high] is a 95% paired bootstrap interval over images "
+             f"({boot.get('resamples', '?')} resamples, seed {boot.get('seed', '?')}).", "",
+             "| Model | AP50-95 | AP50 | dAP50-95 | 95% interval | dAP50 | 95% interval |", "|---" * 7 + "|"]
+    origin = reported.get("origin")
+    for key, label in ROWS:
+        m = reported.get(key)
+        if m is None:
+            continue
+        iv = intervals.get(ORIGIN_DELTAS.get(key), {})
+        deltas = (f"{m['map50_95'] - origin['map50_95']:+.4f} | {_interval(iv.get('map50_95'))} | "
+                  f"{m['map50'] - origin['map50']:+.4f} | {_interval(iv.get('map50'))}") if origin else "- | - | - | -"
+        lines.append(f"| {_label(key, label, m)} | {m['map50_95']:.4f} | {m['map50']:.4f} | {deltas} |")
+    lines.append("")
+    control = intervals.get("qat_minus_control")
+    if control:
+        lines += [f"QAT - control (what quantization itself costs, the fine-tuning both had taken out): AP50-95 "
+                  f"{control['map50_95']['value']:+.4f} {_interval(control['map50_95'])}, AP50 "
+                  f"{control['map50']['value']:+.4f} {_interval(control['map50'])}.", ""]
+    return lines
+
+
 def to_markdown(report: dict) -> str:
-    """Origin / PTQ / QAT table, then calibration trials and the per-epoch history."""
+    """Reported rows with intervals, the rows on the selection split, calibration trials and each epoch."""
+    selected_on = report.get("selected_on", report.get("task"))  # reports written before the split was named
+    lines = [f"# Quantization report: {report['weights']}", "", f"Data {report['data']}.", ""]
+    if report.get("reported"):
+        lines += _reported_table(report)
     origin = report.get("origin")
     head = [label for _, label in METRICS] + [f"d{label}" for _, label in METRICS]
-    lines = [f"# Quantization report: {report['weights']}", "",
-             f"Data {report['data']} ({report['task']} split). Deltas are against Origin (FP32).", "",
-             "| Model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|",
-             _row("Origin", origin, None)]
-    ptq = report.get("ptq")
-    ptq_name = f"PTQ ({ptq['method']})" if ptq else "PTQ"
-    lines += [_row(ptq_name, ptq, origin), _row("QAT (best)", report.get("qat_best"), origin), ""]
+    lines += [f"## On the {selected_on} split (where the choices were made)", "",
+              "| Model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    lines += [_row(_label(key, label, report.get(key) or {}), report.get(key), None if key == "origin" else origin)
+              for key, label in ROWS if key != "control_best" or report.get(key)]
+    lines.append("")
     if report.get("skip_layers"):
         lines += [f"Layers kept in floating point: {', '.join(map(str, report['skip_layers']))}", ""]
     if report.get("calibration"):
@@ -50,16 +101,21 @@ def to_markdown(report: dict) -> str:
         lines += [f"| {c['method']} | {c['map50_95']:.4f} | {c['map50']:.4f} | {'yes' if c.get('chosen') else ''} |"
                   for c in report["calibration"]]
         lines.append("")
-    if report.get("epochs"):
-        lines += ["## QAT epochs", "", "| Epoch | AP50-95 | AP50 | box | cls | dfl | distill error | s/iter "
-                  "| train s | eval s |", "|---" * 10 + "|"]
-        lines += [f"| {e['epoch']} | {e['map50_95']:.4f} | {e['map50']:.4f} | {e['box']:.4f} | {e['cls']:.4f} | "
-                  f"{e['dfl']:.4f} | {e['distill_error']:.2e} | {e['seconds_per_iter']:.3f} | "
-                  f"{e.get('train_seconds', float('nan')):.1f} | {e.get('eval_seconds', float('nan')):.1f} |"
-                  for e in report["epochs"]]
-        lines.append("")
+    for key, title in (("epochs", "QAT epochs"), ("control_epochs", "Control epochs (FP32, no distillation)")):
+        if report.get(key):
+            lines += _epoch_table(title, report[key])
     lines += _time_lines(report)
     return "\n".join(lines)
+
+
+def _epoch_table(title: str, epochs: list[dict]) -> list[str]:
+    lines = [f"## {title}", "", "| Epoch | AP50-95 | AP50 | box | cls | dfl | distill error | s/iter "
+             "| train s | eval s |", "|---" * 10 + "|"]
+    lines += [f"| {e['epoch']} | {e.get('map50_95', float('nan')):.4f} | {e.get('map50', float('nan')):.4f} | "
+              f"{e['box']:.4f} | {e['cls']:.4f} | {e['dfl']:.4f} | {e['distill_error']:.2e} | "
+              f"{e['seconds_per_iter']:.3f} | {e.get('train_seconds', float('nan')):.1f} | "
+              f"{e.get('eval_seconds', float('nan')):.1f} |" for e in epochs]
+    return lines + [""]
 
 
 def _time_lines(report: dict) -> list[str]:

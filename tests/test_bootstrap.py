@@ -1,0 +1,92 @@
+"""Bootstrap intervals over images: the fast resampling equals a brute-force recomputation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from utils.evaluation.bootstrap import _Scorer, interval, paired_delta, resample_indices
+from utils.evaluation.metrics import DetectionStats, PerImageStats, ap_per_class, mean_ap
+
+
+def _evaluation(seed: int, n_images: int = 7, nc: int = 3, jitter: float = 6.0, ties: bool = False) -> PerImageStats:
+    """Matches of a made-up detector: jittered copies of the labels plus false positives (one
+    image has no labels, one no detections); ``ties`` rounds the scores to quarters."""
+    rng = np.random.default_rng(seed)
+    labels_rng = np.random.default_rng(1234)  # every 'model' sees the same ground truth
+    stats = DetectionStats()
+    for i in range(n_images):
+        m = 0 if i == 2 else int(labels_rng.integers(1, 6))
+        xy = labels_rng.uniform(0, 200, (m, 2))
+        wh = labels_rng.uniform(10, 60, (m, 2))
+        labels = np.column_stack([labels_rng.integers(0, nc, m), xy, xy + wh])
+        hits = labels[rng.random(m) < 0.8]
+        boxes = hits[:, 1:] + rng.normal(0, jitter, (len(hits), 4))
+        k = int(rng.integers(0, 4))
+        fxy = rng.uniform(0, 200, (k, 2))
+        boxes = np.vstack([boxes, np.column_stack([fxy, fxy + rng.uniform(10, 60, (k, 2))])])
+        cls = np.r_[hits[:, 0], rng.integers(0, nc, k)]
+        scores = rng.uniform(0.05, 1.0, len(cls))
+        det = np.column_stack([boxes, np.round(scores * 4) / 4 if ties else scores, cls])
+        stats.add(det if i != 4 else np.zeros((0, 6)), labels, image=f"img_{i:03d}.jpg")
+    return stats.per_image()
+
+
+def _brute_force_map(stats: PerImageStats, images) -> np.ndarray:
+    result = ap_per_class(*(np.concatenate([parts[i] for i in images]) if len(images) else np.zeros(0)
+                            for parts in (stats.correct, stats.conf, stats.cls, stats.target_cls)))
+    return np.array([result.map50_95, result.map50])
+
+
+def test_mean_ap_equals_ap_per_class_with_ties_and_missing_classes():
+    stats = _evaluation(0, n_images=12)
+    tp, conf, cls, target = stats.concatenated()
+    cls = cls.copy()
+    cls[::5] = 7  # detections of a class without ground truth
+    full = ap_per_class(tp, conf, cls, target)
+    assert mean_ap(tp, conf, cls, target) == (full.map50_95, full.map50)
+    assert mean_ap(tp[:0], conf[:0], cls[:0], target) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct-scores", "tied-scores"])
+def test_paired_delta_matches_brute_force_recomputation(ties):
+    model, reference = _evaluation(1, ties=ties), _evaluation(2, jitter=12.0, ties=ties)
+    assert _Scorer(model).exact != ties  # tied scores within an image take the plain path
+    resamples, seed = 40, 5
+    result = paired_delta(model, reference, resamples=resamples, seed=seed)
+    rows = resample_indices(len(model), resamples, seed)
+    deltas = np.stack([_brute_force_map(model, row) - _brute_force_map(reference, row) for row in rows])
+    low, high = np.percentile(deltas, (2.5, 97.5), axis=0)
+    everything = _brute_force_map(model, range(len(model))) - _brute_force_map(reference, range(len(model)))
+    for i, name in enumerate(("map50_95", "map50")):
+        assert result[name].value == pytest.approx(everything[i], abs=1e-12)
+        assert (result[name].low, result[name].high) == pytest.approx((low[i], high[i]), abs=1e-12)
+        assert result[name].low < result[name].value < result[name].high  # a real spread, not a constant
+    single = interval(model, resamples=resamples, seed=seed)["map50_95"]
+    ones = np.stack([_brute_force_map(model, row) for row in rows])[:, 0]
+    assert (single.low, single.high) == pytest.approx(tuple(np.percentile(ones, (2.5, 97.5))), abs=1e-12)
+
+
+def test_identical_models_give_a_degenerate_interval():
+    stats = _evaluation(3)
+    for iv in paired_delta(stats, _evaluation(3)).values():
+        assert (iv.value, iv.low, iv.high) == (0.0, 0.0, 0.0)
+
+
+def test_the_interval_is_seeded():
+    model, reference = _evaluation(4), _evaluation(5, jitter=12.0)
+    first = paired_delta(model, reference, resamples=50, seed=11)
+    assert paired_delta(model, reference, resamples=50, seed=11) == first
+    assert paired_delta(model, reference, resamples=50, seed=12)["map50_95"] != first["map50_95"]
+
+
+def test_pairing_follows_image_names_and_refuses_different_images():
+    model, reference = _evaluation(6), _evaluation(7)
+    order = list(reversed(range(len(reference))))
+    shuffled = PerImageStats([reference.images[i] for i in order],
+                             *([parts[i] for i in order] for parts in
+                               (reference.correct, reference.conf, reference.cls, reference.target_cls)))
+    assert paired_delta(model, shuffled, resamples=20) == paired_delta(model, reference, resamples=20)
+    other = PerImageStats(["x.jpg", *reference.images[1:]], reference.correct, reference.conf, reference.cls,
+                          reference.target_cls)
+    with pytest.raises(ValueError, match="different images"):
+        paired_delta(model, other)

@@ -1,0 +1,38 @@
+"""The accuracy study driver's own logic: the convergence check and how jobs are spread over GPUs
+(the whole driver runs end to end with `python bench/study_accuracy.py all --dry-run`)."""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.study_accuracy import COST, MODELS, convergence, spread
+
+
+def test_a_curve_still_rising_at_the_end_has_not_converged():
+    epochs = np.arange(100)
+    rising = list(0.6 * (1 - np.exp(-epochs / 60)))  # still gaining ~0.02 over the last 20 epochs
+    check = convergence(rising)
+    assert not check["converged"] and check["window_epochs"] == 20 and check["trend_rise"] > 0.005
+
+
+def test_a_noisy_plateau_has_converged():
+    rng = np.random.default_rng(0)
+    epochs = np.arange(100)
+    plateau = list(0.6 * (1 - np.exp(-epochs / 10)) + rng.normal(0, 0.002, 100))
+    check = convergence(plateau)
+    assert check["converged"] and abs(check["trend_rise"]) < 0.005
+    falling = plateau[:80] + list(np.linspace(plateau[79], plateau[79] - 0.02, 20))
+    assert convergence(falling)["converged"]  # over-fitting is no further gain to wait for
+
+
+def test_too_few_epochs_cannot_be_judged():
+    check = convergence([0.1, 0.2, 0.3])
+    assert not check["converged"] and "too few" in check["reason"]
+
+
+def test_jobs_are_spread_slowest_first_over_the_gpus():
+    queues = spread(list(MODELS), ["0", "1"])
+    assert sorted(m for q in queues.values() for m in q) == sorted(MODELS)
+    loads = [sum(COST[m] for m in q) for q in queues.values()]
+    assert max(loads) - min(loads) <= min(COST.values())
+    assert all(q == sorted(q, key=lambda m: -COST[m]) for q in queues.values())
+    assert spread(["gelan-t"], ["cpu"]) == {"cpu": ["gelan-t"]}
