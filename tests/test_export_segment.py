@@ -291,3 +291,79 @@ def test_metadata_survives_in_json(seg_exports):
     _, files = seg_exports
     meta = onnx_signature(files["yolov9-tiny-dseg", "nms"]).metadata
     assert json.loads(meta["imgsz"]) == list(HW) and json.loads(meta["max_det"]) == K
+
+
+def _self_labelled_dataset(root, model, n: int = 6, conf: float = 0.5):
+    """Images at exactly the export's input size, labelled with the PyTorch model's own confident
+    detections' masks (as polygons), so that a random model scores a mAP above zero on them."""
+    import cv2
+    import yaml
+
+    from utils.evaluation.masks import mask_probabilities, masks_in_original
+    from utils.evaluation.postprocess import postprocess
+
+    for split in ("images", "labels"):
+        (root / split).mkdir(parents=True)
+    x = (images(n, seed=11) * 255).round() / 255  # what the loader reads back from the saved 8-bit images
+    with torch.no_grad():
+        pred, proto = Prediction(model)(x)
+    dets = postprocess(pred, "nms", conf, IOU, K, nm=NM)
+    labelled = 0
+    for i, det in enumerate(dets):
+        cv2.imwrite(str(root / "images" / f"{i}.png"), (x[i].permute(1, 2, 0).numpy()[..., ::-1] * 255).round()
+                    .astype(np.uint8))
+        masks = masks_in_original(mask_probabilities(det[:, 6:], proto[i]), HW, HW, ((1.0, 1.0), (0, 0)), det[:, :4])
+        rows = []
+        for d, m in zip(det, masks):
+            contours, _ = cv2.findContours(m.full(*HW).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            if not contours or len(max(contours, key=len)) < 3:
+                continue
+            points = max(contours, key=len).reshape(-1, 2) / np.array([HW[1], HW[0]])
+            rows.append(f"{int(d[5])} " + " ".join(f"{v:.5f}" for v in points.flatten()))
+        labelled += len(rows)
+        (root / "labels" / f"{i}.txt").write_text("\n".join(rows) + "\n")
+    assert labelled >= 2 * n
+    data = {"path": str(root), "train": "images", "val": "images", "nc": NC, "names": ["a", "b"]}
+    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    return root / "data.yaml"
+
+
+@pytest.mark.parametrize("kind", ["raw", "topk"])
+def test_val_trt_box_and_mask_map_on_onnxruntime_equal_pytorch_on_the_same_input(seg_exports, kind, tmp_path):
+    from utils.data.config import load_data_config
+    from utils.deployment.validate import evaluate_exported
+    from utils.deployment.validate import run as val_trt
+
+    models, files = seg_exports
+    model = models["gelan-tiny-seg"]
+    data = _self_labelled_dataset(tmp_path / "data", model)
+    end2end = kind == "topk"
+    with one_thread():
+        ours, _ = evaluate_exported(model, load_data_config(data), HW, 4, "val", "none" if end2end else "nms",
+                                    conf_thres=CONF if end2end else 0.001, iou_thres=0.7, max_det=K if end2end else 300,
+                                    workers=0, device=torch.device("cpu"))
+        ort_result = val_trt(onnx=files["gelan-tiny-seg", kind], data=data, batch_size=4, workers=0,
+                             project=tmp_path, name="v")["eval"]
+    # a random model's masks are ragged, so even its own masks as polygons score low; the figures
+    # only need to be non-zero, and the two runtimes' equal to within a near-tie's swap
+    assert ours.mask is not None and ours.mask["map50"] > 0.02 and ours.map50 > 0.1
+    assert ort_result.mask is not None
+    assert abs(ort_result.map50_95 - ours.map50_95) <= 0.005 and abs(ort_result.map50 - ours.map50) <= 0.005
+    assert abs(ort_result.mask["map50_95"] - ours.mask["map50_95"]) <= 0.005
+    assert abs(ort_result.mask["map50"] - ours.mask["map50"]) <= 0.005
+    assert json.loads((tmp_path / "v" / "results.json").read_text())["mask"]["map50_95"] == ort_result.mask["map50_95"]
+
+
+def test_val_trt_refuses_box_labels_for_a_segmentation_export(seg_exports, tmp_path):
+    from utils.deployment.validate import run as val_trt
+    from utils.errors import UserError
+
+    _, files = seg_exports
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    import cv2
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((*HW, 3), np.uint8))
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (tmp_path / "d.yaml").write_text(f"path: {tmp_path}\ntrain: images\nval: images\nnc: {NC}\nnames: [a, b]\n")
+    with pytest.raises(UserError, match="segmentation model.*box labels"):
+        val_trt(onnx=files["gelan-tiny-seg", "raw"], data=tmp_path / "d.yaml", workers=0, project=tmp_path / "runs")
