@@ -68,7 +68,8 @@ from models.experimental_trt import (
     source_anchors,
 )
 from models.quantize import calibrate, float_conv_names, prepare
-from models.yolo import Model, SegmentHead
+from models.tasks import model_task
+from models.yolo import Model
 from tests.export_helpers import lively_head, lively_masks
 from utils.boxes import xywh2xyxy
 from utils.deployment.onnx_export import PredictionGraph, export_onnx, tail_for, trace_prediction
@@ -139,7 +140,7 @@ def quantized_model(cfg: str, nc: int, seed: int = 0) -> nn.Module:
 
 
 def is_segment(model: nn.Module) -> bool:
-    return isinstance(model.model[-1], SegmentHead)
+    return model_task(model) == "segment"
 
 
 def trace(model: nn.Module, batch_mode: str, shape: str) -> PredictionGraph:

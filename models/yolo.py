@@ -265,12 +265,6 @@ SEGMENT_HEADS = (Segment, DSegment, DualDSegment)
 HEADS = (Detect, DDetect, DualDetect, DualDDetect, TripleDDetect, *SEGMENT_HEADS)
 
 
-def model_task(model: nn.Module) -> str:
-    """'segment' when the model's last layer is a segmentation head, else 'detect' (what data it needs)."""
-    layers = getattr(getattr(model, "module", model), "model", None)  # DDP / DataParallel wrap the model
-    return "segment" if layers is not None and isinstance(layers[-1], SegmentHead) else "detect"
-
-
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, i
     A segmentation model or export is scored on boxes and masks; its data must hold polygons (and a
     detection model's, boxes), else one line names both.
     """
-    from models.yolo import model_task
+    from models.tasks import model_task
     from utils.data.config import require_split
     from utils.data.dataset import check_task, create_dataloader
 

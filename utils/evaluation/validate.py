@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from models.loading import attempt_load
-from models.yolo import model_task
+from models.tasks import model_task
 from utils.data.config import load_data_config, require_split
 from utils.data.dataset import check_task, create_dataloader
 from utils.errors import UserError

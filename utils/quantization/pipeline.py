@@ -25,7 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.loading import attempt_load
-from models.yolo import model_task
+from models.tasks import model_task
 from models.quantize import (
     CALIB_METHODS,
     amax_state,

@@ -249,7 +249,7 @@ class DualSegmentationLoss(SegmentationLoss):
 def build_loss(model: nn.Module, hyp: dict | None = None) -> ComputeLoss:
     """The loss that matches the model's head: dual-branch heads carry the extra ``cv4``/``cv5`` towers,
     segmentation heads ``proto``; the head's class names the task."""
-    from models.yolo import model_task
+    from models.tasks import model_task
 
     head = de_parallel(model).model[-1]
     dual = hasattr(head, "cv4") and hasattr(head, "cv5")

@@ -279,7 +279,7 @@ def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
 
 def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, device: torch.device, info: DistInfo,
            on_epoch_end: Callable[[int, dict], None] | None, run: dict) -> Path:
-    from models.yolo import model_task
+    from models.tasks import model_task
     from utils.checkpoint import save_checkpoint
     from utils.data.config import load_data_config, load_hyp, require_split
     from utils.data.dataset import check_task, create_dataloader, set_epoch
@@ -457,7 +457,7 @@ class Evaluator:
     def epoch(self, model: nn.Module, epoch: int) -> tuple[dict, float]:
         """Metrics and fitness ('mask' holds the mask metrics of a segmentation model); with --noval only
         the final epoch is measured (others report zeros)."""
-        from models.yolo import model_task
+        from models.tasks import model_task
         from utils.evaluation.validate import run as validate
 
         zero_loss = (0.0,) * len(self.loss_fn.item_names)
