@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="segmentation: input pixels per pixel of the true masks (4: the prototypes' resolution)")
     p.add_argument("--unsafe-load", action="store_true",
                    help="unpickle --weights without the class allowlist (trusted files only)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (CUDA; pays off after a minute of compiling)")
     return parse_flags(p, argv)
 
 

@@ -3,11 +3,12 @@
 Each (config, nc) is quantized once (random init, calibrated on random images), traced once per
 (batch mode, input shape), and each variant's tail is appended to that trace; every case is then
 checked by ``bench.conformance.run_case`` (ONNX checker, lint, ONNX Runtime, PyTorch parity,
-EfficientNMS_TRT contract; a segmentation model's masks). CPU only, one thread; the full matrix
-(10 detection + 3 segmentation configs: 468 cases) takes hours on a
-shared 2-core machine, so each (config, nc) block is saved as it ends and ``--resume`` continues.
+EfficientNMS_TRT contract; a segmentation model's masks). CPU only, one thread a block; the full
+matrix (10 detection + 3 segmentation configs: 468 cases) takes hours on a shared 2-core machine,
+so each (config, nc) block is saved as it ends and ``--resume`` continues; ``--jobs N`` runs N
+blocks at once on a many-core machine.
 
-    nice python bench/bench_conformance.py [--resume]
+    nice python bench/bench_conformance.py [--resume] [--jobs N]
     -> bench/results/conformance_cases_total.json, conformance_failures_total.json,
        bench/results/conformance/conformance_table.{md,json}
 """
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,23 +54,31 @@ def run_block(cfg: str, nc: int, out_dir: Path, contract: dict, log=print) -> li
     return [r.to_dict() for r in results]
 
 
+def _save_block(cfg: str, nc: int, out_dir: Path, block: Path, threads: int = 1) -> None:
+    """Run one (config, nc) block and save it; a child process of ``--jobs`` starts here."""
+    torch.set_num_threads(threads)
+    cases = run_block(cfg, nc, out_dir, cf.load_contract(), log=lambda m: print(m, flush=True))
+    saved = {"machine": machine_name(), "date": datetime.date.today().isoformat(), "cases": cases}
+    block.write_text(json.dumps(saved, indent=1) + "\n")
+
+
 def run_matrix(configs: list[str], ncs: list[int], out_dir: Path, blocks_dir: Path, resume: bool = False,
-               log=print) -> list[dict]:
+               jobs: int = 1, threads: int = 1) -> list[dict]:
     """Every (config, nc) block of ``configs`` x ``ncs``: {machine, date, cases}. Each block is saved
-    as it ends (``blocks_dir``), so an interrupted run continues with ``resume`` where it stopped,
-    and several processes (``--configs`` each) can share the work before one ``--resume`` sums it up."""
-    contract = cf.load_contract()
+    as it ends (``blocks_dir``), so an interrupted run continues with ``resume`` where it stopped;
+    ``jobs`` > 1 runs that many blocks at once in child processes (a many-core machine)."""
     blocks_dir.mkdir(parents=True, exist_ok=True)
-    blocks = []
-    for cfg in configs:
-        for nc in ncs:
-            block = blocks_dir / f"{cfg}-nc{nc}.json"
-            if not (resume and block.is_file()):
-                cases = run_block(cfg, nc, out_dir, contract, log)
-                saved = {"machine": machine_name(), "date": datetime.date.today().isoformat(), "cases": cases}
-                block.write_text(json.dumps(saved, indent=1) + "\n")
-            blocks.append(json.loads(block.read_text()))
-    return blocks
+    paths = {(cfg, nc): blocks_dir / f"{cfg}-nc{nc}.json" for cfg in configs for nc in ncs}
+    todo = [key for key, block in paths.items() if not (resume and block.is_file())]
+    if jobs > 1 and len(todo) > 1:
+        # spawn: a forked child would inherit the parent's PyTorch thread pool state
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(_save_block, cfg, nc, out_dir, paths[cfg, nc], threads) for cfg, nc in todo]:
+                future.result()
+    else:
+        for cfg, nc in todo:
+            _save_block(cfg, nc, out_dir, paths[cfg, nc], threads)
+    return [json.loads(block.read_text()) for block in paths.values()]
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", help="folder for the exported ONNX files (default: temporary)")
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--resume", action="store_true", help="keep the (config, nc) blocks an earlier run finished")
+    p.add_argument("--jobs", type=int, default=1, help="(config, nc) blocks run at once, each in its own process")
     p.add_argument("--threads", type=int, default=1,
                    help="PyTorch / ONNX Runtime threads (1: on a shared CPU, more threads only wait for each other)")
     opt = p.parse_args(argv)
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="conformance_") as tmp:
         out_dir = Path(opt.out or tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        blocks = run_matrix(configs, ncs, out_dir, table_dir / "blocks", opt.resume, log=lambda m: print(m, flush=True))
+        blocks = run_matrix(configs, ncs, out_dir, table_dir / "blocks", opt.resume, opt.jobs, opt.threads)
     results = [case for block in blocks for case in block["cases"]]
     machines = sorted({block["machine"] for block in blocks})
     dates = sorted({block["date"] for block in blocks})

@@ -68,9 +68,9 @@ from models.experimental_trt import (
     source_anchors,
 )
 from models.quantize import calibrate, float_conv_names, prepare
-from models.tasks import model_task
 from models.yolo import Model
 from tests.export_helpers import lively_head, lively_masks
+from utils.data.dataset import model_task
 from utils.boxes import xywh2xyxy
 from utils.deployment.onnx_export import PredictionGraph, export_onnx, tail_for, trace_prediction
 from utils.paths import ROOT
@@ -295,7 +295,8 @@ def _compare_topk(result: CaseResult, outs: list[torch.Tensor], ref: Reference) 
         problems += [f"image {i}: {p}" for p in topk_set_problems(g, e, ref.detection[i], k)]
     if segment:
         pred, prototypes = outs[5:7]
-        problems += _assembly_problems(outs, pred, prototypes, ref) + _anchor_mask_problems(result, pred, prototypes, ref)
+        problems += _assembly_problems(outs, pred, prototypes, ref)
+        problems += _anchor_mask_problems(result, pred, prototypes, ref)
     return problems
 
 

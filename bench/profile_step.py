@@ -6,8 +6,10 @@ student plus the FP32 teacher's forward for distillation), on one repeated real 
 
 Each variant (FP32 / QAT, with cuDNN's autotuner off and on) is timed phase by phase with the GPU
 synchronised between phases: forward, loss (plus distillation), backward, optimizer. Then
-torch.profiler lists the top operators of one variant of each kind. A diagnosis tool: the models
-are randomly initialised and it writes no record, only ``<out>/profile.md``.
+torch.profiler lists the top operators of one variant of each kind. The models and steps are
+bench/bench_qat_step.py's (channels-last on CUDA; ``--compile`` for the compiled steps). A
+diagnosis tool: the models are randomly initialised and it writes no record, only
+``<out>/profile.md``.
 """
 from __future__ import annotations
 
@@ -30,36 +32,19 @@ PHASES = ("forward", "loss", "backward", "optimizer")
 
 
 def build_runs(args: argparse.Namespace, device: torch.device) -> dict:
-    """FP32 model, and a max-calibrated QAT student with its fused FP32 teacher, on ``device``."""
-    from models.quantize import calibrate, prepare, set_trainable
-    from models.yolo import DetectionModel
-    from utils.data.config import load_data_config, load_hyp
-    from utils.quantization.distill import FeatureDistillation, supervised_layers
-    from utils.quantization.pipeline import make_loader
-    from utils.training.loss import build_loss
-    from utils.training.optim import build_optimizer
+    """bench_qat_step's FP32 model and QAT student (with its teacher), as that benchmark times them."""
+    from bench.bench_qat_step import build_models, make_steps
+    from utils.training.acceleration import memory_format
 
-    hyp = load_hyp(ROOT / "data/hyps/hyp.qat.yaml")
-    data = load_data_config(args.data)
-    torch.manual_seed(0)
-    fp = DetectionModel(args.cfg, nc=data["nc"]).to(device)
-    loader = make_loader(data, "train", args.imgsz, args.batch_size, 32, args.workers, hyp=hyp, shuffle=True)
-    imgs, targets, *_ = next(iter(loader))
-    imgs, targets = imgs.to(device).float() / 255, targets.to(device)
-    teacher = deepcopy(fp).eval().fuse()
-    student = prepare(deepcopy(fp))
-    calibrate(student, [imgs])
-    set_trainable(student)
-    distill = FeatureDistillation(student, teacher, supervised_layers(len(student.model), 1))
-    fp.train()
-    return {"batch": (imgs, targets), "runs": {
-        "fp32": (fp, build_loss(fp, hyp), None, build_optimizer(fp, "SGD", 0.01, 0.937, 5e-4)),
-        "qat": (student, build_loss(student, hyp), distill, build_optimizer(student, "SGD", 1e-4, 0.937, 5e-4))}}
+    built = build_models(args.cfg, args.data, args.imgsz, args.batch_size, args.workers, device)
+    imgs, targets, *_ = built["batch"]
+    imgs = imgs.to(device).contiguous(memory_format=memory_format(built["fp32"])).float() / 255
+    return {"batch": (imgs, targets.to(device)), "runs": make_steps(built, device, args.compile, None)}
 
 
 def step(run: tuple, batch: tuple, device: torch.device, clock: dict | None) -> None:
     """One training step as ``utils.training.engine.train_one_epoch`` takes it; ``clock`` collects phase seconds."""
-    model, loss_fn, distill, optimizer = run
+    model, forward, loss_fn, optimizer, distill = run
     imgs, targets = batch
     marks = [time.perf_counter()]
 
@@ -69,7 +54,7 @@ def step(run: tuple, batch: tuple, device: torch.device, clock: dict | None) -> 
             marks.append(time.perf_counter())
 
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        preds = model(imgs)
+        preds = forward(imgs)
         mark()
         loss, _ = loss_fn(preds, targets)
         if distill is not None:
@@ -124,6 +109,7 @@ def main(argv=None) -> Path:
     p.add_argument("--rows", type=int, default=25, help="operators per profiler table")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="0")
+    p.add_argument("--compile", action="store_true", help="profile the torch.compile'd steps")
     p.add_argument("--out", default=str(ROOT / "runs/profile"))
     args = p.parse_args(argv)
 

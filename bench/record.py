@@ -16,12 +16,16 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine_name() -> str:
-    """The accelerator (if any) and the CPU count: enough to tell which card gave a figure."""
+    """The accelerator (if any) and the CPU count: enough to tell which card gave a figure. A process
+    pinned to some cores (taskset, as bench/gpu_speed.sh runs its lanes) names how many it could use."""
     import os
 
     import torch
 
-    cpu = f"{os.cpu_count()} CPU cores ({platform.machine()})"
+    total = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    cores = f"{total}" if usable == total else f"{usable} of {total}"
+    cpu = f"{cores} CPU cores ({platform.machine()})"
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         return f"{n}x {torch.cuda.get_device_name(0)}, {cpu}"

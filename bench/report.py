@@ -135,7 +135,8 @@ def render_conformance(records: list[dict]) -> str:
         f"|ONNX Runtime - PyTorch| over the {box['cases']} raw and plugin-input cases (max per case): boxes median "
         f"{box['median']:.2g} px, p99 {box['p99']:.2g}, max {box['max']:.2g} (bound {bounds['box_px']}); scores "
         f"median {score['median']:.2g}, p99 {score['p99']:.2g}, max {score['max']:.2g} (bound {bounds['score']})"
-        + (f"; segmentation masks over {dist['mask']['cases']} cases: probabilities median {dist['mask']['median']:.2g}, "
+        + (f"; segmentation masks over {dist['mask']['cases']} cases: probabilities median "
+           f"{dist['mask']['median']:.2g}, "
            f"max {dist['mask']['max']:.2g} (bound {bounds['mask']}, mean bound {bounds['mask_mean']})"
            if dist.get("mask") else "") + "."])
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from models.tasks import is_segmentation_head
+from utils.data.dataset import model_task
 from utils.boxes import xywh2xyxy
 from utils.evaluation.postprocess import select_prediction
 
@@ -53,7 +53,7 @@ class Prediction(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.masks = is_segmentation_head(model.model[-1])
+        self.masks = model_task(model) == "segment"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.model(images)

@@ -1,8 +1,9 @@
 """INT8 fake-quantized variants of the layers TensorRT should run in INT8, as real classes.
 
-Every class here quantizes its *inputs* with an NVIDIA Model Optimizer ``TensorQuantizer``:
-activations per tensor, convolution weights per output channel, symmetric, narrow range
-([-127, 127], what TensorRT's Q/DQ layers use). The quantizers start out independent; which of
+Every class here quantizes its *inputs* with an ``Int8Quantizer`` (NVIDIA Model Optimizer's
+``TensorQuantizer`` computing with ``models.fake_quant``): activations per tensor, convolution
+weights per output channel, symmetric (scale amax / 127, zero point 0), clamped to [-128, 127]
+as TensorRT's Q/DQ layers clamp. The quantizers start out independent; which of
 them must share one scale is decided from the model graph by ``models.quantize_rules`` and
 applied by ``models.quantize``, which also owns calibration and checkpoints.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from typing import Iterator
 
@@ -48,6 +48,7 @@ with _quiet_modelopt_import():  # models.quantize and models.quantize_rules take
     from modelopt.torch.quantization.nn import TensorQuantizer
 
 from models.common import ADown, Concat, ELAN1, RepNBottleneck, RepNCSP, RepNCSPELAN4, SPPELAN, DFL
+from models.fake_quant import fake_quant_int8
 from models.range_search import entropy_amax, mse_amax, percentile_amax
 
 CALIB_METHODS = ("max", "percentile", "mse", "entropy")
@@ -60,65 +61,106 @@ class RangeCalibrator(HistogramCalibrator):
 
     Model Optimizer's own collection adds bins whenever a batch exceeds the range seen so far; a
     near-zero first batch then grows millions of bins. Here the bin count is fixed and the range
-    grows by powers of two, old bins merging exactly. Counts are kept in float64.
+    (the first nonzero max) doubles as often as a later max needs, old bins merging exactly.
+    Everything stays on the activations' device and no value is read back to the host, so
+    collecting never stalls the GPU. Counts are kept in float64.
     """
 
     NUM_BINS = 2048
+    MAX_DOUBLINGS = 11  # log2(NUM_BINS)
 
     def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False):
         super().__init__(num_bits, axis, unsigned, num_bins=self.NUM_BINS)
         self._max: torch.Tensor | None = None
-        self._range = 0.0
+        self._range: torch.Tensor | None = None  # 0 until a batch is not all zeros
         self._counts: torch.Tensor | None = None
 
     def collect(self, x: torch.Tensor) -> None:
         x = x.detach().abs().float()
-        m = x.max()
-        self._max = m if self._max is None else torch.maximum(self._max, m)
-        top = float(self._max)
-        if top == 0.0:
-            return
-        if self._counts is None:
-            self._range = top
+        top = x.max()
+        if self._max is None:
+            self._max, self._range = top, torch.zeros_like(top)
             self._counts = torch.zeros(self.NUM_BINS, dtype=torch.float64, device=x.device)
-        elif top > self._range:
-            factor = 2 ** math.ceil(math.log2(top / self._range))
-            merged = torch.zeros_like(self._counts)
-            merged.index_add_(0, torch.arange(self.NUM_BINS, device=x.device) // factor, self._counts)
-            self._counts, self._range = merged, self._range * factor
-        self._counts += torch.histc(x, bins=self.NUM_BINS, min=0, max=self._range).double()
+        else:
+            self._max = torch.maximum(self._max, top)
+        started = self._range > 0
+        ratio = torch.where(started, self._max.double() / self._range.double(), 1.0)
+        doublings = ratio.log2().ceil().clamp(0, self.MAX_DOUBLINGS).long()
+        grown = self._range * torch.pow(2, doublings).float()  # float32 times a power of two: exact
+        short = grown < self._max  # the log2 of a rounded ratio fell short: one more doubling covers it
+        grown, doublings = torch.where(short, grown * 2, grown), doublings + short.long()
+        # a range that more than 2**11-folds merges every old count into bin 0, whatever its new width
+        grown = torch.where(started & (doublings <= self.MAX_DOUBLINGS), grown, self._max)
+        bins = torch.arange(self.NUM_BINS, device=x.device)
+        merged = torch.zeros_like(self._counts).index_add_(0, torch.bitwise_right_shift(bins, doublings), self._counts)
+        has_range = grown > 0
+        hist = torch.histc(x / torch.where(has_range, grown, 1.0), bins=self.NUM_BINS, min=0, max=1)
+        self._counts = merged + hist.double() * has_range
+        self._range = grown
 
     def reset(self) -> None:
         super().reset()
-        self._max, self._range, self._counts = None, 0.0, None
+        self._max, self._range, self._counts = None, None, None
 
     def compute_amax(self, method: str, percentile: float = 99.999) -> torch.Tensor | None:
-        if self._max is None:
-            return None
-        if method == "max" or self._counts is None:
-            return self._max.clone()
-        counts, width = self._counts.cpu(), self._range / self.NUM_BINS
-        stride = max(1, self.NUM_BINS // MAX_SEARCH_STEPS)
-        if method == "percentile":
-            amax = percentile_amax(counts, width, percentile)
-        elif method == "mse":
-            amax = mse_amax(counts, width, stride)
-        elif method == "entropy":
-            amax = entropy_amax(counts, width, stride)
-        else:
+        return self.compute_amaxes([self], method, percentile)[0]
+
+    @classmethod
+    def compute_amaxes(cls, calibrators: list["RangeCalibrator"], method: str,
+                       percentile: float = 99.999) -> list[torch.Tensor | None]:
+        """Each calibrator's range by ``method``, all histograms searched at once (None: saw no data)."""
+        if method not in CALIB_METHODS:
             raise ValueError(f"unknown calibration method {method!r}")
+        out: list[torch.Tensor | None] = [None if c._max is None else c._max.clone() for c in calibrators]
+        seen = [i for i, c in enumerate(calibrators) if c._max is not None]
+        if method == "max" or not seen:
+            return out
+        counts = torch.stack([calibrators[i]._counts for i in seen])
+        ranges = torch.stack([calibrators[i]._range for i in seen])
+        maxes = torch.stack([calibrators[i]._max for i in seen])
+        width, stride = ranges.double() / cls.NUM_BINS, max(1, cls.NUM_BINS // MAX_SEARCH_STEPS)
+        if method == "percentile":
+            searched = percentile_amax(counts, width, percentile)
+        elif method == "mse":
+            searched = mse_amax(counts, width, stride)
+        else:
+            searched = entropy_amax(counts, width, stride)
         # the histogram may reach twice the max; a range beyond the max only coarsens the steps
-        return torch.minimum(torch.tensor(amax, dtype=torch.float32, device=self._max.device), self._max)
+        amax = torch.where(ranges > 0, torch.minimum(searched.float(), maxes), maxes)
+        for k, i in enumerate(seen):
+            out[i] = amax[k]
+        return out
 
 
-def activation_quantizer() -> TensorQuantizer:
+class Int8Quantizer(TensorQuantizer):
+    """Model Optimizer's quantizer (state, calibration, ONNX export) with our fake quantization.
+
+    Its fake quantization is ``models.fake_quant.fake_quant_int8``: the same values and gradients as
+    Model Optimizer's CUDA extension, which is never built. A calibrated, enabled quantizer takes a
+    short path of a few attribute reads, which costs little per call in eager mode and lets
+    ``torch.compile`` trace it without graph breaks; anything else (calibrating, disabled
+    quantization, no range yet) and the ONNX export go through Model Optimizer's ``forward``.
+    """
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # ``inputs``: the name exported graphs show
+        if self._disabled:
+            return inputs
+        if self._if_quant and not self._if_calib and hasattr(self, "_amax") and not torch.onnx.is_in_onnx_export():
+            return fake_quant_int8(inputs, self._amax, self._narrow_range)
+        return super().forward(inputs)  # its export path reads the range as a constant, as Q/DQ needs
+
+    def _fake_quantize(self, inputs: torch.Tensor) -> torch.Tensor:
+        return fake_quant_int8(inputs, self._get_amax(inputs), self._narrow_range)
+
+
+def activation_quantizer() -> Int8Quantizer:
     """Per-tensor signed INT8 quantizer for an activation, calibrated by ``RangeCalibrator``."""
-    return TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=None, calibrator=RangeCalibrator))
+    return Int8Quantizer(QuantizerAttributeConfig(num_bits=8, axis=None, calibrator=RangeCalibrator))
 
 
-def weight_quantizer() -> TensorQuantizer:
+def weight_quantizer() -> Int8Quantizer:
     """Per-output-channel (axis 0) signed INT8 quantizer for a convolution weight."""
-    return TensorQuantizer(QuantizerAttributeConfig(num_bits=8, axis=0))
+    return Int8Quantizer(QuantizerAttributeConfig(num_bits=8, axis=0))
 
 
 class _FromFloat:

@@ -23,7 +23,14 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from models.quant_modules import CALIB_METHODS, FLOAT_ONLY, QuantConv2d, TensorQuantizer, quantize_modules
+from models.quant_modules import (
+    CALIB_METHODS,
+    FLOAT_ONLY,
+    QuantConv2d,
+    RangeCalibrator,
+    TensorQuantizer,
+    quantize_modules,
+)
 from models.quantize_rules import QuantPlan, derive_plan, input_quantizers
 from utils.errors import UserError
 
@@ -208,16 +215,15 @@ def collect_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 
 
 def load_amax(model: nn.Module, method: str = "max", percentile: float = DEFAULT_PERCENTILE) -> None:
-    """Activation ranges from the collected statistics with ``method``."""
+    """Activation ranges from the collected statistics with ``method``, every histogram searched at once."""
     if method not in CALIB_METHODS:
         raise UserError(f"--calib-method {method}: expected one of {', '.join(CALIB_METHODS)} or auto")
     if not 0 < percentile <= 100:
         raise UserError(f"--percentile {percentile}: expected a value in (0, 100]")
     device = next(model.parameters()).device
-    for q in set(input_quantizers(model).values()):
-        if q._disabled:
-            continue
-        amax = q._calibrator.compute_amax(method, percentile=percentile)
+    active = [q for q in set(input_quantizers(model).values()) if not q._disabled]
+    amaxes = RangeCalibrator.compute_amaxes([q._calibrator for q in active], method, percentile=percentile)
+    for q, amax in zip(active, amaxes):
         if amax is None:
             raise RuntimeError("a quantizer saw no data during calibration; the calibration loader is empty?")
         q.amax = amax.float().clamp(min=1e-8).to(device)
@@ -261,8 +267,8 @@ def quant_state(model: nn.Module) -> dict:
         "skip_layers": list(info.skip_layers),
         "plan": info.plan.to_dict(),
         "calibration": dict(info.calibration),
-        "state_dict": {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                       for k, v in model.state_dict().items()},
+        "state_dict": {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+                       for k, v in model.state_dict().items()},  # contiguous: as saved without channels_last
     }
 
 

@@ -225,3 +225,18 @@ def test_model_pickled_without_nc_and_names_takes_them_from_head_and_yaml(tmp_pa
     torch.save({"model": model}, path)
     loaded = attempt_load(path)
     assert loaded.nc == 1 and loaded.names == {0: yaml_names[0] if yaml_names else "0"}
+
+
+def test_background_writer_writes_in_order_and_reports_failures(tmp_path):
+    from utils.checkpoint import CheckpointWriter, load_checkpoint
+
+    writer = CheckpointWriter()
+    for epoch in range(3):
+        writer.submit({"epoch": epoch, "model": None}, [tmp_path / "last.pt", tmp_path / f"e{epoch}.pt"])
+    writer.wait()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2 and (tmp_path / "e0.pt").is_file()
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    writer.submit({"epoch": 3}, [tmp_path / "blocked" / "last.pt"])
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()  # the failure is reported once

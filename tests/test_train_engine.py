@@ -117,3 +117,29 @@ def test_extra_loss_and_max_iters(four_images):
     assert stats.iters == 3 and calls == [1, 1, 1]
     assert stats.optimizer_steps == 2  # after batches 2 and 3 (the last one always steps)
     assert stats.extra > 0
+
+
+def test_compile_falls_back_to_eager_on_cpu_and_layouts_follow_the_model(four_images, caplog):
+    """--compile on a machine without CUDA trains eagerly, with the same result; images are fed in the
+    layout the model's convolutions were given, and channels-last is a CUDA-only conversion."""
+    from models.yolo import DetectionModel
+    from utils.dataloaders import create_dataloader
+    from utils.training.acceleration import channels_last, maybe_compile, memory_format
+
+    caplog.set_level("INFO")
+    loader, _ = create_dataloader(str(four_images), 64, 2, 32, workers=0)
+    batch = next(iter(loader))
+    weights = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = channels_last(DetectionModel(ASSETS / "gelan-tiny.yaml", nc=80), CPU)
+        assert memory_format(model) == torch.contiguous_format
+        forward = maybe_compile(model, CPU, compiled)
+        assert forward is model
+        train_one_epoch(model, [batch] * 2, build_loss(model), build_optimizer(model, "SGD", lr=0.01), device=CPU,
+                        progress=False, forward=forward)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert "CUDA devices only" in caplog.text
+    net = small_net().to(memory_format=torch.channels_last)
+    assert memory_format(net) == torch.channels_last

@@ -14,6 +14,12 @@ A ``file_name`` is looked up below the image folder by the rules of ``utils.data
 images the JSON lists without annotations are kept as background images, images in the folder
 that the JSON does not list are left out (the JSON defines the dataset), and every such case
 is listed in ``conversion_report.md`` beside the output. Images are symlinked, never copied.
+
+With ``--segments`` every annotation's ``segmentation`` becomes a YOLO polygon row instead of a box:
+polygon lists as they are (an object in several parts is joined into one outline by zero-width
+bridges, as one YOLO row must be), run-length encodings (compressed or not) decoded with
+pycocotools and traced along their pixels' edges. An annotation without a usable segmentation is
+dropped and reported, so no box row ends up among the polygons.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -32,6 +40,7 @@ from utils.data.config import SPLITS  # noqa: E402
 from utils.data.conversion_report import REPORT_STEM, SHOWN_ON_CONSOLE, ConversionReport, Problem  # noqa: E402
 from utils.data.source_images import ImageIndex, Matching, match_annotations, readable_images  # noqa: E402
 from utils.data.split import DEFAULT_FRACTIONS, check_fractions, describe_split, seeded_split  # noqa: E402
+from utils.data.polygons import clip_polygon, join_parts, mask_to_polygon  # noqa: E402
 from utils.data.yolo_format import LabeledImage, pixel_box_to_yolo, write_converted  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
@@ -66,8 +75,9 @@ def category_table(cocos: dict[str, dict], files: dict[str, Path]) -> tuple[list
 
 
 def convert_coco(splits: dict[str, tuple[str | Path, str | Path]], out: str | Path,
-                 exist_ok: bool = False) -> tuple[Path, ConversionReport]:
-    """Convert ``{split: (instances_json, images_dir)}`` into ``out``; returns the data yaml and the report."""
+                 exist_ok: bool = False, segments: bool = False) -> tuple[Path, ConversionReport]:
+    """Convert ``{split: (instances_json, images_dir)}`` into ``out``; returns the data yaml and the report.
+    ``segments``: polygon rows from the segmentations instead of box rows."""
     if not splits:
         raise UserError("no --split given")
     files = {split: Path(js) for split, (js, _) in splits.items()}
@@ -77,7 +87,7 @@ def convert_coco(splits: dict[str, tuple[str | Path, str | Path]], out: str | Pa
     source = ", ".join(f"{split}: {files[split].absolute()} with images {indexes[split].root}" for split in splits)
     report = ConversionReport(source, names, NAMES_FROM, split_from="one COCO file per split")
     converted = _convert_all({split: (files[split], cocos[split], indexes[split]) for split in splits}, coco_ids,
-                             report)
+                             report, segments)
     comment = f"Converted from COCO JSON ({', '.join(str(f.resolve()) for f in files.values())}) by tools/coco2yolo.py"
     yaml_file = write_converted(out, [i.root for i in indexes.values()], converted, report, comment, exist_ok,
                                 extra={"coco_ids": coco_ids})
@@ -86,7 +96,7 @@ def convert_coco(splits: dict[str, tuple[str | Path, str | Path]], out: str | Pa
 
 def convert_coco_file(json_file: str | Path, images_dir: str | Path, out: str | Path,
                       fractions: Sequence[float] | None = None, seed: int = 0,
-                      exist_ok: bool = False) -> tuple[Path, ConversionReport]:
+                      exist_ok: bool = False, segments: bool = False) -> tuple[Path, ConversionReport]:
     """Convert one JSON for the whole dataset, split at random by ``fractions`` (default ``DEFAULT_FRACTIONS``)."""
     fractions = check_fractions(fractions or DEFAULT_FRACTIONS)
     file = Path(json_file)
@@ -95,7 +105,7 @@ def convert_coco_file(json_file: str | Path, images_dir: str | Path, out: str | 
     index = ImageIndex.scan(images_dir)
     report = ConversionReport(f"{file.absolute()} with images {index.root}", names, NAMES_FROM,
                               split_from=describe_split(fractions, seed))
-    items = {item.name: item for item in _convert_all({"all": (file, coco, index)}, coco_ids, report)["all"]}
+    items = {item.name: item for item in _convert_all({"all": (file, coco, index)}, coco_ids, report, segments)["all"]}
     converted = {split: [items[name] for name in names_in_split]
                  for split, names_in_split in seeded_split(list(items), fractions, seed).items()}
     comment = f"Converted from COCO JSON {file.resolve()} by tools/coco2yolo.py"
@@ -104,7 +114,7 @@ def convert_coco_file(json_file: str | Path, images_dir: str | Path, out: str | 
 
 
 def _convert_all(sources: dict[str, tuple[Path, dict, ImageIndex]], coco_ids: list[int],
-                 report: ConversionReport) -> dict[str, list[LabeledImage]]:
+                 report: ConversionReport, segments: bool = False) -> dict[str, list[LabeledImage]]:
     """``{key: (json file, its content, its image folder)}`` -> ``{key: converted images}``.
 
     Images in a folder that no JSON lists are left out (one JSON's folder may serve several).
@@ -113,7 +123,7 @@ def _convert_all(sources: dict[str, tuple[Path, dict, ImageIndex]], coco_ids: li
     listed = {image for m in matchings.values() for image, _ in m.pairs}
     unlisted = sorted({image for m in matchings.values() for image in m.unannotated} - listed)
     report.left_out += [Problem(str(image), "no JSON's images table lists it") for image in unlisted]
-    return {key: _convert_images(file, coco, index, matchings[key], coco_ids, report)
+    return {key: _convert_images(file, coco, index, matchings[key], coco_ids, report, segments)
             for key, (file, coco, index) in sources.items()}
 
 
@@ -134,8 +144,8 @@ def _match(json_file: Path, coco: dict, index: ImageIndex, report: ConversionRep
 
 
 def _convert_images(json_file: Path, coco: dict, index: ImageIndex, matching: Matching, coco_ids: list[int],
-                    report: ConversionReport) -> list[LabeledImage]:
-    """The readable images of one JSON with their boxes; everything else goes into ``report``."""
+                    report: ConversionReport, segments: bool = False) -> list[LabeledImage]:
+    """The readable images of one JSON with their boxes (or polygons); everything else goes into ``report``."""
     sizes, unreadable = readable_images([p for p, _ in matching.pairs])
     report.unreadable_images += [Problem(str(p), why) for p, why in unreadable]
 
@@ -154,7 +164,8 @@ def _convert_images(json_file: Path, coco: dict, index: ImageIndex, matching: Ma
         if image_id not in known_ids:
             report.without_image.append(f"{where}: image_id {image_id!r} is not in the images table")
         elif image_id in items and not ann.get("iscrowd", 0):
-            _add_box(ann, where, class_of, size_of[image_id], items[image_id], report)
+            add = _add_polygon if segments else _add_box
+            add(ann, where, class_of, size_of[image_id], items[image_id], report)
     report.without_annotation += [str(item.image) for image_id, item in items.items() if image_id not in annotated]
     return sorted(items.values(), key=lambda item: item.name)
 
@@ -183,6 +194,55 @@ def _add_box(ann: dict, where: str, class_of: dict[int, int], size: tuple[int, i
     item.rows.append((cls, *xywh))
 
 
+def _segment_outline(segmentation, width: int, height: int) -> np.ndarray | None:
+    """One (k, 2) pixel outline of a COCO segmentation (polygon list or RLE); None when it holds none."""
+    from pycocotools import mask as coco_mask
+
+    if isinstance(segmentation, list):
+        parts = [np.asarray(part, dtype=np.float64).reshape(-1, 2) for part in segmentation
+                 if isinstance(part, list) and len(part) >= 6 and len(part) % 2 == 0
+                 and all(isinstance(v, (int, float)) for v in part)]
+        return join_parts(parts) if parts else None
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        rle = segmentation
+        if isinstance(rle["counts"], list):  # uncompressed RLE
+            rle = coco_mask.frPyObjects(rle, *rle["size"])
+        elif isinstance(rle["counts"], str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+        mask = coco_mask.decode(rle)
+        if mask.shape != (height, width):
+            return None
+        polygon, _ = mask_to_polygon(mask)
+        return polygon
+    return None
+
+
+def _add_polygon(ann: dict, where: str, class_of: dict[int, int], size: tuple[int, int], item: LabeledImage,
+                 report: ConversionReport) -> None:
+    cls, (width, height) = class_of.get(ann.get("category_id")), size
+    if cls is None:
+        report.box_notes.append(f"{where} ({item.image.name}): category_id {ann.get('category_id')!r} is not in "
+                                "the categories table; dropped")
+        item.dropped += 1
+        return
+    try:
+        outline = _segment_outline(ann.get("segmentation"), width, height)
+    except (ValueError, TypeError, KeyError) as exc:  # pycocotools on a malformed RLE
+        report.box_notes.append(f"{where} ({item.image.name}): segmentation is not a readable RLE ({exc}); dropped")
+        item.dropped += 1
+        return
+    inside = clip_polygon(outline, width, height) if outline is not None else np.zeros((0, 2))
+    if len(inside) < 3:
+        report.box_notes.append(f"{where} ({item.image.name}): no polygon or RLE with an area inside the image "
+                                "in its segmentation; dropped")
+        item.dropped += 1
+        return
+    if len(inside) != len(outline) or not np.allclose(inside, outline):
+        report.box_notes.append(f"{where} ({item.image.name}): segmentation reaches outside the image; clipped")
+        item.clipped += 1
+    item.rows.append((cls, *(inside / (width, height)).ravel().tolist()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Convert COCO instances JSON annotations to YOLO labels and a data yaml.")
     ap.add_argument("--annotations", help="one COCO instances JSON for the whole dataset, split at random; "
@@ -194,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(train, val or test), its instances JSON and its image folder, repeatable")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random split")
     ap.add_argument("--out", required=True, help="output folder; images are symlinked")
+    ap.add_argument("--segments", action="store_true",
+                    help="write each annotation's segmentation (polygons or RLE) as a polygon row, for instance "
+                         "segmentation, instead of its box")
     ap.add_argument("--exist-ok", action="store_true", help="replace splits converted earlier into --out")
     return ap
 
@@ -205,7 +268,7 @@ def main() -> None:
         if not (args.annotations and args.images):
             raise UserError("--annotations (the JSON) and --images (its image folder) go together")
         yaml_file, report = convert_coco_file(args.annotations, args.images, args.out, _fractions(args.split),
-                                              args.seed, args.exist_ok)
+                                              args.seed, args.exist_ok, args.segments)
     else:
         if not args.split:
             raise UserError("give --annotations JSON --images DIR (one file, split at random), "
@@ -216,7 +279,7 @@ def main() -> None:
             raise UserError(f"--split {bad[0] if bad else names}: split names must be distinct and one of "
                             f"{', '.join(SPLITS)}")
         yaml_file, report = convert_coco({name: (js, images) for name, js, images in args.split}, args.out,
-                                         args.exist_ok)
+                                         args.exist_ok, args.segments)
     print(report.render(limit=SHOWN_ON_CONSOLE), end="")
     print(f"data yaml: {yaml_file}\nreport: {yaml_file.parent / REPORT_STEM}.md, .json")
 

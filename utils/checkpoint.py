@@ -17,6 +17,7 @@ import pickle
 import re
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,35 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
         raise
     return path
 
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one write at a time and in order, so the next
+    epoch trains while a file (a fsync'ed copy of the model, its EMA and the optimizer) reaches the
+    disk. ``obj`` must not change after ``submit``: hand over copies. ``wait`` returns once
+    everything submitted is on disk and raises what a write raised."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, obj: dict, paths: list[Path]) -> None:
+        self.wait()
+        # not a daemon: a run that stops on an exception still finishes the file it was writing
+        self._thread = threading.Thread(target=self._write, args=(obj, paths), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, obj: dict, paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                save_checkpoint(obj, path)
+        except BaseException as exc:  # raised again in the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -167,8 +167,8 @@ def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir
     qat_best = qat_dir / "weights" / ("qat_best.pt" if opt.qat_epochs > 0 else "ptq.pt")
     onnx = export_checkpoint(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu",
                              exist_ok=opt.exist_ok)[0].path
-    checked = validate_exported(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size,
-                                backend="tensorrt" if backends.have_tensorrt() and opt.device != "cpu" else "onnxruntime",
+    backend = "tensorrt" if backends.have_tensorrt() and opt.device != "cpu" else "onnxruntime"
+    checked = validate_exported(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size, backend=backend,
                                 device="" if opt.device == "cpu" else opt.device, workers=opt.workers,
                                 project=save_dir, name="onnx_int8", exist_ok=True)
     same_input, _ = evaluate_exported(load_quantized(qat_best, device)[0], load_data_config(data), opt.imgsz,
@@ -181,6 +181,7 @@ def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir
             f"QAT in PyTorch, {square}": metrics(same_input),
             f"ONNX INT8 ({checked['backend']}), {square}": metrics(checked["eval"])}
     written = {"data": data, "fp32_weights": fp32,
-               "ptq_weights": qat_dir / "weights" / "ptq.pt", "qat_weights": qat_best, "qat_report": qat_dir / "report.md",
+               "ptq_weights": qat_dir / "weights" / "ptq.pt", "qat_weights": qat_best,
+               "qat_report": qat_dir / "report.md",
                "onnx": onnx, "onnx_eval": Path(checked["save_dir"]) / "results.md"}
     return rows, written, seconds

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.data.augment import augment_hsv, letterbox, mixup, mosaic4, random_flip, random_perspective
 from utils.data.config import AUGMENT_KEYS, load_hyp
+from utils.data.epoch_loader import EpochBatchSampler, EpochLoader, SampleKey
 from utils.data.label_cache import load_or_scan
 from utils.data.label_check import IMG_FORMATS
 from utils.data.polygons import rasterize
@@ -42,6 +43,7 @@ from utils.paths import ROOT
 
 LOGGER = logging.getLogger("yolov9.data")
 DEFAULT_HYP = ROOT / "data" / "hyps" / "hyp.scratch-high.yaml"
+NO_EPOCH_LIMIT = 2 ** 62
 TASKS = ("detect", "segment")
 MASK_RATIO = 4  # input pixels per mask pixel: the prototypes' stride in every YOLOv9 segmentation head
 
@@ -136,20 +138,34 @@ class YoloDataset(Dataset):
             self._make_rect_batches(batch_size, pad)
         self.label_files = img2label_paths(self.im_files)
         # Kept in shared memory so that switching mosaic off, or the epoch, reaches persistent worker processes.
-        self._mosaic = torch.tensor(augment and not rect).share_memory_()
+        # _mosaic: mosaic on, and for samples of which epochs (an epoch below the second value).
+        self._mosaic = torch.tensor([int(augment and not rect), NO_EPOCH_LIMIT]).share_memory_()
         self._epoch = torch.tensor(-1).share_memory_()  # -1: set_epoch never called
 
     @property
     def mosaic(self) -> bool:
-        return bool(self._mosaic)
+        return bool(self._mosaic[0])
 
     @mosaic.setter
     def mosaic(self, on: bool) -> None:
-        self._mosaic.fill_(bool(on))
+        self._mosaic[0] = int(bool(on))
 
-    def close_mosaic(self) -> None:
-        """Stop mosaic for the final epochs, so the model ends on images as they will be seen."""
-        self.mosaic = False
+    def close_mosaic(self, from_epoch: int | None = None) -> None:
+        """Stop mosaic for the final epochs, so the model ends on images as they will be seen: now, or
+        for every sample drawn for ``from_epoch`` or later (set before training, this also holds for
+        the batches an ``EpochLoader`` prepares ahead of the epoch)."""
+        if from_epoch is None:
+            self.mosaic = False
+        else:
+            self._mosaic[1] = from_epoch
+
+    def augmentation_state(self) -> tuple[int, int]:
+        """What decides whether a sample is a mosaic; prepared samples are void once it changes."""
+        return tuple(self._mosaic.tolist())
+
+    def _mosaic_for(self, epoch: int) -> bool:
+        on, until = self._mosaic.tolist()
+        return bool(on) and epoch < until
 
     def _make_rect_batches(self, batch_size: int, pad: float) -> None:
         """Sort by aspect ratio and give each batch the smallest stride-multiple shape that fits it."""
@@ -179,17 +195,20 @@ class YoloDataset(Dataset):
     def __len__(self) -> int:
         return len(self.im_files)
 
-    def __getitem__(self, index: int):
-        epoch = int(self._epoch)
+    def __getitem__(self, index: int | SampleKey):
+        if isinstance(index, SampleKey):  # drawn ahead of its epoch by an EpochLoader: the key says which
+            epoch, index = index.epoch, index.index
+        else:
+            epoch = int(self._epoch)
         if epoch < 0 or not self.augment:
-            return self._load_item(index)
+            return self._load_item(index, epoch)
         with _seeded_draws(self.seed, epoch, index):
-            return self._load_item(index)
+            return self._load_item(index, epoch)
 
-    def _load_item(self, index: int):
+    def _load_item(self, index: int, epoch: int):
         hyp = self.hyp
         segment = self.task == "segment"
-        if self.mosaic and random.random() < hyp["mosaic"]:
+        if self._mosaic_for(epoch) and random.random() < hyp["mosaic"]:
             img, labels, segments = self.load_mosaic(index)
             shapes = None
             if random.random() < hyp["mixup"]:
@@ -309,6 +328,16 @@ def _label_kind(scan, source: str, task: str) -> str:
     return "polygons" if polygon_files else "boxes" if box_files else ""
 
 
+def model_task(model: torch.nn.Module) -> str:
+    """'segment' when the model's last layer is a segmentation head, else 'detect' (what data it needs).
+
+    Read from the head's prototype branch, which every segmentation head has (ours and upstream's),
+    so library code copied into an upstream checkout by patch_yolov9.sh answers the same.
+    """
+    layers = getattr(getattr(model, "module", model), "model", None)  # DDP wraps the model
+    return "segment" if layers is not None and hasattr(layers[-1], "proto") else "detect"
+
+
 def check_task(dataset: YoloDataset, model: str, task: str) -> None:
     """Refuse a model whose task does not fit the dataset's labels, naming both.
 
@@ -340,12 +369,16 @@ def _seeded_draws(seed: int, epoch: int, index: int):
         np.random.set_state(np_state)
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
+def set_epoch(loader, epoch: int) -> None:
     """Make ``loader``'s next pass epoch ``epoch``'s: its shuffle order and its augmentations.
 
     Both follow from (seed, epoch) alone, so a run resumed at this epoch draws exactly what the
-    uninterrupted run drew, with persistent workers and any worker count.
+    uninterrupted run drew, with persistent workers and any worker count. An ``EpochLoader``
+    carries the epoch in every sample it asks for.
     """
+    if isinstance(loader, EpochLoader):
+        loader.set_epoch(epoch)
+        return
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):
@@ -367,7 +400,8 @@ def init_worker(worker_id: int) -> None:
 def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, augment: bool = False,
                       rect: bool = False, pad: float = 0.0, workers: int = 8, shuffle: bool = False, prefix: str = "",
                       seed: int = 0, close_mosaic: bool = False, rank: int = -1, nc: int | None = None,
-                      fixed_hw: tuple[int, int] | None = None, task: str = "detect", mask_ratio: int = MASK_RATIO):
+                      fixed_hw: tuple[int, int] | None = None, drop_last: bool = False, task: str = "detect",
+                      mask_ratio: int = MASK_RATIO):
     """Build a ``YoloDataset`` and its DataLoader; returns (loader, dataset).
 
     ``task='segment'`` batches are ``(images, targets, paths, shapes, masks, polygons)``; see ``YoloDataset``.
@@ -379,6 +413,9 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, 
     ``rank`` >= 0 shards batches over DDP processes; local rank 0 scans first, the rest reuse its cache.
     A shuffled loader's order and augmentations come from ``seed`` and the epoch: call
     ``set_epoch(loader, epoch)`` before each pass (an epoch that is never set repeats the order).
+    A shuffled, augmenting (training) loader is an ``EpochLoader``: one stream of batches over all
+    epochs, so its workers prepare the next epoch while the current one finishes; with
+    ``drop_last`` every batch has the full size (a compiled step then never sees a new shape).
     """
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING rect batches need a fixed order; shuffle turned off")
@@ -390,14 +427,17 @@ def create_dataloader(path, imgsz: int, batch_size: int, stride: int, hyp=None, 
     batch_size = min(batch_size, len(dataset))
     n_devices = max(torch.cuda.device_count(), 1)
     n_workers = min((os.cpu_count() or 1) // n_devices, batch_size if batch_size > 1 else 0, workers)
+    common = dict(num_workers=n_workers, persistent_workers=n_workers > 0, pin_memory=torch.cuda.is_available(),
+                  collate_fn=YoloDataset.collate_fn, worker_init_fn=init_worker)
+    if augment and shuffle:  # training: one stream of batches over all epochs, DDP-sharded by the sampler
+        sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=True, seed=seed, drop_last=drop_last)
+        return EpochLoader(DataLoader(dataset, batch_sampler=sampler, **common)), dataset
     # One process shuffles like one DDP rank of one: the order is a function of (seed, epoch).
     sampler = None if rank == -1 and not shuffle else DistributedSampler(
         dataset, num_replicas=1 if rank == -1 else None, rank=0 if rank == -1 else None, shuffle=shuffle, seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + max(rank, 0))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                        num_workers=n_workers, persistent_workers=n_workers > 0, pin_memory=torch.cuda.is_available(),
-                        collate_fn=YoloDataset.collate_fn, worker_init_fn=init_worker, generator=generator)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **common)
     return loader, dataset
 
 

@@ -28,7 +28,7 @@ class LabeledImage:
     """One image of a converted dataset: its source file, its file name in the output, its boxes."""
     image: Path
     name: str
-    rows: list[tuple[int, float, float, float, float]] = field(default_factory=list)
+    rows: list[tuple] = field(default_factory=list)  # (class, x, y, w, h) or (class, x1, y1, x2, y2, ...)
     dropped: int = 0  # boxes of the source annotation left out
     clipped: int = 0  # boxes moved inside the image
 
@@ -76,10 +76,11 @@ def link_image(src: str | Path, dst: Path) -> None:
         raise UserError(f"{dst}: cannot create a symlink to {src} ({exc.strerror})") from exc
 
 
-def write_label_file(path: Path, rows: list[tuple[int, float, float, float, float]]) -> None:
-    """One ``class x y w h`` line per box; an empty file marks an image with no objects."""
+def write_label_file(path: Path, rows: list[tuple]) -> None:
+    """One ``class x y w h`` line per box (or ``class x1 y1 x2 y2 ...`` per polygon); an empty file marks an
+    image with no objects."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in rows))
+    path.write_text("".join(f"{row[0]} " + " ".join(f"{v:.6f}" for v in row[1:]) + "\n" for row in rows))
 
 
 def write_data_yaml(out: Path, names: list[str], splits: list[str], comment: str, extra: dict | None = None) -> Path:

@@ -38,12 +38,14 @@ def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, i
     A segmentation model or export is scored on boxes and masks; its data must hold polygons (and a
     detection model's, boxes), else one line names both.
     """
-    from models.tasks import model_task
     from utils.data.config import require_split
-    from utils.data.dataset import check_task, create_dataloader
+    from utils.data.dataset import check_task, create_dataloader, model_task
 
     hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
-    kind = ("segment" if backend.segment else "detect") if isinstance(backend, DetectionBackend) else model_task(backend)
+    if isinstance(backend, DetectionBackend):
+        kind = "segment" if backend.segment else "detect"
+    else:
+        kind = model_task(backend)
     loader, dataset = create_dataloader(require_split(data, task), max(hw), batch_size, 32, rect=False,
                                         workers=workers, prefix=f"{task}: ", nc=data["nc"], fixed_hw=hw, task=kind)
     check_task(dataset, model_name, kind)

@@ -127,6 +127,7 @@ class EvalArtifacts:
     detections: list[np.ndarray] = field(default_factory=list)  # (n, 6), original pixels
     labels: list[np.ndarray] = field(default_factory=list)      # (m, 5) [cls, x1, y1, x2, y2]
     mask_ap: APResult | None = None  # segmentation
+    mask_per_image: PerImageStats | None = None  # segmentation: the mask matches image by image
     mask_samples: list[MaskSample] = field(default_factory=list)  # a few images for the mask plots
     masks: list[list] = field(default_factory=list)  # per image, each detection's mask (BoxMask), when kept
     polygons: list[list[np.ndarray]] = field(default_factory=list)  # per image, true polygons in original pixels
@@ -267,7 +268,8 @@ def evaluate(model: nn.Module, dataloader: Iterable, names: Sequence[str], devic
                         images=seen, instances=int(ap.n_targets.sum()),
                         mask=None if mask_ap is None else {"precision": mask_ap.mp, "recall": mask_ap.mr,
                                                            "map50": mask_ap.map50, "map50_95": mask_ap.map50_95})
-    return result, EvalArtifacts(ap, confusion, stats.per_image(), mask_ap=mask_ap, **kept)
+    return result, EvalArtifacts(ap, confusion, stats.per_image(), mask_ap=mask_ap,
+                                 mask_per_image=mask_stats.per_image() if mask_stats is not None else None, **kept)
 
 
 def _mask_sample(image: torch.Tensor, targets: torch.Tensor, polygons: list[np.ndarray], pred: torch.Tensor,

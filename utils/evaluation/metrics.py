@@ -47,7 +47,8 @@ def match_detections(detections: np.ndarray, labels: np.ndarray, thresholds: np.
     if not (n and m):
         return correct
     if iou is None:  # no epsilon: an IoU exactly at a threshold must pass, as in COCOeval; 0/0 of empty boxes -> 0
-        iou = np.nan_to_num(box_iou(torch.from_numpy(detections[:, :4]), torch.from_numpy(labels[:, 1:]), eps=0).numpy())
+        iou = box_iou(torch.from_numpy(detections[:, :4]), torch.from_numpy(labels[:, 1:]), eps=0).numpy()
+        iou = np.nan_to_num(iou)
     iou = iou * (detections[:, 5:6] == labels[None, :, 0])
     order = np.argsort(-detections[:, 4], kind="stable")
     order = order[iou[order].max(1) >= thresholds.min()]  # the rest cannot match at any threshold

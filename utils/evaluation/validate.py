@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 from models.loading import attempt_load
-from models.tasks import model_task
 from utils.data.config import load_data_config, require_split
-from utils.data.dataset import check_task, create_dataloader
+from utils.data.dataset import check_task, create_dataloader, model_task
 from utils.errors import UserError
 from utils.evaluation.coco import (
     category_ids,

@@ -9,11 +9,6 @@ next to the detection loss (per image, like it). Its gradient is proportional to
 is small where quantization already matches the float model and nothing drifts; an error that
 feeds on itself, as an error normalised by its own value would, cannot build up (the tests train
 a tiny model at 100x the QAT learning rate and the error stays where PTQ left it).
-
-A segmentation model's masks are made inside its head, after the last supervised layer: there the
-mask-coefficient towers and the prototype layer of every branch are supervised as well, each one
-more relative error in the mean, so the prototype branch learns to undo its INT8 error the way
-the backbone does (the teacher then runs its head too).
 """
 from __future__ import annotations
 
@@ -24,6 +19,9 @@ import torch.nn as nn
 
 from models.quantize_rules import flat_tensors
 from utils.torch_utils import de_parallel
+from utils.training.acceleration import channels_last, maybe_compile, memory_format
+
+EPS = 1e-8
 
 
 def supervised_layers(n_layers: int, stride: int) -> list[int]:
@@ -33,10 +31,24 @@ def supervised_layers(n_layers: int, stride: int) -> list[int]:
     return sorted(set(range(0, n_layers - 1, stride)) | {n_layers - 2})
 
 
-def relative_error(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def relative_error(student: torch.Tensor, teacher: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """||s - t||^2 / ||t||^2 in float32 (autocast features are bf16/fp16)."""
-    s, t = student.float(), teacher.float()
-    return (s - t).pow(2).mean() / (t.pow(2).mean() + eps)
+    return _relative_error(student, *_reference(teacher, eps))
+
+
+def _reference(teacher: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a student feature is compared with: the teacher's feature in float32 and its energy (+ eps)."""
+    t = teacher.float()
+    return t, t.square().mean() + eps
+
+
+def _relative_error(student: torch.Tensor, teacher: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    # one kernel for student.float() - teacher: the subtraction promotes bf16 exactly
+    return torch.sub(student, teacher).square().mean() / energy
+
+
+def _mean_relative_error(students: list[torch.Tensor], references: list[tuple[torch.Tensor, torch.Tensor]]):
+    return torch.stack([_relative_error(s, t, e) for s, (t, e) in zip(students, references)]).mean()
 
 
 def mask_outputs(model: nn.Module) -> list[str]:
@@ -51,22 +63,29 @@ def mask_outputs(model: nn.Module) -> list[str]:
             for m in (*towers, proto)]
 
 
-def _truncated(model: nn.Module, last: int) -> nn.Module:
+def _truncated(model: nn.Module, last: int, device: torch.device) -> nn.Module:
     """A frozen copy of ``model`` that stops after layer ``last``: a detector's teacher never needs
     its head, which is a good part of its compute."""
     copy = deepcopy(model)
     copy.model = copy.model[: last + 1]
-    return copy.eval().requires_grad_(False)
+    return channels_last(copy.eval().requires_grad_(False), device)
 
 
 class FeatureDistillation:
     """``extra_loss_fn`` for ``utils.training.engine.train_one_epoch``: runs the teacher on the same images and
     returns ``weight`` x the mean relative feature error of the student's last forward pass (the
-    supervised layers' outputs and, for a segmentation model, its mask coefficients and prototypes)."""
+    supervised layers' outputs and, for a segmentation model, its mask coefficients and prototypes).
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], weight: float = 1.0):
+    The teacher runs without autograd, in the caller's autocast precision; its side of every error
+    (the float32 feature and its energy) is computed there too. With ``compile`` (CUDA) the teacher
+    pass and the error terms are each compiled into a few fused kernels.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], weight: float = 1.0,
+                 compile: bool = False, backend: str | None = None):
+        device = next(teacher.parameters()).device
         masks = mask_outputs(student)
-        self.teacher = _truncated(teacher, len(teacher.model) - 1 if masks else max(layers))
+        self.teacher = _truncated(teacher, len(teacher.model) - 1 if masks else max(layers), device)
         self.weight = weight
         self.sites = [f"model.{i}" for i in layers] + masks
         self._student_out: dict[str, list[torch.Tensor]] = {}
@@ -76,6 +95,9 @@ class FeatureDistillation:
                        for n in self.sites]
         self._hooks += [self.teacher.get_submodule(n).register_forward_hook(self._keep(self._teacher_out, n))
                         for n in self.sites]
+        self._layout = memory_format(self.teacher)
+        self._references = maybe_compile(self._teacher_references, device, compile, backend=backend)
+        self._error = maybe_compile(_mean_relative_error, device, compile, backend=backend)
         self._err_sum: torch.Tensor | float = 0.0  # summed on the device: no host sync per step
         self._err_count = 0
 
@@ -85,20 +107,20 @@ class FeatureDistillation:
             store[name] = flat_tensors(out)
         return hook
 
-    def error(self) -> torch.Tensor:
-        """Mean relative error over the supervised outputs of the last student / teacher passes."""
-        errs = [relative_error(s, t) for n in self.sites
-                for s, t in zip(self._student_out.get(n, []), self._teacher_out.get(n, []))]
-        if not errs:
-            raise RuntimeError("distillation: no layer outputs captured (was the student run first?)")
-        return torch.stack(errs).mean()
+    def _teacher_references(self, imgs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.teacher(imgs.contiguous(memory_format=self._layout))
+        refs = [_reference(t) for n in self.sites for t in self._teacher_out.get(n, [])]
+        self._teacher_out.clear()
+        return refs
 
     def __call__(self, imgs: torch.Tensor, preds, targets) -> torch.Tensor:
         with torch.no_grad():
-            self.teacher(imgs)
-        err = self.error()
+            references = self._references(imgs)
+        students = [s for n in self.sites for s in self._student_out.get(n, [])]
         self._student_out.clear()
-        self._teacher_out.clear()
+        if not students or len(students) != len(references):
+            raise RuntimeError("distillation: no layer outputs captured (was the student run first?)")
+        err = self._error(students, references)
         self._err_sum = self._err_sum + err.detach()
         self._err_count += 1
         return err * self.weight

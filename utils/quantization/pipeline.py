@@ -12,6 +12,7 @@ trains the same scales.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import time
@@ -25,7 +26,6 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.loading import attempt_load
-from models.tasks import model_task
 from models.quantize import (
     CALIB_METHODS,
     amax_state,
@@ -40,10 +40,11 @@ from models.quantize import (
 )
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp, require_split
-from utils.data.dataset import check_task, create_dataloader, set_epoch
+from utils.data.dataset import check_task, create_dataloader, model_task, set_epoch
 from utils.errors import UserError
 from utils.evaluation import bootstrap
 from utils.evaluation.agreement import Agreement, run_agreement
+from utils.evaluation.cached_batches import CachedBatches
 from utils.evaluation.evaluator import EvalResult, evaluate
 from utils.evaluation.metrics import PerImageStats
 from utils.logs import LOGGER
@@ -60,6 +61,7 @@ from utils.quantization.report import headline, metrics, new_report, score, writ
 from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import de_parallel, select_device
+from utils.training.acceleration import channels_last, maybe_compile
 from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
 from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
@@ -86,7 +88,7 @@ def load_float_model(weights: str | Path, device: torch.device, unsafe: bool = F
 
 def make_loader(data: dict, split: str, imgsz: int, batch_size: int, stride: int, workers: int, *,
                 hyp: dict | None = None, shuffle: bool = False, seed: int = 0, rank: int = -1,
-                model: nn.Module | None = None, weights: str | Path = ""):
+                drop_last: bool = False, model: nn.Module | None = None, weights: str | Path = ""):
     """Evaluation loaders are rect-batched like val.py's; training / calibration ones are square.
 
     ``model``: the loader serves its task (a segmentation model's batches carry masks), and a
@@ -96,7 +98,7 @@ def make_loader(data: dict, split: str, imgsz: int, batch_size: int, stride: int
     loader, dataset = create_dataloader(require_split(data, split), imgsz, batch_size, stride, hyp=hyp,
                                         augment=hyp is not None, rect=evaluation, pad=0.5 if evaluation else 0.0,
                                         workers=workers, shuffle=shuffle, prefix=f"{split}: ", seed=seed, rank=rank,
-                                        nc=data["nc"], task=task)
+                                        nc=data["nc"], drop_last=drop_last, task=task)
     if model is not None:
         check_task(dataset, str(weights), task)
     return loader
@@ -111,7 +113,8 @@ def image_batches(loader, device: torch.device, n: int) -> Iterator[torch.Tensor
 
 @dataclass
 class Evaluator:
-    """The evaluator on one fixed loader, so that every model of a run is measured on the same images.
+    """The evaluator on one fixed loader, so that every model of a run is measured on the same images
+    (decoded once: ``CachedBatches``).
 
     Full precision on purpose: a half-precision pass would round the fake-quantized values again.
     """
@@ -140,12 +143,38 @@ class Evaluator:
         return result, artifacts.per_image
 
 
+class _StageClock:
+    """Adds the wall time of ``with clock(name):`` blocks to ``seconds[name]``, the GPU's queue included."""
+
+    def __init__(self, device: torch.device, seconds: dict):
+        self.device, self.seconds = device, seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 def _evaluator(opt: argparse.Namespace, data: dict, model: nn.Module, split: str | None = None) -> Evaluator:
     stride = max(int(model.stride.max()), 32)
     check_imgsz(opt.imgsz, stride)
     loader = make_loader(data, split or opt.task, opt.imgsz, opt.batch_size * 2, stride, opt.workers, model=model,
                          weights=opt.weights)
-    return Evaluator(data, loader, opt.conf_thres, opt.iou_thres, opt.postprocess)
+    return Evaluator(data, CachedBatches(loader), opt.conf_thres, opt.iou_thres, opt.postprocess)
+
+
+def score_name(model: nn.Module) -> str:
+    """What ``report.score`` adds up for this model."""
+    return "box + mask mAP50-95" if model_task(model) == "segment" else "mAP50-95"
 
 
 def report_split(task: str, report_task: str | None, data: dict) -> str:
@@ -154,11 +183,6 @@ def report_split(task: str, report_task: str | None, data: dict) -> str:
     if report_task is None:
         return "test" if data.get("test") and data.get("test") != data.get(task) else task
     return task if report_task == "none" else report_task
-
-
-def score_name(model: nn.Module) -> str:
-    """What ``report.score`` adds up for this model."""
-    return "box + mask mAP50-95" if model_task(model) == "segment" else "mAP50-95"
 
 
 def _run_dir(opt: argparse.Namespace, info: DistInfo) -> Path:
@@ -177,22 +201,27 @@ def _check_classes(model: nn.Module, data: dict, weights) -> None:
 
 
 def calibrate_ptq(model: nn.Module, batches, method: str, percentile: float,
-                  evaluate: Evaluator | None) -> tuple[str, list[dict]]:
+                  evaluate: Evaluator | None, seconds: dict | None = None) -> tuple[str, list[dict]]:
     """Calibrate a prepared model with ``method``, or for 'auto' with each method in turn, keeping
-    the one whose PTQ model scores the best mAP50-95. Returns the method used and the trials."""
+    the one whose PTQ model scores the best mAP50-95. Returns the method used and the trials;
+    ``seconds`` receives the time of the statistics pass, the range searches and the evaluations."""
     methods = CALIB_METHODS if method == "auto" else (method,)
     if method != "auto" and method not in CALIB_METHODS:
         raise UserError(f"--calib-method {method}: expected one of {', '.join(CALIB_METHODS)} or auto")
     if method == "auto" and evaluate is None:
         raise ValueError("auto calibration needs an evaluator to choose the method")
-    n = collect_stats(model, batches)
+    clock = _StageClock(next(model.parameters()).device, seconds if seconds is not None else {})
+    with clock("calibration"):
+        n = collect_stats(model, batches)
     if n == 0:
         raise UserError("calibration: the training split gave no batches")
     trials = []
     for m in methods:
-        load_amax(model, m, percentile)
+        with clock("range_search"):
+            load_amax(model, m, percentile)
         if evaluate is not None:
-            r = evaluate(model)
+            with clock("ptq_evaluation"):
+                r = evaluate(model)
             trials.append({"method": m, **metrics(r)})
             LOGGER.info(f"PTQ with {m} calibration: mAP50-95 {r.map50_95:.4f}, mAP50 {r.map50:.4f}")
     chosen = max(trials, key=score)["method"] if len(methods) > 1 else method
@@ -225,7 +254,8 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
     skip = parse_skip_layers(opt.skip_layers, len(float_model.model))
     model = prepare(deepcopy(float_model), skip)
     method, trials = calibrate_ptq(model, image_batches(loader, device, opt.calib_batches), opt.calib_method,
-                                   opt.percentile, evaluate if (evaluate and not opt.no_eval_ptq) else None)
+                                   opt.percentile, evaluate if (evaluate and not opt.no_eval_ptq) else None,
+                                   report.setdefault("seconds", {}))
     report["calibration"] = trials if len(trials) > 1 else []
     if opt.auto_skip:
         ptq_map = score(next(t for t in trials if t["chosen"]))
@@ -284,11 +314,11 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
              state: ResumeState, phase: Phase = QAT) -> None:
     """QAT epochs with the training engine; the float model supervises through ``FeatureDistillation``
     (the control phase trains ``student``, a float copy, the same way without it)."""
-    set_trainable(student)
+    channels_last(set_trainable(student), device)
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
     loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
-                         seed=opt.seed, rank=info.rank, model=student, weights=opt.weights)
+                         seed=opt.seed, rank=info.rank, drop_last=opt.compile, model=student, weights=opt.weights)
     loss_names = ("box", "seg", "cls", "dfl") if model_task(student) == "segment" else ("box", "cls", "dfl")
     lr0 = opt.lr if opt.lr is not None else hyp["lr0"]
     optimizer = build_optimizer(student, opt.optimizer, lr0, hyp["momentum"], hyp["weight_decay"])
@@ -299,11 +329,12 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     distill = None
     if phase.distill and opt.distill_weight > 0 and opt.supervision_stride > 0:
         layers = supervised_layers(len(student.model), opt.supervision_stride)
-        distill = FeatureDistillation(student, teacher, layers, opt.distill_weight)
+        distill = FeatureDistillation(student, teacher, layers, opt.distill_weight, compile=opt.compile)
     model = student
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
+    forward = maybe_compile(model, device, opt.compile)
     precision = make_precision(device, opt.amp)
     best = state.best_fitness
     weights = save_dir / "weights"
@@ -315,7 +346,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                 g["lr"] = lr0 * lf(epoch)
             stats = train_one_epoch(model, loader, loss_fn, optimizer, device=device, epoch=epoch, epochs=opt.epochs,
                                     precision=precision, max_iters=opt.iters, extra_loss_fn=distill,
-                                    world_size=info.world_size, progress=info.is_main)
+                                    world_size=info.world_size, progress=info.is_main, forward=forward)
             if not info.is_main:
                 continue
             row = {"epoch": epoch + 1, **dict(zip(loss_names, stats.loss)),
@@ -463,7 +494,7 @@ def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None,
             finetune(opt, deepcopy(teacher), teacher, data, hyp, evaluate, report, save_dir, device, info,
                      ResumeState(started=t0), CONTROL)
     if info.is_main:
-        evaluate_reported_rows(opt, teacher, data, report, save_dir, device)
+        evaluate_reported_rows(opt, teacher, data, report, save_dir, device, evaluate)
         md, _ = write_report(report, save_dir)
         LOGGER.info(md.read_text())
     return save_dir
@@ -481,11 +512,13 @@ DELTAS = {"ptq_minus_origin": ("ptq", "origin"), "qat_minus_origin": ("qat_best"
 
 
 def evaluate_reported_rows(opt: argparse.Namespace, teacher: nn.Module, data: dict, report: dict,
-                           save_dir: Path, device: torch.device) -> None:
+                           save_dir: Path, device: torch.device, selection: Evaluator | None = None) -> None:
     """Every row again on the report split, as chosen on ``--task``, with paired bootstrap intervals
-    of the deltas (``report['reported']``, ``report['intervals']``)."""
+    of the deltas (``report['reported']``, ``report['intervals']``). A report on the ``--task`` split
+    replays the ``selection`` evaluator's batches, decoded already."""
     split = report["reported_on"]
-    evaluate = _evaluator(opt, data, teacher, split)
+    reuse = selection is not None and split == opt.task
+    evaluate = selection if reuse else _evaluator(opt, data, teacher, split)
     rows, matches = {}, {}
     for key in ("origin", *_ROW_MODELS):
         if report.get(key) is None:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.boxes import bbox_iou, xywh2xyxy
+from utils.data.dataset import model_task
 from utils.tal.anchor_generator import bbox2dist, dist2bbox, make_anchors
 from utils.torch_utils import de_parallel
 from utils.training.assigner import Assignment, TaskAlignedAssigner
@@ -138,7 +139,7 @@ class ComputeLoss:
         return Targets(padded[..., :1], boxes, mask, rows)
 
     def prepare(self, feats: list[torch.Tensor], targets: torch.Tensor):
-        """Padded targets, anchor points, strides and the input (h, w), in full precision, for one batch's level maps."""
+        """Padded targets, anchor points, strides and the input (h, w) of one batch's level maps, in full precision."""
         device = feats[0].device
         stride = self.stride.to(device)
         img_hw = torch.tensor(feats[0].shape[2:], device=device, dtype=torch.float32) * stride[0]
@@ -249,8 +250,6 @@ class DualSegmentationLoss(SegmentationLoss):
 def build_loss(model: nn.Module, hyp: dict | None = None) -> ComputeLoss:
     """The loss that matches the model's head: dual-branch heads carry the extra ``cv4``/``cv5`` towers,
     segmentation heads ``proto``; the head's class names the task."""
-    from models.tasks import model_task
-
     head = de_parallel(model).model[-1]
     dual = hasattr(head, "cv4") and hasattr(head, "cv5")
     if model_task(de_parallel(model)) == "segment":

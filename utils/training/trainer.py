@@ -22,10 +22,12 @@ import torch.nn as nn
 import yaml
 
 from utils.errors import UserError
+from utils.evaluation.cached_batches import CachedBatches
 from utils.options import CLI_FLAGS, check_flags, check_imgsz, resume_options, run_options, typed_flags
 from utils.paths import ROOT, increment_path
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
+from utils.training.acceleration import channels_last, maybe_compile
 from utils.training.distributed import DistInfo, broadcast_object, process_group
 from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
@@ -40,7 +42,7 @@ DEFAULTS: dict = dict(
     weights="", cfg="", data=str(ROOT / "data/coco.yaml"), hyp=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
     epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
     exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, patience=100,
-    sync_bn=False, amp="bf16", noval=False, cache="", mask_ratio=4,
+    sync_bn=False, amp="bf16", noval=False, cache="", compile=False, mask_ratio=4,
     # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
     # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
     nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
@@ -105,7 +107,7 @@ def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: i
     """
     # The raw weights go into a copy of the EMA module so that a SyncBatchNorm / DDP wrapper never
     # reaches the file: the safe loader only knows the plain model classes.
-    raw = deepcopy(ema.ema)
+    raw = deepcopy(ema.ema).to(memory_format=torch.contiguous_format)  # files as without channels_last
     raw.load_state_dict(de_parallel(model).state_dict())
     for saved, live in zip(raw.parameters(), de_parallel(model).parameters()):
         saved.requires_grad_(live.requires_grad)  # resume rebuilds the same optimizer groups from these
@@ -113,9 +115,9 @@ def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: i
         "epoch": epoch,
         "best_fitness": best_fitness,
         "model": raw,
-        "ema": deepcopy(ema.ema),
+        "ema": deepcopy(ema.ema).to(memory_format=torch.contiguous_format),
         "updates": ema.updates,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": deepcopy(optimizer.state_dict()),  # a copy: the file may be written while training goes on
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "best_epoch": best_epoch,
         "opt": plain_options(opt),
@@ -247,11 +249,13 @@ def train(opt: argparse.Namespace | dict | None = None,
         opt, ckpt, save_dir = _resume(opt)
         check_flags(vars(opt))
     device = select_device(opt.device)
-    run: dict = {}  # _train puts the path of last.pt here, for the message of an interrupt
+    run: dict = {}  # _train puts the path of last.pt and its writer here, for the message of an interrupt
     with process_group(device) as info:
         try:
             return _train(opt, ckpt, save_dir, device, info, on_epoch_end, run)
         except KeyboardInterrupt:
+            if "writer" in run:
+                run["writer"].wait()  # the checkpoint of the last finished epoch may still be on its way
             last = run.get("last")
             if info.is_main and last is not None and last.is_file():
                 raise KeyboardInterrupt(f"{last} holds the last finished epoch; continue with "
@@ -279,10 +283,9 @@ def _resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
 
 def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, device: torch.device, info: DistInfo,
            on_epoch_end: Callable[[int, dict], None] | None, run: dict) -> Path:
-    from models.tasks import model_task
-    from utils.checkpoint import save_checkpoint
+    from utils.checkpoint import CheckpointWriter
     from utils.data.config import load_data_config, load_hyp, require_split
-    from utils.data.dataset import check_task, create_dataloader, set_epoch
+    from utils.data.dataset import check_task, create_dataloader, model_task, set_epoch
 
     t_start = time.perf_counter()
     hyp = dict(opt.hyp) if isinstance(opt.hyp, dict) else load_hyp(opt.hyp)
@@ -293,7 +296,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
         raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
 
     seed_everything(epoch_seed(opt.seed, -1, info.rank))
-    model = build_model(opt, nc, ckpt).to(device)
+    model = channels_last(build_model(opt, nc, ckpt).to(device), device)
     model.nc, model.names, model.hyp = nc, names, hyp
     task = model_task(model)
     model_name = opt.resume or opt.weights or opt.cfg
@@ -324,7 +327,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     train_loader, dataset = create_dataloader(
         require_split(data, "train"), imgsz, batch_per_rank, stride, hyp=hyp, augment=True, workers=opt.workers,
         shuffle=True, prefix="train: ", seed=opt.seed, close_mosaic=opt.close_mosaic > 0,
-        rank=info.local_rank, nc=nc, task=task, mask_ratio=opt.mask_ratio)
+        rank=info.local_rank, nc=nc, drop_last=opt.compile, task=task, mask_ratio=opt.mask_ratio)
     check_task(dataset, str(model_name), task)
     loss_fn = build_loss(model)
     evaluator = None
@@ -333,7 +336,8 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
                                                     hyp=hyp, rect=True, pad=0.5, workers=opt.workers,
                                                     prefix="val: ", nc=nc, task=task, mask_ratio=opt.mask_ratio)
         check_task(val_dataset, str(model_name), task)
-        evaluator = Evaluator(data, imgsz, batch_per_rank * 2, val_loader, loss_fn, opt.epochs, opt.noval)
+        evaluator = Evaluator(data, imgsz, batch_per_rank * 2, CachedBatches(val_loader), loss_fn, opt.epochs,
+                              opt.noval)
         if opt.cache:
             cache_images(val_dataset, "val")
     if opt.cache:
@@ -341,6 +345,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = maybe_compile(model, device, opt.compile)
 
     if save_dir is None:
         made = increment_path(Path(opt.project) / opt.name, opt.exist_ok) if info.is_main else None
@@ -367,17 +372,18 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     session = {"first_epoch": state.start_epoch + 1}
     sessions = (previous_sessions(save_dir / "train_summary.json") if state.start_epoch else []) + [session]
     run["last"] = last
+    writer = run["writer"] = CheckpointWriter()
+    if opt.close_mosaic:  # for the epochs, not from an epoch on: the loader prepares batches ahead
+        dataset.close_mosaic(from_epoch=opt.epochs - opt.close_mosaic)
     for epoch in range(state.start_epoch, opt.epochs):
         seed_everything(epoch_seed(opt.seed, epoch, info.rank))
         set_epoch(train_loader, epoch)
-        if opt.close_mosaic and epoch >= opt.epochs - opt.close_mosaic:
-            dataset.close_mosaic()
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lf(epoch)
         stats = train_one_epoch(model, train_loader, loss_fn, optimizer, device=device, epoch=epoch,
                                 epochs=opt.epochs, precision=precision, ema=ema, accumulate=accumulate,
                                 warmup=warmup, lr_factor=lf(epoch), world_size=info.world_size,
-                                progress=info.is_main)
+                                progress=info.is_main, forward=forward)
         stop = False
         if info.is_main:
             ema.update_attr(model)
@@ -394,9 +400,9 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
             results.append([epoch + 1, *stats.loss, *(metrics[k] for k in METRIC_KEYS), *mask_values,
                             *metrics["val_loss"], *(lrs + [0.0] * 3)[:3]])
             ckpt = make_checkpoint(model, ema, optimizer, precision.scaler, epoch, best_fitness, best_epoch, opt)
-            save_checkpoint(ckpt, last)
-            if best_epoch == epoch:
-                save_checkpoint(ckpt, best)
+            writer.submit(ckpt, [last, best] if best_epoch == epoch else [last])
+            if info.distributed:  # torchrun ends every rank as soon as one stops: the file must be on disk
+                writer.wait()
             del ckpt
             session.update(last_epoch=epoch + 1, seconds=round(time.perf_counter() - t_start, 1))
             write_summary(save_dir / "train_summary.json", opt, sessions, best_epoch, best_fitness, info.world_size,
@@ -405,9 +411,11 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
             if stop:
                 LOGGER.info(f"Stopping early: no improvement for {opt.patience} epochs (best epoch {best_epoch + 1})")
             if on_epoch_end is not None:
+                writer.wait()  # the callback may read the files
                 on_epoch_end(epoch, {**metrics, "fitness": fitness, "train_loss": stats.loss})
         if broadcast_object(stop, info):
             break
+    writer.wait()
 
     if info.is_main:
         for f in (last, best):
@@ -457,7 +465,7 @@ class Evaluator:
     def epoch(self, model: nn.Module, epoch: int) -> tuple[dict, float]:
         """Metrics and fitness ('mask' holds the mask metrics of a segmentation model); with --noval only
         the final epoch is measured (others report zeros)."""
-        from models.tasks import model_task
+        from utils.data.dataset import model_task
         from utils.evaluation.validate import run as validate
 
         zero_loss = (0.0,) * len(self.loss_fn.item_names)

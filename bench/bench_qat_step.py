@@ -1,0 +1,182 @@
+"""QAT training step time / FP32 training step time, measured side by side in one process (GPU; the
+lead runs it on the device):
+
+    python bench/bench_qat_step.py --cfg gelan-s.yaml --data .data/bccd/bccd_device.yaml \\
+        --batch-size 16 --imgsz 640 --device 0
+    -> bench/results/qat_step_time_ratio_gelan-s.json
+
+Both steps are the ones train.py and qat.py take: ``utils.training.engine.train_one_epoch`` on one
+repeated real batch, bf16 autocast, channels-last tensors on CUDA, cuDNN's autotuner on, no EMA.
+FP32 is the unfused model with BatchNorm, as train.py trains it; QAT is the fused, max-calibrated,
+fake-quantized student plus the FP32 teacher's forward pass for feature distillation of every
+layer (qat.py's defaults). Each pair is timed eagerly and compiled (``torch.compile``, what
+``--compile`` runs), alternating FP32 and QAT rounds and keeping each one's best round. The
+record's value is the compiled ratio (the eager one with --no-compile); both pairs of step times,
+the compile times and a check that compiled fake quantization gives the eager values bit for bit
+are in its ``extra``. The models are randomly initialised: a step's time does not depend on the
+values of the weights. Most of its time is compiling (not yet measured on a GPU); the eager record
+is written before compiling starts, so a run stopped while compiling still leaves it.
+
+Toy run on a CPU (tracing only: ``aot_eager`` runs the compiled graphs without generating code):
+
+    python bench/bench_qat_step.py --cfg gelan-t.yaml --data <BCCD yaml> --imgsz 64 --batch-size 2 \\
+        --device cpu --backend aot_eager --iters 2 --repeats 1 --results-dir /tmp/step_dry
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from copy import deepcopy
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.record import write_record  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.paths import ROOT  # noqa: E402
+
+QAT_LR = 1e-4  # hyp.qat.yaml's scale; the value does not change a step's time
+
+
+def build_models(cfg: str, data_yaml: str, imgsz: int, batch_size: int, workers: int, device: torch.device) -> dict:
+    """FP32 model (train mode), a max-calibrated trainable QAT student, its fused FP32 teacher, one real
+    training batch and the QAT hyp, laid out as train.py / qat.py lay them out on ``device``."""
+    from models.quantize import calibrate, prepare, set_trainable
+    from models.yolo import DetectionModel
+    from utils.data.config import load_data_config, load_hyp
+    from utils.quantization.pipeline import make_loader
+    from utils.training.acceleration import channels_last
+
+    hyp = load_hyp(ROOT / "data/hyps/hyp.qat.yaml")
+    data = load_data_config(data_yaml)
+    torch.manual_seed(0)
+    fp = DetectionModel(cfg, nc=data["nc"]).to(device)
+    loader = make_loader(data, "train", imgsz, batch_size, 32, workers, hyp=hyp, shuffle=True)
+    batch = next(iter(loader))
+    teacher = deepcopy(fp).eval().fuse()
+    student = prepare(deepcopy(fp))
+    calibrate(student, [batch[0].to(device).float() / 255])
+    channels_last(set_trainable(student), device)
+    return {"fp32": channels_last(fp.train(), device), "student": student, "teacher": teacher, "batch": batch,
+            "hyp": hyp}
+
+
+def make_steps(built: dict, device: torch.device, compile: bool, backend: str | None) -> dict:
+    """name -> (model, forward, loss, optimizer, extra loss) for the FP32 and the QAT step."""
+    from utils.quantization.distill import FeatureDistillation, supervised_layers
+    from utils.training.acceleration import maybe_compile
+    from utils.training.loss import build_loss
+    from utils.training.optim import build_optimizer
+
+    hyp, fp, student = built["hyp"], built["fp32"], built["student"]
+    distill = FeatureDistillation(student, built["teacher"], supervised_layers(len(student.model), 1),
+                                  compile=compile, backend=backend)
+    return {
+        "fp32": (fp, maybe_compile(fp, device, compile, backend=backend), build_loss(fp, hyp),
+                 build_optimizer(fp, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"]), None),
+        "qat": (student, maybe_compile(student, device, compile, backend=backend), build_loss(student, hyp),
+                build_optimizer(student, "SGD", QAT_LR, hyp["momentum"], hyp["weight_decay"]), distill),
+    }
+
+
+def time_steps(steps: dict, batch: tuple, device: torch.device, iters: int, repeats: int) -> dict:
+    """Best-of-``repeats`` seconds per step of each entry, rounds alternating; the first (untimed) round
+    warms up cuDNN's autotuner and compiles. Also the warm-up round's seconds (compilation)."""
+    from utils.training.engine import make_precision, train_one_epoch
+
+    precision = make_precision(device, "bf16")
+    best = {k: float("inf") for k in steps}
+    warmup = {}
+    for r in range(repeats + 1):
+        for name, (model, forward, loss_fn, optimizer, extra) in steps.items():
+            stats = train_one_epoch(model, [batch] * iters, loss_fn, optimizer, device=device, precision=precision,
+                                    extra_loss_fn=extra, progress=False, forward=forward)
+            if r == 0:
+                warmup[name] = stats.seconds
+            else:
+                best[name] = min(best[name], stats.seconds / stats.iters)
+    return {"step_seconds": best, "warmup_seconds": warmup, "autocast": str(precision.dtype or torch.float32)}
+
+
+def compiled_fake_quant_mismatches(device: torch.device, backend: str | None) -> dict:
+    """Elements where compiled fake quantization differs from eager, per dtype and granularity."""
+    from models.fake_quant import fake_quant_int8
+
+    compiled = torch.compile(fake_quant_int8, backend=backend or "inductor")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(16, 64, 40, 40, generator=g) * 4).to(device, dtype)
+        for name, amax in (("per_tensor", x.float().abs().amax() * 0.7),
+                           ("per_channel", x.float().abs().amax(dim=(1, 2, 3), keepdim=True) * 0.7)):
+            out[f"{name}_{str(dtype).split('.')[-1]}"] = int((compiled(x, amax) != fake_quant_int8(x, amax)).sum())
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", default="gelan-s.yaml")
+    p.add_argument("--data", required=True, help="dataset yaml (one training batch is read)")
+    p.add_argument("--model", default="", help="name in the record (default: the cfg's stem)")
+    p.add_argument("--dataset", default="BCCD", help="dataset name written into the record")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--iters", type=int, default=30, help="timed steps per model and round")
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds per model (after one warm-up round)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="0")
+    p.add_argument("--no-compile", action="store_true", help="eager steps only")
+    p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; aot_eager: a CPU dry run)")
+    p.add_argument("--results-dir", default=None, help="default bench/results")
+    args = p.parse_args(argv)
+
+    from utils.torch_utils import select_device
+
+    device = select_device(args.device)
+    torch.backends.cudnn.benchmark = True
+    model = args.model or Path(args.cfg).stem
+    built = build_models(args.cfg, args.data, args.imgsz, args.batch_size, args.workers, device)
+    results: dict = {}
+    for mode in ("eager",) if args.no_compile else ("eager", "compiled"):
+        steps = make_steps(built, device, mode == "compiled", args.backend)
+        results[mode] = time_steps(steps, built["batch"], device, args.iters, args.repeats)
+        steps["qat"][4].remove()
+        ms = {k: 1e3 * v for k, v in results[mode]["step_seconds"].items()}
+        print(f"{mode}: FP32 {ms['fp32']:.1f} ms, QAT {ms['qat']:.1f} ms per step, ratio {ms['qat'] / ms['fp32']:.3f}",
+              flush=True)
+        if mode == "compiled":
+            results[mode]["fake_quant_mismatches"] = compiled_fake_quant_mismatches(device, args.backend)
+        # written after each mode, so a run stopped while compiling still leaves the eager figure
+        path = write_record(f"qat_step_time_ratio_{model}", ms["qat"] / ms["fp32"], "x", model, args.dataset,
+                            extra=record_extra(args, device, results), results_dir=args.results_dir)
+        print(f"wrote {path}", flush=True)
+    return results
+
+
+def record_extra(args: argparse.Namespace, device: torch.device, results: dict) -> dict:
+    """Both step times of the headline (last) mode, and every mode's figures."""
+    mode = list(results)[-1]
+    extra = {"batch": args.batch_size, "imgsz": args.imgsz, "autocast": results[mode]["autocast"],
+             "timing": f"best of {args.repeats} rounds of {args.iters} steps, FP32 and QAT alternating",
+             "step": f"compiled (torch.compile, {args.backend or 'inductor'})" if mode == "compiled" else "eager",
+             "fp32_step_ms": 1e3 * results[mode]["step_seconds"]["fp32"],
+             "qat_step_ms": 1e3 * results[mode]["step_seconds"]["qat"],
+             "memory_format": "channels_last" if device.type == "cuda" else "contiguous", "torch": torch.__version__,
+             "note": "random-init models, one repeated real batch, no EMA; FP32 = unfused model with BatchNorm "
+                     "as train.py trains it; QAT = fused fake-quantized student plus the FP32 teacher forward "
+                     "and the distillation of every layer"}
+    for name, r in results.items():
+        seconds = r["step_seconds"]
+        extra.update({f"{name}_fp32_step_ms": 1e3 * seconds["fp32"], f"{name}_qat_step_ms": 1e3 * seconds["qat"],
+                      f"{name}_ratio": seconds["qat"] / seconds["fp32"],
+                      f"{name}_first_round_seconds": r["warmup_seconds"]})
+        if "fake_quant_mismatches" in r:
+            extra[f"{name}_fake_quant_mismatches_vs_eager"] = r["fake_quant_mismatches"]
+    return extra
+
+
+if __name__ == "__main__":
+    run_cli(main)
