@@ -197,7 +197,8 @@ def test_topk_mask_assembly_equals_per_detection_reference(seg_exports, cfg):
     num, boxes, scores, classes, masks = run_ort(files[cfg, "topk"], x)
     pred, proto = run_ort(files[cfg, "raw"], x)
     from_raw = no_max_suppression(pred[:, :4 + NC], conf_thres=CONF, max_det=K)
-    for i, (dets, mask) in enumerate(zip(decode_end2end(num, boxes, scores, classes), decode_end2end_masks(num, masks))):
+    decoded = zip(decode_end2end(num, boxes, scores, classes), decode_end2end_masks(num, masks))
+    for i, (dets, mask) in enumerate(decoded):
         torch.testing.assert_close(dets, from_raw[i], atol=1e-4, rtol=1e-5)
         anchors = anchor_of(dets[:, :4], pred[i])
         expected = reference_masks(pred[i, 4 + NC:, anchors].T, proto[i], dets[:, :4])
