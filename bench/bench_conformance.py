@@ -1,11 +1,12 @@
-"""Export conformance matrix: every detection config x nc x End2End variant x batch mode x input shape.
+"""Export conformance matrix: every detection and segmentation config x nc x End2End variant x batch mode x input shape.
 
 Each (config, nc) is quantized once (random init, calibrated on random images), traced once per
 (batch mode, input shape), and each variant's tail is appended to that trace; every case is then
 checked by ``bench.conformance.run_case`` (ONNX checker, lint, ONNX Runtime, PyTorch parity,
-EfficientNMS_TRT contract). CPU only, one thread a block; the full matrix (360 cases) takes hours on a
-shared 2-core machine, so each (config, nc) block is saved as it ends and ``--resume`` continues;
-``--jobs N`` runs N blocks at once on a many-core machine.
+EfficientNMS_TRT contract; a segmentation model's masks). CPU only, one thread a block; the full
+matrix (10 detection + 3 segmentation configs: 468 cases) takes hours on a shared 2-core machine,
+so each (config, nc) block is saved as it ends and ``--resume`` continues; ``--jobs N`` runs N
+blocks at once on a many-core machine.
 
     nice python bench/bench_conformance.py [--resume] [--jobs N]
     -> bench/results/conformance_cases_total.json, conformance_failures_total.json,
@@ -101,7 +102,9 @@ def summarize(results: list[dict], cases: list[cf.Case]) -> dict:
         "by_config_nc_variant": table,
         "error_distribution": {"box_px": _quantiles([r["box_err"] for r in measured]),
                                "score": _quantiles([r["score_err"] for r in measured]),
-                               "bounds": {"box_px": cf.BOX_TOL_PX, "score": cf.SCORE_TOL}},
+                               "mask": _quantiles([r["mask_err"] for r in results if r.get("mask_err") is not None]),
+                               "bounds": {"box_px": cf.BOX_TOL_PX, "score": cf.SCORE_TOL, "mask": cf.MASK_TOL,
+                                          "mask_mean": cf.MASK_MEAN_TOL}},
         "failed_cases": [by_name[c.name] for c in cases if not by_name[c.name]["passed"]],
     }
 
@@ -113,7 +116,9 @@ def to_markdown(summary: dict) -> str:
             f"{summary['cases']} cases, {summary['failures']} failed. Each cell: cases passed / cases "
             f"(2 batch modes x 2 input shapes). Max |ONNX Runtime - PyTorch| over raw and plugin-input cases: "
             f"boxes {dist['box_px'].get('max', 0):.3g} px (bound {cf.BOX_TOL_PX}), "
-            f"scores {dist['score'].get('max', 0):.3g} (bound {cf.SCORE_TOL}).\n")
+            f"scores {dist['score'].get('max', 0):.3g} (bound {cf.SCORE_TOL})"
+            + (f"; mask probabilities {dist['mask']['max']:.3g} (bound {cf.MASK_TOL})" if dist.get("mask") else "")
+            + ".\n")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
     summary = summarize(results, cases)
     (table_dir / f"{TABLE_STEM}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (table_dir / f"{TABLE_STEM}.md").write_text(to_markdown(summary))
-    matrix = f"{len(configs)} detection config(s) x nc {ncs} x {len(cf.VARIANTS)} variants x 2 batch modes x 2 shapes"
+    matrix = f"{len(configs)} config(s) x nc {ncs} x {len(cf.VARIANTS)} variants x 2 batch modes x 2 shapes"
     data = f"random images {', '.join('x'.join(map(str, s)) for s in cf.SHAPES.values())} (calibrated on random images)"
     extra = {"seconds_this_invocation": round(time.time() - start), "table": f"bench/results/conformance/{TABLE_STEM}.md",
              "case_dates": dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"}

@@ -21,7 +21,10 @@ README = HERE.parent / "README.md"
 BLOCK = re.compile(r"(<!-- results -->)(.*?)(<!-- /results -->)", re.S)
 README_BLOCK = re.compile(r"(<!-- readme-results -->)(.*?)(<!-- /readme-results -->)", re.S)
 CONFORMANCE_BLOCK = re.compile(r"(<!-- conformance -->)(.*?)(<!-- /conformance -->)", re.S)
+SEG_STUDY_BLOCK = re.compile(r"(<!-- seg-study -->)(.*?)(<!-- /seg-study -->)", re.S)
 CONFORMANCE_VARIANTS = ("raw", "nms", "topk")  # bench/conformance.py's order
+SEG_STUDY_MODELS = ("gelan-c-seg", "yolov9-c-dseg")  # bench/study_seg.py's
+SEG_BAR = -0.003  # issue 12: the QAT mask delta and ONNX Runtime - QAT mask delta bars
 # The BCCD study's models, in README's order (a model is shown once its QAT record exists).
 STUDY_MODELS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c", "gelan-e", "yolov9-s-converted")
 FIELDS = ("name", "value", "unit", "model", "dataset", "command", "machine", "date")
@@ -131,7 +134,40 @@ def render_conformance(records: list[dict]) -> str:
         conformance_table(cases["extra"]["by_config_nc_variant"]), "",
         f"|ONNX Runtime - PyTorch| over the {box['cases']} raw and plugin-input cases (max per case): boxes median "
         f"{box['median']:.2g} px, p99 {box['p99']:.2g}, max {box['max']:.2g} (bound {bounds['box_px']}); scores "
-        f"median {score['median']:.2g}, p99 {score['p99']:.2g}, max {score['max']:.2g} (bound {bounds['score']})."])
+        f"median {score['median']:.2g}, p99 {score['p99']:.2g}, max {score['max']:.2g} (bound {bounds['score']})"
+        + (f"; segmentation masks over {dist['mask']['cases']} cases: probabilities median "
+           f"{dist['mask']['median']:.2g}, "
+           f"max {dist['mask']['max']:.2g} (bound {bounds['mask']}, mean bound {bounds['mask_mean']})"
+           if dist.get("mask") else "") + "."])
+
+
+def render_seg_study(records: list[dict]) -> str:
+    """BENCHMARKS.md's segmentation study section: per model, Origin / QAT box and mask mAP50-95,
+    the deltas against the bar, and where they were measured."""
+    by_name = {r["name"]: r for r in records}
+    rows = ["| model | FP32 box / mask mAP50-95 | QAT - FP32, boxes | QAT - FP32, masks | ONNX Runtime INT8 - QAT, "
+            "masks | bars (>= -0.003) | training | machine, date |", "|---|---|---:|---:|---:|---|---|---|"]
+    commands = set()
+    for model in SEG_STUDY_MODELS:
+        mask = by_name.get(f"seg_qat_delta_mask_map50_95_{model}")
+        box = by_name.get(f"seg_qat_delta_box_map50_95_{model}")
+        ort = by_name.get(f"seg_ort_int8_minus_qat_mask_map50_95_{model}")
+        if not (mask and box and ort):
+            continue
+        extra = mask["extra"]
+        origin = next(iter(extra["rows"].values()))
+        sizes = extra["sizes"]
+        stopped = extra.get("training_stopped_after_epoch")
+        training = (f"{stopped if stopped else sizes['epochs']} epochs of {sizes['images']} images, "
+                    f"{sizes['imgsz']} px" + (" (time budget)" if stopped else ""))
+        bars = "pass" if min(mask["value"], ort["value"]) >= SEG_BAR else "**fail**"
+        rows.append(f"| {mask['model']} | {origin['map50_95']:.4f} / {origin['mask_map50_95']:.4f} | "
+                    f"{box['value']:+.4f} | {mask['value']:+.4f} | {ort['value']:+.4f} | {bars} | {training} | "
+                    f"{mask['machine']}, {mask['date']} |")
+        commands.add(mask["command"])
+    if len(rows) == 2:
+        return "No records yet: run `python bench/study_seg.py --out <folder>` on a machine with 2 GPUs."
+    return "\n".join(rows + ["", "Command: " + ", ".join(f"`{c}`" for c in sorted(commands)) + "."])
 
 
 def _fill(block: re.Pattern, text: str, body: str) -> str:
@@ -139,8 +175,9 @@ def _fill(block: re.Pattern, text: str, body: str) -> str:
 
 
 def refreshed(text: str, records: list[dict]) -> str:
-    """BENCHMARKS.md with its records table and its export-conformance section re-rendered."""
-    return _fill(CONFORMANCE_BLOCK, _fill(BLOCK, text, render(records)), render_conformance(records))
+    """BENCHMARKS.md with its records table, export-conformance and segmentation study sections re-rendered."""
+    text = _fill(CONFORMANCE_BLOCK, _fill(BLOCK, text, render(records)), render_conformance(records))
+    return _fill(SEG_STUDY_BLOCK, text, render_seg_study(records))
 
 
 def refreshed_readme(text: str, records: list[dict]) -> str:

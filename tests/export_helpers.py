@@ -28,6 +28,35 @@ def lively_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def lively_masks(model: torch.nn.Module, images: torch.Tensor, coefficient_std: float = 0.3,
+                 prototype_std: float = 2.0) -> torch.nn.Module:
+    """Rescale a segmentation head's last mask-coefficient convolutions and prototype convolutions so
+    that, on ``images``, their outputs spread with the given standard deviations.
+
+    A fresh model's prototypes come out near 0 (its features fade with depth), so every mask would
+    be 0.5 everywhere; with these spreads a mask logit (32 coefficients times prototypes) varies by
+    a few units across the image, and masks have clear inside and outside pixels and a boundary.
+    """
+    head = model.model[-1]
+    convs = []
+    for b in range(head.branches):
+        towers, proto = head.mask_branch(b)
+        convs += [(tower[-1], coefficient_std) for tower in towers]
+        convs.append(((proto.cv3 if hasattr(proto, "cv3") else proto).conv, prototype_std))
+    was_training = model.training
+    model.eval()
+    for conv, std in convs:
+        seen = []
+        hook = conv.register_forward_hook(lambda module, args, out: seen.append(out))
+        with torch.no_grad():
+            model(images)
+        hook.remove()
+        conv.weight.data *= std / float(seen[0].std())
+        if conv.bias is not None:
+            conv.bias.data *= std / float(seen[0].std())
+    return model.train(was_training)
+
+
 def assert_same_detections(got: torch.Tensor, expected: torch.Tensor, atol: float = 1e-3) -> None:
     """Equal (n, 6) detection sets up to row order: rows whose scores differ only by float noise
     may sort either way between two runtimes."""

@@ -1,6 +1,6 @@
 """A CI slice of the export-conformance matrix (bench/bench_conformance.py runs all of it): the two
-smallest configs of each family, one and 80 classes, every export variant, through the bench's own
-case function. One trace per model keeps it fast; across the four models the traces cover both
+smallest configs of each family, one and 80 classes, and gelan-c-seg (masks), every export variant,
+through the bench's own case function. One trace per model keeps it fast; across the four models the traces cover both
 batch modes and both input shapes."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from bench import conformance as cf
 
 # (config, nc) -> the one (batch mode, shape) traced for it
 SLICE = {("gelan-t", 1): ("dynamic", "non-square"), ("gelan-t", 80): ("static", "square"),
-         ("yolov9-t", 1): ("static", "non-square"), ("yolov9-t", 80): ("dynamic", "square")}
+         ("yolov9-t", 1): ("static", "non-square"), ("yolov9-t", 80): ("dynamic", "square"),
+         ("gelan-c-seg", 2): ("dynamic", "non-square")}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def test_conformance_case(traced, cfg, nc, variant, tmp_path):
     assert result.passed, f"{case.name}: {result.problems}"
     if variant != "topk":
         assert result.box_err is not None and result.score_err is not None
+    assert (result.mask_err is not None) == (cfg in cf.SEGMENT_CONFIGS)
     # Model Optimizer writes a one-output-channel weight's range unrunnably (the class convs when nc=1:
     # Q and DQ at each of the 3 levels); every other Q/DQ it writes is already canonical
     assert pred.normalized_qdq == (6 if nc == 1 else 0)
@@ -89,3 +91,26 @@ def test_matrix_summary_lists_failures_and_renders_into_benchmarks(tmp_path):
                    "failed_cases": [cases[0].name], "error_distribution": summary["error_distribution"]}}]
     section = report.render_conformance(records)
     assert "**24 cases, 1 failed** (gelan-t-nc1-raw-static-square)" in section and table.split("\n\n")[0] in section
+
+
+def test_mask_checks_catch_a_wrong_prototype_scale_and_a_wrong_mask_row():
+    """The segmentation checks can fail: prototypes at twice their scale, and a det_masks row taken
+    from another anchor."""
+    import torch
+
+    from utils.deployment.onnx_export import tail_for
+
+    g = torch.Generator().manual_seed(0)
+    nc, nm, anchors, hw = 2, 4, 12, (16, 24)
+    boxes = torch.cat((torch.rand(1, 2, anchors, generator=g) * torch.tensor([[24.0], [16.0]]),
+                       4 + 6 * torch.rand(1, 2, anchors, generator=g)), 1)
+    pred = torch.cat((boxes, torch.rand(1, nc, anchors, generator=g), torch.randn(1, nm, anchors, generator=g)), 1)
+    proto = 2 * torch.randn(1, nm, 4, 6, generator=g)
+    ref = cf.Reference(pred, proto, nc, hw)
+    result = cf.CaseResult(cf.Case("gelan-c-seg", nc, "raw", "static", "square"))
+    assert cf._anchor_mask_problems(result, pred, proto, ref) == [] and result.mask_err == 0.0
+    assert cf._anchor_mask_problems(result, pred, 2 * proto, ref)
+    outs = list(tail_for("topk", anchors, 5, 0.45, 0.2, (nm, hw))(pred, proto))
+    assert int(outs[0]) == 5 and cf._assembly_problems(outs, pred, proto, ref) == []
+    outs[4] = outs[4][:, [1, 0, 2, 3, 4]]  # rows 0 and 1 swapped: each mask belongs to the other box
+    assert cf._assembly_problems(outs, pred, proto, ref)

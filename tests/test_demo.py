@@ -38,3 +38,20 @@ def test_demo_rejects_a_bad_size_before_writing(tmp_path):
     with pytest.raises(UserError, match="--imgsz 50"):
         qat.main(["demo", "--project", str(tmp_path), "--imgsz", "50"])
     assert not any(tmp_path.iterdir())
+
+
+def test_segmentation_demo_end_to_end_at_toy_size(tmp_path, capsys):
+    save_dir = qat.main(["demo", "--task", "segment", "--project", str(tmp_path), "--name", "s", "--epochs", "1",
+                         "--qat-epochs", "1", "--qat-iters", "2", "--images", "8", "--imgsz", "64",
+                         "--batch-size", "8", "--workers", "0"])
+    out = capsys.readouterr().out
+    table = out[out.index("| Model | AP50-95 | AP50 | P | R |"):]
+    for row in ROWS:
+        for part in ("boxes", "masks"):
+            cells = next(line for line in table.splitlines() if line.startswith(f"| {row}, {part} |")).split("|")[2:-1]
+            assert len(cells) == 4 and all(0.0 <= float(c) <= 1.0 for c in cells), (row, part)
+    summary = json.loads((save_dir / "demo.json").read_text())
+    assert summary["task"] == "segment" and all("mask_map50_95" in m for m in summary["rows"].values())
+    outputs = [o.name for o in onnx.load(summary["files"]["onnx"]).graph.output]
+    assert outputs == ["output0", "output1"]  # prediction with mask coefficients, prototypes
+    assert any((save_dir / "data" / "masks" / "train").iterdir())  # the shapes' exact masks were drawn

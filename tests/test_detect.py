@@ -99,3 +99,59 @@ def test_cli_flags_reach_run(tmp_path):
     out = detect.main(["--weights", str(weights), "--source", str(image), "--imgsz", "64", "--device", "cpu",
                        "--project", str(tmp_path / "p"), "--name", "n", "--save-txt", "--hide-conf"])
     assert out == tmp_path / "p" / "n" and (out / "im.jpg").is_file() and (out / "labels" / "im.txt").is_file()
+
+
+class _OneMask(nn.Module):
+    """Stands in for a segmentation model: one box, and a mask that is the box's left half
+    (coefficient 1 on a prototype that is +10 left of input column 64, -10 right of it)."""
+
+    def __init__(self, xyxy, nc: int = 2, nm: int = 2):
+        super().__init__()
+        self.stride = torch.tensor([8.0, 16.0, 32.0])
+        self.nc, self.names = nc, {i: f"c{i}" for i in range(nc)}
+        self.w = nn.Parameter(torch.zeros(1))
+        self.xyxy, self.nm = xyxy, nm
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        x1, y1, x2, y2 = self.xyxy
+        y = torch.zeros(1, 4 + self.nc + self.nm, 2)
+        y[0, :4, 0] = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
+        y[0, 4, 0], y[0, 4 + self.nc, 0] = 0.9, 1.0
+        proto = torch.full((1, self.nm, h // 4, w // 4), -10.0)
+        proto[0, 0, :, :16] = 10.0  # input columns < 64
+        return y, proto
+
+
+def test_masks_land_on_original_pixels_and_are_drawn(tmp_path):
+    image = np.zeros((64, 128, 3), np.uint8)  # no letterbox scaling at imgsz=128
+    model = _OneMask((32, 16, 96, 48)).eval()
+    det, masks = predict.predict_image(model, image, imgsz=128, conf_thres=0.5)
+    assert len(det) == 1 and len(masks) == 1
+    full = masks[0].full(64, 128)
+    assert full[16:48, 32:64].all() and not full[:, 64:].any() and not full[:16].any() and not full[48:].any()
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), image)
+    out = predict.run(model=model, source=tmp_path / "in", imgsz=128, project=tmp_path, name="o", hide_labels=True,
+                      line_thickness=1)
+    drawn = cv2.imread(str(out / "a.png"))
+    assert drawn[30, 48].any() and not drawn[30, 80].any()  # the mask is tinted, the box's right half is not
+
+
+def test_detect_draws_masks_from_a_segmentation_onnx(tmp_path):
+    from models.yolo import Model
+    from tests.export_helpers import lively_head, lively_masks
+    from utils.deployment.onnx_export import export_onnx
+    from utils.paths import ROOT
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    model = lively_masks(lively_head(Model(ROOT / "tests/assets/gelan-tiny-seg.yaml", nc=2)), x).eval()
+    onnx_file = export_onnx(model, tmp_path / "seg.onnx", 64).path
+    image = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
+    backend, size, _ = predict.load_exported(onnx_file)
+    det, masks = predict.predict_image(backend, image, size, conf_thres=0.3)
+    ref_det, ref_masks = predict.predict_image(model, image, size, conf_thres=0.3)
+    assert len(det) > 0 and masks is not None and len(masks) == len(det)
+    torch.testing.assert_close(det, ref_det, atol=1e-3, rtol=1e-4)  # a float export: the same detections
+    assert all((m.full(48, 80) == r.full(48, 80)).mean() > 0.99 for m, r in zip(masks, ref_masks))

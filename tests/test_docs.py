@@ -63,3 +63,17 @@ def test_results_tables_show_intervals_the_control_and_agreement():
     assert "QAT - control" in report.render_study(records)
     assert "| `qat_delta_map50_95_gelan-t` | -0.0009 [-0.0041, 0.0022] |" in report.render(records)
     assert "gelan-e" not in report.render_study(records)  # a model without records gets no row
+
+
+def test_seg_study_section_renders_the_records_and_marks_a_missed_bar():
+    extra = {"rows": {"Origin (FP32)": {"map50_95": 0.6, "mask_map50_95": 0.5}},
+             "sizes": {"epochs": 30, "images": 2000, "imgsz": 320}, "training_stopped_after_epoch": 12}
+    base = {"unit": "mAP50-95", "dataset": "d", "command": "python bench/study_seg.py --out o", "machine": "m",
+            "date": "2026-11-30", "model": "gelan-c-seg, from scratch", "extra": extra}
+    records = [{**base, "name": f"seg_{kind}_gelan-c-seg", "value": value} for kind, value in
+               (("qat_delta_mask_map50_95", -0.01), ("qat_delta_box_map50_95", 0.002),
+                ("ort_int8_minus_qat_mask_map50_95", 0.0))]
+    text = report.render_seg_study(records)
+    assert "| gelan-c-seg, from scratch | 0.6000 / 0.5000 | +0.0020 | -0.0100 | +0.0000 | **fail** |" in text
+    assert "12 epochs of 2000 images, 320 px (time budget)" in text and "`python bench/study_seg.py --out o`" in text
+    assert report.render_seg_study(records[1:]).startswith("No records yet")  # a model needs all three

@@ -2,7 +2,9 @@
 
 Nothing is downloaded: a deterministic shapes dataset is drawn into the run folder, a narrow GELAN
 (models/demo/gelan-demo.yaml) is trained on it, then quantized (PTQ, QAT), exported to a Q/DQ
-ONNX and validated with ONNX Runtime (TensorRT when importable). Each step is the library
+ONNX and validated with ONNX Runtime (TensorRT when importable). ``--task segment`` draws the
+shapes with their exact masks (polygon labels) and runs the same steps with a Segment head
+(models/demo/gelan-demo-seg.yaml); every row then has boxes and masks. Each step is the library
 function its own command uses, so the demo proves the real pipeline rather than a copy of it.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -18,9 +21,9 @@ import yaml
 from utils.data.synthetic import make_shapes_dataset
 from utils.logs import LOGGER
 from utils.paths import ROOT, increment_path
-from utils.quantization.report import METRICS
+from utils.quantization.report import MASK_PREFIX, METRICS, metrics
 
-CFG = ROOT / "models/demo/gelan-demo.yaml"
+CFGS = {"detect": ROOT / "models/demo/gelan-demo.yaml", "segment": ROOT / "models/demo/gelan-demo-seg.yaml"}
 
 # About 750 optimizer steps from scratch (40 epochs of 19 batches): AdamW converges in that many
 # where SGD would still be warming up, so its learning rate replaces SGD's (and the bias warmup,
@@ -39,10 +42,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``qat.py demo``; the defaults finish in minutes on two CPU cores."""
     p.add_argument("--project", default=str(ROOT / "runs/demo"), help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--task", choices=tuple(CFGS), default="detect",
+                   help="detect: boxes; segment: boxes and instance masks (polygon labels, a Segment head)")
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=128, help="image size (multiple of 32)")
     p.add_argument("--epochs", type=int, default=40, help="FP32 training epochs")
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
+    p.add_argument("--qat-iters", type=int, default=100, help="at most this many batches per QAT epoch")
     p.add_argument("--images", type=int, default=300, help="training images to draw (a quarter as many for val)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu, or a cuda device such as 0")
@@ -63,17 +69,20 @@ def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, projec
 
     return quantize_options(["--weights", str(weights), "--data", str(data), "--imgsz", str(opt.imgsz),
                        "--batch-size", str(opt.batch_size), "--device", opt.device, "--workers", str(opt.workers),
-                       "--epochs", str(opt.qat_epochs), "--iters", "100", "--calib-batches", "8",
+                       "--epochs", str(opt.qat_epochs), "--iters", str(opt.qat_iters), "--calib-batches", "8",
                        "--seed", str(opt.seed), "--lr", "0.001", "--project", str(project), "--name", "qat",
                        "--exist-ok"])
 
 
 def table(rows: dict[str, dict | None]) -> str:
-    """Markdown table of AP50-95, AP50, P, R per model (a dash where a step did not run)."""
+    """Markdown table of AP50-95, AP50, P, R per model (a dash where a step did not run); a
+    segmentation model's rows come in pairs, boxes then masks."""
+    masks = any(m and MASK_PREFIX + "map50_95" in m for m in rows.values())
     lines = ["| Model | " + " | ".join(label for _, label in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for name, m in rows.items():
-        cells = [f"{m[k]:.4f}" for k, _ in METRICS] if m else ["-"] * len(METRICS)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for suffix, prefix in ((", boxes", ""), (", masks", MASK_PREFIX)) if masks else (("", ""),):
+            cells = [f"{m[prefix + k]:.4f}" for k, _ in METRICS] if m else ["-"] * len(METRICS)
+            lines.append(f"| {name}{suffix} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,15 +98,6 @@ def run_demo(opt: argparse.Namespace) -> Path:
 
 
 def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
-    from utils.data.config import load_data_config
-    from utils.deployment import backends
-    from utils.deployment.export import export_checkpoint
-    from utils.deployment.validate import evaluate_exported
-    from utils.deployment.validate import run as validate_exported
-    from utils.quantization.checkpoint import load_quantized
-    from utils.quantization.pipeline import run_quantize
-    from utils.training.trainer import train
-
     from utils.errors import UserError
     from utils.options import check_flags
 
@@ -108,38 +108,14 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     LOGGER.info(f"demo: drawing {opt.images} + {max(opt.images // 4, 1)} shape images into {save_dir / 'data'}")
     data = make_shapes_dataset(save_dir / "data", n_train=opt.images, n_val=max(opt.images // 4, 1),
-                               imgsz=opt.imgsz, seed=opt.seed)
-
-    train_dir = train(cfg=str(CFG), data=str(data), hyp=_train_hyp(), epochs=opt.epochs, batch_size=opt.batch_size,
-                      imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
-                      exist_ok=True, seed=opt.seed, patience=0, cos_lr=True,
-                      optimizer=TRAIN_OPTIMIZER, nominal_batch=opt.batch_size, min_warmup_iters=0)
-    qat_dir = run_quantize(_quantize_options(opt, train_dir / "weights" / "best.pt", data, save_dir))
-    report = json.loads((qat_dir / "report.json").read_text())
-
-    qat_best = qat_dir / "weights" / ("qat_best.pt" if opt.qat_epochs > 0 else "ptq.pt")
-    onnx = export_checkpoint(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu",
-                             exist_ok=opt.exist_ok)[0].path
-    checked = validate_exported(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size,
-                          backend="tensorrt" if backends.have_tensorrt() and opt.device != "cpu" else "onnxruntime",
-                          device="" if opt.device == "cpu" else opt.device, workers=opt.workers,
-                          project=save_dir, name="onnx_int8", exist_ok=True)
-    same_input, _ = evaluate_exported(load_quantized(qat_best, device)[0], load_data_config(data), opt.imgsz,
-                                              opt.batch_size, "val", "nms", conf_thres=0.001, iou_thres=0.7,
-                                              max_det=300, workers=opt.workers, device=device)
-    square = f"{opt.imgsz}x{opt.imgsz} input"
-    rows = {"Origin (FP32)": report["origin"], f"PTQ ({report['ptq']['method']})" if report["ptq"] else "PTQ":
-            report["ptq"], "QAT (best)": report["qat_best"],
-            f"QAT in PyTorch, {square}": {k: getattr(same_input, k) for k, _ in METRICS},
-            f"ONNX INT8 ({checked['backend']}), {square}": {k: getattr(checked["eval"], k) for k, _ in METRICS}}
+                               imgsz=opt.imgsz, seed=opt.seed, masks=opt.task == "segment")
+    rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device)
     md = table(rows) + SAME_INPUT_NOTE
     seconds = time.perf_counter() - t0
-    written = {"data": data, "train": train_dir, "fp32_weights": train_dir / "weights" / "best.pt",
-               "ptq_weights": qat_dir / "weights" / "ptq.pt", "qat_weights": qat_best, "qat_report": qat_dir / "report.md",
-               "onnx": onnx, "onnx_eval": Path(checked["save_dir"]) / "results.md"}
-    (save_dir / "demo.md").write_text(f"# qat.py demo ({seconds:.0f} s, imgsz {opt.imgsz})\n\n{md}")
+    (save_dir / "demo.md").write_text(f"# qat.py demo --task {opt.task} ({seconds:.0f} s, imgsz {opt.imgsz})\n\n{md}")
     (save_dir / "demo.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "imgsz": opt.imgsz,
-                                                    "files": {k: str(v) for k, v in written.items()}}, indent=2) + "\n")
+                                                    "task": opt.task, "files": {k: str(v) for k, v in written.items()}},
+                                                   indent=2) + "\n")
     print(f"\nqat.py demo finished in {seconds:.0f} s (validation split of {data.parent.name}, imgsz {opt.imgsz})\n")
     print(md)
     print("Wrote:")
@@ -147,3 +123,65 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
         print(f"  {key:13s} {path}")
     return save_dir
 
+
+def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
+                 convert: Callable[[Path], Path] | None = None,
+                 on_epoch_end: Callable[[int, dict], None] | None = None) -> tuple[dict, dict, dict]:
+    """Train ``cfg`` from scratch on ``data``, quantize the best weights (PTQ + QAT), export the QAT
+    model to a raw Q/DQ ONNX and evaluate it on ONNX Runtime (TensorRT where usable), and the QAT
+    model in PyTorch on the very same input. ``convert`` turns the trained weights into the ones to
+    quantize (e.g. a dual model reparameterized); ``on_epoch_end`` is the trainer's hook.
+
+    Returns the table rows (``report.metrics`` dicts), the files written and each stage's seconds.
+    """
+    from utils.training.trainer import train
+
+    t = time.perf_counter()
+    train_dir = train(cfg=str(cfg), data=str(data), hyp=_train_hyp(), epochs=opt.epochs, batch_size=opt.batch_size,
+                      imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
+                      exist_ok=True, seed=opt.seed, patience=0, cos_lr=True, optimizer=TRAIN_OPTIMIZER,
+                      nominal_batch=opt.batch_size, min_warmup_iters=0, on_epoch_end=on_epoch_end)
+    train_seconds = time.perf_counter() - t
+    rows, written, seconds = quantize_and_check(train_dir / "weights" / "best.pt", data, opt, save_dir, device, convert)
+    return rows, {"train": train_dir, **written}, {"train": train_seconds, **seconds}
+
+
+def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
+                       convert: Callable[[Path], Path] | None = None) -> tuple[dict, dict, dict]:
+    """``run_workflow`` after training: (convert,) PTQ + QAT, export, ONNX Runtime / PyTorch checks."""
+    from utils.data.config import load_data_config
+    from utils.deployment import backends
+    from utils.deployment.export import export_checkpoint
+    from utils.deployment.validate import evaluate_exported
+    from utils.deployment.validate import run as validate_exported
+    from utils.quantization.checkpoint import load_quantized
+    from utils.quantization.pipeline import run_quantize
+
+    seconds, t = {}, time.perf_counter()
+    if convert is not None:
+        fp32 = convert(fp32)
+    qat_dir = run_quantize(_quantize_options(opt, fp32, data, save_dir))
+    report = json.loads((qat_dir / "report.json").read_text())
+    seconds["quantize"], t = time.perf_counter() - t, time.perf_counter()
+
+    qat_best = qat_dir / "weights" / ("qat_best.pt" if opt.qat_epochs > 0 else "ptq.pt")
+    onnx = export_checkpoint(qat_best, include=("onnx",), imgsz=opt.imgsz, device="cpu",
+                             exist_ok=opt.exist_ok)[0].path
+    backend = "tensorrt" if backends.have_tensorrt() and opt.device != "cpu" else "onnxruntime"
+    checked = validate_exported(onnx=onnx, data=data, imgsz=opt.imgsz, batch_size=opt.batch_size, backend=backend,
+                                device="" if opt.device == "cpu" else opt.device, workers=opt.workers,
+                                project=save_dir, name="onnx_int8", exist_ok=True)
+    same_input, _ = evaluate_exported(load_quantized(qat_best, device)[0], load_data_config(data), opt.imgsz,
+                                      opt.batch_size, "val", "nms", conf_thres=0.001, iou_thres=0.7,
+                                      max_det=300, workers=opt.workers, device=device)
+    seconds["export_and_check"] = time.perf_counter() - t
+    square = f"{opt.imgsz}x{opt.imgsz} input"
+    rows = {"Origin (FP32)": report["origin"], f"PTQ ({report['ptq']['method']})" if report["ptq"] else "PTQ":
+            report["ptq"], "QAT (best)": report["qat_best"],
+            f"QAT in PyTorch, {square}": metrics(same_input),
+            f"ONNX INT8 ({checked['backend']}), {square}": metrics(checked["eval"])}
+    written = {"data": data, "fp32_weights": fp32,
+               "ptq_weights": qat_dir / "weights" / "ptq.pt", "qat_weights": qat_best,
+               "qat_report": qat_dir / "report.md",
+               "onnx": onnx, "onnx_eval": Path(checked["save_dir"]) / "results.md"}
+    return rows, written, seconds

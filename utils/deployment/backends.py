@@ -4,7 +4,9 @@ Every tool that runs a model (val_trt.py, detect.py, the demo, bench) opens it h
 *runner*: a callable ``images -> {output name: tensor}`` with the file's checked ``signature``
 (``utils.deployment.signature``) and the ``geometry`` of the images it accepts (size, batch
 range). ``DetectionBackend`` turns any runner into what the evaluator and detect.py expect of a
-model, so raw and End2End exports are decoded alike.
+model, so raw and End2End exports are decoded alike: a detector's (B, 4 + nc, N) prediction, and
+for a segmentation export the pair a segmentation head returns in export mode, that prediction
+with ``nm`` mask coefficients appended and the (B, nm, h, w) prototypes.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 
 from utils.boxes import xyxy2xywh
-from utils.deployment.signature import DEFAULT_IMGSZ, END2END_KEYS, onnx_signature
+from utils.deployment.signature import DEFAULT_IMGSZ, END2END_KEYS, MASK_OUTPUT, onnx_signature
 from utils.errors import UserError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -78,8 +80,24 @@ def end2end_as_prediction(outputs: dict[str, torch.Tensor], nc: int | None) -> t
     return torch.cat((xyxy2xywh(boxes.float()), onehot), 2).transpose(1, 2)
 
 
+# Mask probabilities are clamped this far from 0 and 1 before their logit, which then stays finite.
+MASK_PROBABILITY_EPS = 1e-6
+
+
+def end2end_masks_as_prototypes(prediction: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """End2End masks (B, K, h, w) as mask coefficients and prototypes of the (B, 4 + nc, K) prediction
+    from ``end2end_as_prediction``: row k's coefficients are the k-th unit vector and prototype k is
+    the logit of its mask, so sigmoid(coefficients . prototypes) gives each row its own mask back
+    and End2End and raw segmentation exports are decoded alike."""
+    b, k = masks.shape[:2]
+    unit = torch.eye(k, device=prediction.device).expand(b, k, k)
+    logits = torch.logit(masks.float().clamp(MASK_PROBABILITY_EPS, 1 - MASK_PROBABILITY_EPS)).to(prediction.device)
+    return torch.cat((prediction, unit), 1), logits
+
+
 class DetectionBackend:
-    """Makes a runner look like a model to the evaluator and detect.py: images in, (B, 4+nc, N) out.
+    """Makes a runner look like a model to the evaluator and detect.py: images in, (B, 4+nc, N) out
+    (for a segmentation export, that prediction with mask coefficients, and the prototypes).
 
     Batches are fed in chunks the runner accepts: at most its largest batch (an engine profile's
     maximum, a static export's batch), a short chunk padded up to its smallest. ``nc`` None skips
@@ -90,23 +108,29 @@ class DetectionBackend:
         self.runner, self.nc = runner, nc
         self.geometry = runner.geometry
         self.end2end = runner.signature.end2end  # outputs are detections already
+        self.segment = runner.signature.segment
+        self.nm = runner.signature.nm
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         step = min(images.shape[0], self.geometry.max_batch or images.shape[0])
-        preds = []
+        chunks = []
         for start in range(0, images.shape[0], step):
             chunk = images[start:start + step]
             n = chunk.shape[0]
             if n < self.geometry.min_batch:
                 chunk = torch.cat((chunk, chunk.new_zeros(self.geometry.min_batch - n, *chunk.shape[1:])))
-            preds.append(self._prediction(self.runner(chunk))[:n])
-        return torch.cat(preds).to(images.device)
+            chunks.append([t[:n] for t in self._prediction(self.runner(chunk))])
+        out = tuple(torch.cat(parts).to(images.device) for parts in zip(*chunks))
+        return out if self.segment else out[0]
 
-    def _prediction(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _prediction(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if self.end2end:
-            return end2end_as_prediction(outputs, self.nc)
-        pred = next(iter(outputs.values())).float()
-        if self.nc is not None and (pred.ndim != 3 or pred.shape[1] != 4 + self.nc):
-            raise UserError(f"model output {tuple(pred.shape)} does not match (batch, 4 + {self.nc} classes, anchors);"
+            pred = end2end_as_prediction(outputs, self.nc)
+            return end2end_masks_as_prototypes(pred, outputs[MASK_OUTPUT]) if self.segment else (pred,)
+        pred, *prototypes = (t.float() for t in outputs.values())
+        masks = prototypes[0].shape[1] if prototypes else 0
+        if self.nc is not None and (pred.ndim != 3 or pred.shape[1] != 4 + self.nc + masks):
+            expected = f"4 + {self.nc} classes" + (f" + {masks} mask coefficients" if masks else "")
+            raise UserError(f"model output {tuple(pred.shape)} does not match (batch, {expected}, anchors);"
                             " is --data the dataset it was trained on?")
-        return pred
+        return (pred, *prototypes)

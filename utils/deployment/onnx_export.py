@@ -1,4 +1,4 @@
-"""Export a detection model (FP, PTQ or QAT) to ONNX for TensorRT, then clean and lint the graph.
+"""Export a detection or segmentation model (FP, PTQ or QAT) to ONNX for TensorRT, then clean and lint the graph.
 
 Fake quantization becomes QuantizeLinear/DequantizeLinear pairs through Model Optimizer's
 TensorQuantizer symbolic, which only the TorchScript exporter calls (``dynamo=False``). Whatever
@@ -9,6 +9,10 @@ identical pairs that tied quantizers emit, and ``merge_redundant_qdq`` removes w
 (duplicate pairs on one tensor, DQ -> Q chains with equal parameters), e.g. after a simplifier.
 The End2End graphs are the traced prediction with a separately traced tail joined on, so a QAT
 model is traced once however many formats are exported.
+
+A segmentation model's raw graph has upstream's two outputs, ``output0`` (B, 4 + nc + nm, anchors:
+boxes, class scores, mask coefficients) and ``output1`` (B, nm, H/4, W/4: prototypes); its End2End
+graphs add ``det_masks`` to the four detection outputs (``models.experimental_trt.MaskTail``).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import onnx.compose
 import torch
 import torch.nn as nn
 
-from models.experimental_trt import END2END_OUTPUTS, NMSTail, Prediction, TopKTail
+from models.experimental_trt import END2END_OUTPUTS, SEGMENT_END2END_OUTPUTS, MaskTail, NMSTail, Prediction, TopKTail
 from models.quantize import is_quantized
 from utils.deployment.onnx_graph import DEQUANTIZE, QUANTIZE, GraphIndex, same_qparams
 from utils.deployment.qdq_lint import SKIP_METADATA_KEY, Finding, lint, to_json, to_markdown
@@ -34,6 +38,7 @@ from utils.deployment.qdq_normalize import normalize_qdq
 from utils.errors import UserError
 
 POSTPROCESS_KINDS = ("raw", "nms", "topk")
+RAW_OUTPUTS = ("output0", "output1")  # prediction, and a segmentation model's prototypes (upstream's names)
 MIN_OPSET = 13  # per-channel (axis) QuantizeLinear
 
 
@@ -59,6 +64,12 @@ class PredictionGraph:
     opset: int
     merged_qdq: int
     normalized_qdq: int = 0
+    prototypes: torch.Tensor | None = None  # a segmentation model's, on the same batch
+
+    @property
+    def examples(self) -> tuple[torch.Tensor, ...]:
+        """What the raw graph outputs, in order: the inputs of a tail."""
+        return (self.example,) if self.prototypes is None else (self.example, self.prototypes)
 
 
 def head_of(model: nn.Module) -> nn.Module:
@@ -82,17 +93,17 @@ def export_mode(model: nn.Module, example: torch.Tensor) -> Iterator[nn.Module]:
         head.export, head.dynamic = saved[1], saved[2]
 
 
-def _trace(module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str], dynamic: bool,
-           opset: int) -> onnx.ModelProto:
+def _trace(module: nn.Module, examples: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
+           dynamic: bool, opset: int) -> onnx.ModelProto:
     module.eval()  # the exporter restores the wrapper's mode afterwards, and with it the model's
     with torch.no_grad():
-        outputs = module(example)
+        outputs = module(*examples)
     shapes = [tuple(t.shape) for t in (outputs if isinstance(outputs, (tuple, list)) else [outputs])]
-    axes = {n: {0: "batch"} for n in [input_name, *output_names]} if dynamic else None
+    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic else None
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on constant shapes
-        torch.onnx.export(module, example, buffer, opset_version=opset, input_names=[input_name],
+        torch.onnx.export(module, examples, buffer, opset_version=opset, input_names=input_names,
                           output_names=output_names, dynamic_axes=axes, dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buffer.getvalue())
     _declare_output_shapes(model, shapes, dynamic)
@@ -101,42 +112,52 @@ def _trace(module: nn.Module, example: torch.Tensor, input_name: str, output_nam
 
 def trace_prediction(model: nn.Module, imgsz: int | tuple[int, int] = 640, batch_size: int = 1,
                      dynamic: bool = False, opset: int = 17) -> PredictionGraph:
-    """Trace the model's main prediction to ONNX ('images' -> 'output0'), drop Identity nodes, put
-    Q/DQ parameters in canonical form and merge redundant Q/DQ pairs. Quantizers become Q/DQ through
-    Model Optimizer's symbolic, which only the TorchScript exporter (``dynamo=False``) calls."""
+    """Trace the model's main prediction to ONNX ('images' -> 'output0', and 'output1' for a
+    segmentation model's prototypes), drop Identity nodes, put Q/DQ parameters in canonical form
+    and merge redundant Q/DQ pairs. Quantizers become Q/DQ through Model Optimizer's symbolic, which
+    only the TorchScript exporter (``dynamo=False``) calls."""
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset}: Q/DQ with per-channel weights needs opset >= {MIN_OPSET}")
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     example = torch.zeros(batch_size, 3, h, w, device=next(model.parameters()).device)
     with export_mode(model, example):
         wrapper = Prediction(model)
-        graph = _trace(wrapper, example, "images", ["output0"], dynamic, opset)
+        outputs = list(RAW_OUTPUTS[:2 if wrapper.masks else 1])
+        graph = _trace(wrapper, (example,), ["images"], outputs, dynamic, opset)
         with torch.no_grad():
             prediction = wrapper(example)
     drop_identities(graph)
     normalized = normalize_qdq(graph)  # before merging, so equal parameters compare equal
     merged = merge_redundant_qdq(graph)
+    if wrapper.masks:
+        return PredictionGraph(graph, prediction[0], (h, w), dynamic, opset, merged, normalized, prediction[1])
     return PredictionGraph(graph, prediction, (h, w), dynamic, opset, merged, normalized)
 
 
-def tail_for(postprocess: str, anchors: int, max_det: int, iou_thres: float, conf_thres: float) -> nn.Module | None:
-    """The End2End tail of a postprocess kind ('raw' has none)."""
+def tail_for(postprocess: str, anchors: int, max_det: int, iou_thres: float, conf_thres: float,
+             masks: tuple[int, tuple[int, int]] | None = None) -> nn.Module | None:
+    """The End2End tail of a postprocess kind ('raw' has none); ``masks`` (nm, input (h, w)) for a
+    segmentation model wraps it in a ``MaskTail``."""
     if postprocess == "raw":
         return None
     if postprocess == "nms":
-        return NMSTail(max_det, iou_thres, conf_thres)
-    if postprocess == "topk":
-        return TopKTail(min(max_det, anchors), conf_thres)
-    raise UserError(f"postprocess={postprocess!r}: expected one of {POSTPROCESS_KINDS}")
+        tail = NMSTail(max_det, iou_thres, conf_thres)
+    elif postprocess == "topk":
+        tail = TopKTail(min(max_det, anchors), conf_thres)
+    else:
+        raise UserError(f"postprocess={postprocess!r}: expected one of {POSTPROCESS_KINDS}")
+    return MaskTail(tail, *masks) if masks else tail
 
 
 def append_tail(pred: PredictionGraph, tail: nn.Module) -> onnx.ModelProto:
-    """The prediction graph with ``tail`` traced on its output and joined onto it."""
-    tail_graph = _trace(tail, pred.example, "prediction", list(END2END_OUTPUTS), pred.dynamic, pred.opset)
+    """The prediction graph with ``tail`` traced on its output(s) and joined onto it."""
+    inputs = ["prediction", "prototypes"][:len(pred.examples)]
+    outputs = SEGMENT_END2END_OUTPUTS if isinstance(tail, MaskTail) else END2END_OUTPUTS
+    tail_graph = _trace(tail, pred.examples, inputs, list(outputs), pred.dynamic, pred.opset)
     tail_graph.ir_version = pred.model.ir_version
     # the tail's internal names would collide with the model's ('/Constant_output_0'...); its outputs keep theirs
     tail_graph = onnx.compose.add_prefix(tail_graph, "end2end/", rename_inputs=False, rename_outputs=False)
-    return onnx.compose.merge_models(pred.model, tail_graph, io_map=[("output0", "prediction")])
+    return onnx.compose.merge_models(pred.model, tail_graph, io_map=list(zip(RAW_OUTPUTS, inputs)))
 
 
 def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int] = 640, batch_size: int = 1,
@@ -154,7 +175,10 @@ def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int]
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     pred = prediction or trace_prediction(model, imgsz, batch_size, dynamic, opset)
-    tail = tail_for(postprocess, pred.example.shape[-1], max_det, iou_thres, conf_thres)
+    head = head_of(model)
+    nm = int(head.nm) if pred.prototypes is not None else 0
+    tail = tail_for(postprocess, pred.example.shape[-1], max_det, iou_thres, conf_thres,
+                    (nm, pred.imgsz) if nm else None)
     onnx_model = append_tail(pred, tail) if tail is not None else copy.deepcopy(pred.model)
     if simplify:
         onnx_model = simplify_onnx(onnx_model, simplify)
@@ -163,8 +187,8 @@ def export_onnx(model: nn.Module, file: str | Path, imgsz: int | tuple[int, int]
     quantized = is_quantized(model)
     skipped = conv_nodes_for(onnx_model, float_convs or [])
     names = getattr(model, "names", [])
-    meta = {"stride": [int(s) for s in head_of(model).stride], "nc": int(head_of(model).nc),
-            "names": list(names.values()) if isinstance(names, dict) else list(names),
+    meta = {"stride": [int(s) for s in head.stride], "nc": int(head.nc), "task": "segment" if nm else "detect",
+            **({"nm": nm} if nm else {}), "names": list(names.values()) if isinstance(names, dict) else list(names),
             "imgsz": list(pred.imgsz), "batch": "dynamic" if pred.dynamic else int(pred.example.shape[0]),
             "postprocess": postprocess, "quantized": quantized, **(metadata or {})}
     if tail is not None:

@@ -2,7 +2,8 @@
 
 detect.py is this module's command line. The model is a PyTorch checkpoint or an exported file
 (ONNX on ONNX Runtime or TensorRT, a TensorRT engine) behind ``utils.deployment.backends``: raw
-outputs go through the same NMS as PyTorch's, End2End outputs are detections already.
+outputs go through the same NMS as PyTorch's, End2End outputs are detections already. A
+segmentation model's (or export's) masks are drawn under its boxes.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from utils.data.media import VideoSink, media_files, read_frames
 from utils.deployment.backends import DetectionBackend, open_runner, resolve_backend
 from utils.deployment.signature import DEFAULT_IMGSZ
 from utils.errors import UserError
+from utils.evaluation.masks import BoxMask, mask_probabilities, masks_in_original, segmentation_output
 from utils.evaluation.postprocess import postprocess
 from utils.options import check_flags, check_imgsz
 from utils.paths import ROOT, existing_file, increment_path
@@ -44,6 +46,15 @@ def detect_image(model: nn.Module | DetectionBackend, image: np.ndarray, imgsz: 
     ``imgsz`` an int: the longest side, the other padded only up to the stride (PyTorch takes any
     stride multiple); an (h, w) pair: letterboxed to exactly that size, as a fixed-size export needs.
     """
+    return predict_image(model, image, imgsz, conf_thres, iou_thres, max_det, classes, agnostic, half)[0]
+
+
+def predict_image(model: nn.Module | DetectionBackend, image: np.ndarray, imgsz: int | tuple[int, int] = 640,
+                  conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 1000,
+                  classes: Sequence[int] | None = None, agnostic: bool = False,
+                  half: bool = False) -> tuple[torch.Tensor, list[BoxMask] | None]:
+    """``detect_image``'s detections and, for a segmentation model, each one's mask in ``image``'s
+    pixels (None for a detector), thresholded as the evaluator does."""
     if isinstance(imgsz, int):
         stride = int(max(model.stride.max(), 32))
         padded, (gain_w, gain_h), (left, top) = letterbox(image, imgsz, stride=stride, auto=True)
@@ -55,9 +66,18 @@ def detect_image(model: nn.Module | DetectionBackend, image: np.ndarray, imgsz: 
     x = (x.half() if half else x.float()) / 255
     with torch.no_grad():
         kind = "none" if getattr(model, "end2end", False) else "nms"
-        det = postprocess(model(x), kind, conf_thres, iou_thres, max_det, classes, agnostic)[0]
-    det[:, :4] = scale_boxes(x.shape[2:], det[:, :4].float(), image.shape[:2], ((gain_h, gain_w), (left, top)))
-    return det.float().cpu()
+        out = model(x)
+        seg = segmentation_output(out)
+        pred, prototypes = seg if seg is not None else (out, None)
+        nm = prototypes.shape[1] if prototypes is not None else 0
+        det = postprocess(pred, kind, conf_thres, iou_thres, max_det, classes, agnostic, nm=nm)[0]
+    ratio_pad = ((gain_h, gain_w), (left, top))
+    det[:, :4] = scale_boxes(x.shape[2:], det[:, :4].float(), image.shape[:2], ratio_pad)
+    masks = None
+    if prototypes is not None:
+        masks = masks_in_original(mask_probabilities(det[:, 6:], prototypes[0]), tuple(x.shape[2:]), image.shape[:2],
+                                  ratio_pad, det[:, :4])
+    return det[:, :6].float().cpu(), masks
 
 
 def load_exported(weights: str | Path, backend: str = "auto", device: str = "",
@@ -93,6 +113,16 @@ def draw_detections(image: np.ndarray, det: torch.Tensor, names: Mapping[int, st
         text_y = p1[1] - 2 if above else p1[1] + h + 2
         cv2.putText(image, label, (p1[0], text_y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
                     thickness, cv2.LINE_AA)
+    return image
+
+
+def draw_masks(image: np.ndarray, masks: list[BoxMask], classes: Sequence[float], alpha: float = 0.5) -> np.ndarray:
+    """``image`` with each mask blended in its class's colour (in place, also returned)."""
+    for mask, cls in zip(masks, classes):
+        h, w = mask.pixels.shape
+        region = image[mask.y0:mask.y0 + h, mask.x0:mask.x0 + w]
+        color = np.array(PALETTE[int(cls) % len(PALETTE)], dtype=np.float32)
+        region[mask.pixels] = (region[mask.pixels] * (1 - alpha) + color * alpha).astype(np.uint8)
     return image
 
 
@@ -146,7 +176,8 @@ def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int |
     for path in tqdm(files, desc="detect", unit="file"):
         sink, count = None, 0
         for frame in read_frames(path, vid_stride):
-            det = detect_image(model, frame.image, size, conf_thres, iou_thres, max_det, classes, agnostic_nms, half)
+            det, masks = predict_image(model, frame.image, size, conf_thres, iou_thres, max_det, classes, agnostic_nms,
+                                       half)
             count += len(det)
             stem = path.stem if frame.index is None else f"{path.stem}_{frame.index}"
             if save_txt:
@@ -154,6 +185,8 @@ def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int |
                 (save_dir / "labels" / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))
             if nosave:
                 continue
+            if masks is not None:
+                draw_masks(frame.image, masks, det[:, 5].tolist())
             annotated = draw_detections(frame.image, det, names, line_thickness, hide_labels, hide_conf)
             if frame.index is None:
                 cv2.imwrite(str(save_dir / path.name), annotated)

@@ -3,7 +3,9 @@
 Every tool that runs an exported file (val_trt.py, detect.py) reads the input size, the batch
 range, the class count and the class names from here, and a file that is not a detector export
 (another network, a truncated graph) stops here with one line saying what was expected, before
-anything runs it or any run folder is made.
+anything runs it or any run folder is made. A segmentation export is a detector export with
+masks: raw, a second output of prototypes (B, nm, h, w) after the prediction (whose last ``nm``
+channels are mask coefficients); End2End, a fifth output ``det_masks``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from models.experimental_trt import END2END_OUTPUTS as END2END_KEYS
+from models.experimental_trt import MASK_OUTPUT
 from utils.errors import UserError
 
 INPUT_NAME = "images"
@@ -72,6 +75,23 @@ class Signature:
         return all(k in self.outputs for k in END2END_KEYS)
 
     @property
+    def segment(self) -> bool:
+        """A segmentation export: End2End with ``det_masks``, or raw with a prototype output."""
+        if self.end2end:
+            return MASK_OUTPUT in self.outputs
+        shapes = list(self.outputs.values())
+        return len(shapes) == 2 and len(shapes[0]) == 3 and len(shapes[1]) == 4
+
+    @property
+    def nm(self) -> int | None:
+        """Mask coefficients per detection (the prototypes' channels); None for a detector or where unknown."""
+        if not self.segment:
+            return None
+        if self.metadata.get("nm", "").isdigit():
+            return int(self.metadata["nm"])
+        return None if self.end2end else list(self.outputs.values())[1][1]
+
+    @property
     def geometry(self) -> InputGeometry:
         return InputGeometry.of_shape(self.inputs[INPUT_NAME])
 
@@ -91,8 +111,9 @@ class Signature:
             return int(self.metadata["nc"])
         if not self.end2end:
             channels = next(iter(self.outputs.values()))[1]
-            if channels:
-                return channels - 4
+            masks = self.nm if self.segment else 0
+            if channels and masks is not None:
+                return channels - 4 - masks
         return len(self.names) if self.names else None
 
     def check(self, source: str | Path) -> Signature:
@@ -100,14 +121,16 @@ class Signature:
         image_input = list(self.inputs) == [INPUT_NAME] and len(self.inputs[INPUT_NAME]) == 4 \
             and self.inputs[INPUT_NAME][1] in (3, None)
         shapes = list(self.outputs.values())
-        raw = len(shapes) == 1 and len(shapes[0]) == 3 and (shapes[0][1] is None or shapes[0][1] > 4)
+        prediction = len(shapes) in (1, 2) and len(shapes[0]) == 3 and (shapes[0][1] is None or shapes[0][1] > 4)
+        raw = prediction and (len(shapes) == 1 or self.segment)
         if image_input and (raw or self.end2end):
             return self
         found = "; ".join(f"{kind} {', '.join(f'{n}{_dims(s)}' for n, s in io.items()) or 'none'}"
                           for kind, io in (("inputs", self.inputs), ("outputs", self.outputs)))
         raise UserError(f"{source}: not a detector export: expected one input '{INPUT_NAME}' (batch, 3, height, "
-                        "width) and either one output (batch, 4 + classes, anchors) or the End2End outputs "
-                        f"{', '.join(END2END_KEYS)}; found {found}")
+                        "width) and either one output (batch, 4 + classes, anchors), two for segmentation (batch, "
+                        "4 + classes + masks, anchors) and (batch, masks, height/4, width/4), or the End2End "
+                        f"outputs {', '.join(END2END_KEYS)} (and {MASK_OUTPUT}); found {found}")
 
 
 def _dims(shape: Shape) -> str:

@@ -29,18 +29,26 @@ from utils.torch_utils import select_device
 
 def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, imgsz: int | tuple[int, int],
                       batch_size: int, task: str, postprocess: str, conf_thres: float, iou_thres: float, max_det: int,
-                      workers: int, device: torch.device, keep_boxes: bool = False) -> tuple[EvalResult, EvalArtifacts]:
+                      workers: int, device: torch.device, keep_boxes: bool = False,
+                      model_name: str = "the model") -> tuple[EvalResult, EvalArtifacts]:
     """COCO-style mAP of an exported model on images of ``data[task]`` letterboxed to exactly ``imgsz``
     (an int: square; a pair: (h, w), the input of a non-square export).
 
     A PyTorch model (in eval mode) is accepted too, so that it can be compared on the very same input.
+    A segmentation model or export is scored on boxes and masks; its data must hold polygons (and a
+    detection model's, boxes), else one line names both.
     """
     from utils.data.config import require_split
-    from utils.data.dataset import create_dataloader
+    from utils.data.dataset import check_task, create_dataloader, model_task
 
     hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
-    loader = create_dataloader(require_split(data, task), max(hw), batch_size, 32, rect=False, workers=workers,
-                               prefix=f"{task}: ", nc=data["nc"], fixed_hw=hw)[0]
+    if isinstance(backend, DetectionBackend):
+        kind = "segment" if backend.segment else "detect"
+    else:
+        kind = model_task(backend)
+    loader, dataset = create_dataloader(require_split(data, task), max(hw), batch_size, 32, rect=False,
+                                        workers=workers, prefix=f"{task}: ", nc=data["nc"], fixed_hw=hw, task=kind)
+    check_task(dataset, model_name, kind)
     return evaluate(backend, loader, list(data["names"]), device=device, conf_thres=conf_thres, iou_thres=iou_thres,
                     max_det=max_det, postprocess="none" if getattr(backend, "end2end", False) else postprocess,
                     keep_boxes=keep_boxes)
@@ -140,7 +148,7 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     out = {"backend": chosen, "model": str(onnx or engine), "save_dir": str(save_dir)}
     if cfg is not None:
         result, _ = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, hw, batch_size, task, postprocess,
-                                      conf_thres, iou_thres, max_det, workers, dev)
+                                      conf_thres, iou_thres, max_det, workers, dev, model_name=str(onnx or engine))
         print(result.table(per_class=len(cfg["names"]) < 50))
         (save_dir / "results.json").write_text(json.dumps({**out, **result.to_dict()}, indent=2) + "\n")
         (save_dir / "results.md").write_text(result.markdown())

@@ -51,9 +51,21 @@ def _mean_relative_error(students: list[torch.Tensor], references: list[tuple[to
     return torch.stack([_relative_error(s, t, e) for s, (t, e) in zip(students, references)]).mean()
 
 
+def mask_outputs(model: nn.Module) -> list[str]:
+    """Names of the modules whose outputs are a segmentation head's mask coefficients (one tower
+    per level) and prototypes, every branch; empty for a detector."""
+    layers = de_parallel(model).model
+    head = layers[-1]
+    if not hasattr(head, "mask_branch"):
+        return []
+    name_of = {id(m): f"model.{len(layers) - 1}.{n}" for n, m in head.named_modules()}
+    return [name_of[id(m)] for b in range(head.branches) for towers, proto in [head.mask_branch(b)]
+            for m in (*towers, proto)]
+
+
 def _truncated(model: nn.Module, last: int, device: torch.device) -> nn.Module:
-    """A frozen copy of ``model`` that stops after layer ``last``: the teacher never needs its head,
-    which is a good part of a detector's compute."""
+    """A frozen copy of ``model`` that stops after layer ``last``: a detector's teacher never needs
+    its head, which is a good part of its compute."""
     copy = deepcopy(model)
     copy.model = copy.model[: last + 1]
     return channels_last(copy.eval().requires_grad_(False), device)
@@ -61,7 +73,8 @@ def _truncated(model: nn.Module, last: int, device: torch.device) -> nn.Module:
 
 class FeatureDistillation:
     """``extra_loss_fn`` for ``utils.training.engine.train_one_epoch``: runs the teacher on the same images and
-    returns ``weight`` x the mean relative feature error of the student's last forward pass.
+    returns ``weight`` x the mean relative feature error of the student's last forward pass (the
+    supervised layers' outputs and, for a segmentation model, its mask coefficients and prototypes).
 
     The teacher runs without autograd, in the caller's autocast precision; its side of every error
     (the float32 feature and its energy) is computed there too. With ``compile`` (CUDA) the teacher
@@ -71,14 +84,17 @@ class FeatureDistillation:
     def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], weight: float = 1.0,
                  compile: bool = False, backend: str | None = None):
         device = next(teacher.parameters()).device
-        self.teacher = _truncated(teacher, max(layers), device)
+        masks = mask_outputs(student)
+        self.teacher = _truncated(teacher, len(teacher.model) - 1 if masks else max(layers), device)
         self.weight = weight
-        self.layers = layers
-        self._student_out: dict[int, list[torch.Tensor]] = {}
-        self._teacher_out: dict[int, list[torch.Tensor]] = {}
-        s_layers, t_layers = de_parallel(student).model, self.teacher.model
-        self._hooks = [s_layers[i].register_forward_hook(self._keep(self._student_out, i)) for i in layers]
-        self._hooks += [t_layers[i].register_forward_hook(self._keep(self._teacher_out, i)) for i in layers]
+        self.sites = [f"model.{i}" for i in layers] + masks
+        self._student_out: dict[str, list[torch.Tensor]] = {}
+        self._teacher_out: dict[str, list[torch.Tensor]] = {}
+        s_model = de_parallel(student)
+        self._hooks = [s_model.get_submodule(n).register_forward_hook(self._keep(self._student_out, n))
+                       for n in self.sites]
+        self._hooks += [self.teacher.get_submodule(n).register_forward_hook(self._keep(self._teacher_out, n))
+                        for n in self.sites]
         self._layout = memory_format(self.teacher)
         self._references = maybe_compile(self._teacher_references, device, compile, backend=backend)
         self._error = maybe_compile(_mean_relative_error, device, compile, backend=backend)
@@ -86,21 +102,21 @@ class FeatureDistillation:
         self._err_count = 0
 
     @staticmethod
-    def _keep(store: dict, i: int):
+    def _keep(store: dict, name: str):
         def hook(module, args, out):
-            store[i] = flat_tensors(out)
+            store[name] = flat_tensors(out)
         return hook
 
     def _teacher_references(self, imgs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self.teacher(imgs.contiguous(memory_format=self._layout))
-        refs = [_reference(t) for i in self.layers for t in self._teacher_out.get(i, [])]
+        refs = [_reference(t) for n in self.sites for t in self._teacher_out.get(n, [])]
         self._teacher_out.clear()
         return refs
 
     def __call__(self, imgs: torch.Tensor, preds, targets) -> torch.Tensor:
         with torch.no_grad():
             references = self._references(imgs)
-        students = [s for i in self.layers for s in self._student_out.get(i, [])]
+        students = [s for n in self.sites for s in self._student_out.get(n, [])]
         self._student_out.clear()
         if not students or len(students) != len(references):
             raise RuntimeError("distillation: no layer outputs captured (was the student run first?)")

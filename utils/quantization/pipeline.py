@@ -40,7 +40,7 @@ from models.quantize import (
 )
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp, require_split
-from utils.data.dataset import create_dataloader, set_epoch
+from utils.data.dataset import check_task, create_dataloader, model_task, set_epoch
 from utils.errors import UserError
 from utils.evaluation import bootstrap
 from utils.evaluation.agreement import Agreement, run_agreement
@@ -57,7 +57,7 @@ from utils.quantization.checkpoint import (
     make_float_checkpoint,
 )
 from utils.quantization.distill import FeatureDistillation, supervised_layers
-from utils.quantization.report import metrics, new_report, write_report
+from utils.quantization.report import headline, metrics, new_report, score, write_report
 from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import de_parallel, select_device
@@ -88,12 +88,20 @@ def load_float_model(weights: str | Path, device: torch.device, unsafe: bool = F
 
 def make_loader(data: dict, split: str, imgsz: int, batch_size: int, stride: int, workers: int, *,
                 hyp: dict | None = None, shuffle: bool = False, seed: int = 0, rank: int = -1,
-                drop_last: bool = False):
-    """Evaluation loaders are rect-batched like val.py's; training / calibration ones are square."""
+                drop_last: bool = False, model: nn.Module | None = None, weights: str | Path = ""):
+    """Evaluation loaders are rect-batched like val.py's; training / calibration ones are square.
+
+    ``model``: the loader serves its task (a segmentation model's batches carry masks), and a
+    dataset whose labels do not fit that task is refused, naming ``weights`` and the dataset."""
     evaluation = hyp is None and not shuffle
-    return create_dataloader(require_split(data, split), imgsz, batch_size, stride, hyp=hyp, augment=hyp is not None,
-                             rect=evaluation, pad=0.5 if evaluation else 0.0, workers=workers, shuffle=shuffle,
-                             prefix=f"{split}: ", seed=seed, rank=rank, nc=data["nc"], drop_last=drop_last)[0]
+    task = model_task(model) if model is not None else "detect"
+    loader, dataset = create_dataloader(require_split(data, split), imgsz, batch_size, stride, hyp=hyp,
+                                        augment=hyp is not None, rect=evaluation, pad=0.5 if evaluation else 0.0,
+                                        workers=workers, shuffle=shuffle, prefix=f"{split}: ", seed=seed, rank=rank,
+                                        nc=data["nc"], drop_last=drop_last, task=task)
+    if model is not None:
+        check_task(dataset, str(weights), task)
+    return loader
 
 
 def image_batches(loader, device: torch.device, n: int) -> Iterator[torch.Tensor]:
@@ -156,10 +164,17 @@ class _StageClock:
             torch.cuda.synchronize(self.device)
 
 
-def _evaluator(opt: argparse.Namespace, data: dict, stride: int, split: str | None = None) -> Evaluator:
+def _evaluator(opt: argparse.Namespace, data: dict, model: nn.Module, split: str | None = None) -> Evaluator:
+    stride = max(int(model.stride.max()), 32)
     check_imgsz(opt.imgsz, stride)
-    loader = make_loader(data, split or opt.task, opt.imgsz, opt.batch_size * 2, stride, opt.workers)
+    loader = make_loader(data, split or opt.task, opt.imgsz, opt.batch_size * 2, stride, opt.workers, model=model,
+                         weights=opt.weights)
     return Evaluator(data, CachedBatches(loader), opt.conf_thres, opt.iou_thres, opt.postprocess)
+
+
+def score_name(model: nn.Module) -> str:
+    """What ``report.score`` adds up for this model."""
+    return "box + mask mAP50-95" if model_task(model) == "segment" else "mAP50-95"
 
 
 def report_split(task: str, report_task: str | None, data: dict) -> str:
@@ -209,7 +224,7 @@ def calibrate_ptq(model: nn.Module, batches, method: str, percentile: float,
                 r = evaluate(model)
             trials.append({"method": m, **metrics(r)})
             LOGGER.info(f"PTQ with {m} calibration: mAP50-95 {r.map50_95:.4f}, mAP50 {r.map50:.4f}")
-    chosen = max(trials, key=lambda t: t["map50_95"])["method"] if len(methods) > 1 else method
+    chosen = max(trials, key=score)["method"] if len(methods) > 1 else method
     if len(methods) > 1:
         LOGGER.info(f"--calib-method auto: keeping {chosen} (best PTQ mAP50-95 of {', '.join(methods)})")
         load_amax(model, chosen, percentile)
@@ -222,9 +237,9 @@ def calibrate_ptq(model: nn.Module, batches, method: str, percentile: float,
 def _auto_skip(float_model: nn.Module, calibrated: nn.Module, k: int, evaluate: Evaluator, ptq_map: float,
                save_dir: Path) -> list[int]:
     rows = layer_sensitivity(float_model, calibrated.quant_info.plan, amax_state(calibrated),
-                             quantizable_layers(calibrated), lambda m: evaluate(m).map50_95, ptq_map,
+                             quantizable_layers(calibrated), lambda m: score(metrics(evaluate(m))), ptq_map,
                              measure_alone=False)
-    write_sensitivity(rows, None, ptq_map, save_dir / "sensitivity")
+    write_sensitivity(rows, None, ptq_map, save_dir / "sensitivity", score_name(float_model))
     chosen = most_sensitive(rows, k)
     LOGGER.info(f"--auto-skip {k}: keeping layers {chosen} in floating point")
     return chosen
@@ -234,7 +249,8 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
             report: dict, save_dir: Path, device: torch.device) -> nn.Module:
     """Prepare, calibrate (and with --auto-skip choose float layers), evaluate, save ``ptq.pt``."""
     stride = max(int(float_model.stride.max()), 32)
-    loader = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, opt.workers, shuffle=True, seed=opt.seed)
+    loader = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, opt.workers, shuffle=True, seed=opt.seed,
+                         model=float_model, weights=opt.weights)
     skip = parse_skip_layers(opt.skip_layers, len(float_model.model))
     model = prepare(deepcopy(float_model), skip)
     method, trials = calibrate_ptq(model, image_batches(loader, device, opt.calib_batches), opt.calib_method,
@@ -242,7 +258,7 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
                                    report.setdefault("seconds", {}))
     report["calibration"] = trials if len(trials) > 1 else []
     if opt.auto_skip:
-        ptq_map = next(t["map50_95"] for t in trials if t["chosen"])
+        ptq_map = score(next(t for t in trials if t["chosen"]))
         extra = _auto_skip(float_model, model, opt.auto_skip, evaluate, ptq_map, save_dir)
         amax, calibration = amax_state(model), model.quant_info.calibration
         model = prepare(deepcopy(float_model), sorted(set(skip) | set(extra)), model.quant_info.plan)
@@ -252,8 +268,7 @@ def run_ptq(opt: argparse.Namespace, float_model: nn.Module, data: dict, evaluat
     if evaluate is not None and not opt.no_eval_ptq:
         chosen = next(t for t in trials if t["chosen"])
         result = metrics(evaluate(model)) if opt.auto_skip else chosen  # skipping layers changed the model
-        report["ptq"] = {**{k: result[k] for k in ("map50_95", "map50", "precision", "recall", "fitness")},
-                         "method": method}
+        report["ptq"] = {**headline(result), "method": method}
     else:
         report["ptq"] = None
     ckpt = make_checkpoint(model, opt=vars(opt), report=report,
@@ -303,7 +318,8 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
     loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
-                         seed=opt.seed, rank=info.rank, drop_last=opt.compile)
+                         seed=opt.seed, rank=info.rank, drop_last=opt.compile, model=student, weights=opt.weights)
+    loss_names = ("box", "seg", "cls", "dfl") if model_task(student) == "segment" else ("box", "cls", "dfl")
     lr0 = opt.lr if opt.lr is not None else hyp["lr0"]
     optimizer = build_optimizer(student, opt.optimizer, lr0, hyp["momentum"], hyp["weight_decay"])
     if state.optimizer is not None:
@@ -333,7 +349,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                                     world_size=info.world_size, progress=info.is_main, forward=forward)
             if not info.is_main:
                 continue
-            row = {"epoch": epoch + 1, "box": stats.loss[0], "cls": stats.loss[1], "dfl": stats.loss[2],
+            row = {"epoch": epoch + 1, **dict(zip(loss_names, stats.loss)),
                    "distill_error": distill.take_mean_error() if distill else 0.0,
                    "seconds_per_iter": stats.seconds / max(stats.iters, 1), "lr": lr0 * lf(epoch),
                    "train_seconds": stats.seconds}
@@ -342,13 +358,12 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                 t = time.perf_counter()
                 r = evaluate(student)
                 row.update(metrics(r), eval_seconds=time.perf_counter() - t)
-                fitness = r.map50_95
+                fitness = score(row)
             report[phase.history].append(row)
             improved = fitness > best
             if improved:
                 best = fitness
-                report[f"{phase.name}_best"] = {**{k: row.get(k, 0.0) for k in ("map50_95", "map50", "precision",
-                                                                                "recall", "fitness")}, "epoch": epoch + 1}
+                report[f"{phase.name}_best"] = {**headline(row), "epoch": epoch + 1}
                 report[f"seconds_to_{phase.name}_best"] = time.perf_counter() - state.started
                 if phase is QAT:
                     report["qat_best_session"] = len(report["sessions"])
@@ -441,8 +456,7 @@ def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None,
     parse_skip_layers(opt.skip_layers, len(teacher.model))  # before the evaluations, not after them
     if opt.auto_skip >= len(teacher.model):
         raise UserError(f"--auto-skip {opt.auto_skip}: the model has only {len(teacher.model)} layers")
-    stride = max(int(teacher.stride.max()), 32)
-    evaluate = _evaluator(opt, data, stride) if info.is_main else None
+    evaluate = _evaluator(opt, data, teacher) if info.is_main else None
     if save_dir is None:
         save_dir = _run_dir(opt, info)
     reported_on = report_split(opt.task, opt.report_task, data)
@@ -480,7 +494,7 @@ def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None,
             finetune(opt, deepcopy(teacher), teacher, data, hyp, evaluate, report, save_dir, device, info,
                      ResumeState(started=t0), CONTROL)
     if info.is_main:
-        evaluate_reported_rows(opt, teacher, data, stride, report, save_dir, device, evaluate)
+        evaluate_reported_rows(opt, teacher, data, report, save_dir, device, evaluate)
         md, _ = write_report(report, save_dir)
         LOGGER.info(md.read_text())
     return save_dir
@@ -497,14 +511,14 @@ DELTAS = {"ptq_minus_origin": ("ptq", "origin"), "qat_minus_origin": ("qat_best"
           "control_minus_origin": ("control_best", "origin"), "qat_minus_control": ("qat_best", "control_best")}
 
 
-def evaluate_reported_rows(opt: argparse.Namespace, teacher: nn.Module, data: dict, stride: int, report: dict,
+def evaluate_reported_rows(opt: argparse.Namespace, teacher: nn.Module, data: dict, report: dict,
                            save_dir: Path, device: torch.device, selection: Evaluator | None = None) -> None:
     """Every row again on the report split, as chosen on ``--task``, with paired bootstrap intervals
     of the deltas (``report['reported']``, ``report['intervals']``). A report on the ``--task`` split
     replays the ``selection`` evaluator's batches, decoded already."""
     split = report["reported_on"]
     reuse = selection is not None and split == opt.task
-    evaluate = selection if reuse else _evaluator(opt, data, stride, split)
+    evaluate = selection if reuse else _evaluator(opt, data, teacher, split)
     rows, matches = {}, {}
     for key in ("origin", *_ROW_MODELS):
         if report.get(key) is None:
@@ -526,17 +540,18 @@ def run_sensitive(opt: argparse.Namespace) -> Path:
     float_model = load_float_model(opt.weights, device, opt.unsafe_load)
     _check_classes(float_model, data, opt.weights)
     stride = max(int(float_model.stride.max()), 32)
-    evaluate = _evaluator(opt, data, stride)
+    evaluate = _evaluator(opt, data, float_model)
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
-    fp_map = evaluate(float_model).map50_95
+    fp_map = score(metrics(evaluate(float_model)))
     model = prepare(deepcopy(float_model))
-    loader = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, opt.workers, shuffle=True, seed=opt.seed)
+    loader = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, opt.workers, shuffle=True, seed=opt.seed,
+                         model=float_model, weights=opt.weights)
     calibrate_ptq(model, image_batches(loader, device, opt.calib_batches), opt.calib_method, opt.percentile,
                   evaluate if opt.calib_method == "auto" else None)
-    ptq_map = evaluate(model).map50_95
+    ptq_map = score(metrics(evaluate(model)))
     rows = layer_sensitivity(float_model, model.quant_info.plan, amax_state(model), quantizable_layers(model),
-                             lambda m: evaluate(m).map50_95, ptq_map)
-    for p in write_sensitivity(rows, fp_map, ptq_map, save_dir):
+                             lambda m: score(metrics(evaluate(m))), ptq_map)
+    for p in write_sensitivity(rows, fp_map, ptq_map, save_dir, score_name(float_model)):
         LOGGER.info(f"wrote {p}")
     return save_dir
 
@@ -559,7 +574,7 @@ def run_eval(opt: argparse.Namespace) -> EvalResult | Agreement:
     if opt.data:
         data = load_data_config(opt.data)
         _check_classes(model, data, opt.weights)
-        evaluate = _evaluator(opt, data, stride)
+        evaluate = _evaluator(opt, data, model)
     if opt.source:
         check_imgsz(opt.imgsz, stride)
         reference = load_float_model(opt.reference, device, opt.unsafe_load)

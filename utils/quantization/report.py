@@ -17,12 +17,32 @@ METRICS = (("map50_95", "AP50-95"), ("map50", "AP50"), ("precision", "P"), ("rec
 ROWS = (("origin", "Origin"), ("ptq", "PTQ"), ("qat_best", "QAT (best)"), ("control_best", "Control (best)"))
 # Reported row -> its interval against Origin.
 ORIGIN_DELTAS = {"ptq": "ptq_minus_origin", "qat_best": "qat_minus_origin", "control_best": "control_minus_origin"}
+MASK_PREFIX = "mask_"  # a segmentation model's mask figures sit beside the box ones: mask_map50_95, ...
 
 
 def metrics(result: EvalResult) -> dict:
-    """The four headline figures of an evaluation, plus fitness."""
-    return {"map50_95": result.map50_95, "map50": result.map50, "precision": result.precision,
-            "recall": result.recall, "fitness": result.fitness}
+    """The four headline figures of an evaluation (boxes; and masks, prefixed, for segmentation), plus fitness."""
+    out = {"map50_95": result.map50_95, "map50": result.map50, "precision": result.precision,
+           "recall": result.recall, "fitness": result.fitness}
+    if result.mask is not None:
+        out.update({MASK_PREFIX + k: float(result.mask[k]) for k, _ in METRICS})
+    return out
+
+
+def headline(m: dict) -> dict:
+    """The figures of ``metrics`` that ``m`` holds (a report row keeps these, not an epoch's losses)."""
+    keys = [k for k, _ in METRICS] + [MASK_PREFIX + k for k, _ in METRICS] + ["fitness"]
+    return {k: m[k] for k in keys if k in m}
+
+
+def score(m: dict) -> float:
+    """What a run selects by (calibration method, layers to skip, the best QAT epoch): box mAP50-95,
+    plus mask mAP50-95 for a segmentation model, whose masks matter as much as its boxes."""
+    return m["map50_95"] + m.get(MASK_PREFIX + "map50_95", 0.0)
+
+
+def is_segment_report(report: dict) -> bool:
+    return any(MASK_PREFIX + "map50_95" in (report.get(k) or {}) for k in ("origin", "ptq", "qat_best"))
 
 
 def new_report(weights: str, data: str, selected_on: str, reported_on: str | None = None) -> dict:
@@ -38,12 +58,19 @@ def _label(key: str, label: str, m: dict) -> str:
     return f"{label[:-1]}, epoch {m['epoch']})" if "epoch" in m else label
 
 
-def _row(name: str, m: dict | None, origin: dict | None) -> str:
-    if m is None:
+def _row(name: str, m: dict | None, origin: dict | None, prefix: str = "") -> str:
+    if m is None or prefix + "map50_95" not in m:
         return f"| {name} |" + " - |" * (2 * len(METRICS))
-    cells = [f"{m[k]:.4f}" for k, _ in METRICS]
-    deltas = [f"{m[k] - origin[k]:+.4f}" if origin else "-" for k, _ in METRICS]
+    cells = [f"{m[prefix + k]:.4f}" for k, _ in METRICS]
+    deltas = [f"{m[prefix + k] - origin[prefix + k]:+.4f}" if origin else "-" for k, _ in METRICS]
     return f"| {name} | " + " | ".join(cells + deltas) + " |"
+
+
+def _rows(name: str, m: dict | None, origin: dict | None, masks: bool) -> list[str]:
+    """A model's row; a segmentation model's box row and mask row."""
+    if not masks:
+        return [_row(name, m, origin)]
+    return [_row(f"{name}, boxes", m, origin), _row(f"{name}, masks", m, origin, MASK_PREFIX)]
 
 
 def _interval(iv: dict | None) -> str:
@@ -72,6 +99,17 @@ def _reported_table(report: dict) -> list[str]:
         deltas = (f"{m['map50_95'] - origin['map50_95']:+.4f} | {_interval(iv.get('map50_95'))} | "
                   f"{m['map50'] - origin['map50']:+.4f} | {_interval(iv.get('map50'))}") if origin else "- | - | - | -"
         lines.append(f"| {_label(key, label, m)} | {m['map50_95']:.4f} | {m['map50']:.4f} | {deltas} |")
+    if is_segment_report(report):  # the intervals resample box matches; the mask deltas are given without
+        lines += ["", "Masks (deltas against Origin, no intervals):", "",
+                  "| Model | mask AP50-95 | mask AP50 | dAP50-95 | dAP50 |", "|---" * 5 + "|"]
+        for key, label in ROWS:
+            m = reported.get(key)
+            if m is None or MASK_PREFIX + "map50_95" not in m:
+                continue
+            deltas = " | ".join(f"{m[MASK_PREFIX + k] - origin[MASK_PREFIX + k]:+.4f}" if origin else "-"
+                                for k in ("map50_95", "map50"))
+            lines.append(f"| {_label(key, label, m)} | {m[MASK_PREFIX + 'map50_95']:.4f} | "
+                         f"{m[MASK_PREFIX + 'map50']:.4f} | {deltas} |")
     lines.append("")
     control = intervals.get("qat_minus_control")
     if control:
@@ -91,8 +129,11 @@ def to_markdown(report: dict) -> str:
     head = [label for _, label in METRICS] + [f"d{label}" for _, label in METRICS]
     lines += [f"## On the {selected_on} split (where the choices were made)", "",
               "| Model | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    lines += [_row(_label(key, label, report.get(key) or {}), report.get(key), None if key == "origin" else origin)
-              for key, label in ROWS if key != "control_best" or report.get(key)]
+    masks = is_segment_report(report)
+    for key, label in ROWS:
+        if key != "control_best" or report.get(key):
+            lines += _rows(_label(key, label, report.get(key) or {}), report.get(key),
+                           None if key == "origin" else origin, masks)
     lines.append("")
     if report.get("skip_layers"):
         lines += [f"Layers kept in floating point: {', '.join(map(str, report['skip_layers']))}", ""]
@@ -109,12 +150,17 @@ def to_markdown(report: dict) -> str:
 
 
 def _epoch_table(title: str, epochs: list[dict]) -> list[str]:
-    lines = [f"## {title}", "", "| Epoch | AP50-95 | AP50 | box | cls | dfl | distill error | s/iter "
-             "| train s | eval s |", "|---" * 10 + "|"]
-    lines += [f"| {e['epoch']} | {e.get('map50_95', float('nan')):.4f} | {e.get('map50', float('nan')):.4f} | "
-              f"{e['box']:.4f} | {e['cls']:.4f} | {e['dfl']:.4f} | {e['distill_error']:.2e} | "
-              f"{e['seconds_per_iter']:.3f} | {e.get('train_seconds', float('nan')):.1f} | "
-              f"{e.get('eval_seconds', float('nan')):.1f} |" for e in epochs]
+    """One row per epoch; a segmentation run's rows add mask mAP and the mask loss."""
+    seg = "seg" in epochs[0]
+    nan = float("nan")
+    lines = [f"## {title}", "", "| Epoch | AP50-95 | AP50 |" + (" mask AP50-95 | mask AP50 | seg |" if seg else "")
+             + " box | cls | dfl | distill error | s/iter | train s | eval s |", "|---" * (13 if seg else 10) + "|"]
+    lines += [f"| {e['epoch']} | {e.get('map50_95', nan):.4f} | {e.get('map50', nan):.4f} | "
+              + (f"{e.get('mask_map50_95', nan):.4f} | {e.get('mask_map50', nan):.4f} | "
+                 f"{e['seg']:.4f} | " if seg else "")
+              + f"{e['box']:.4f} | {e['cls']:.4f} | {e['dfl']:.4f} | {e['distill_error']:.2e} | "
+              f"{e['seconds_per_iter']:.3f} | {e.get('train_seconds', nan):.1f} | "
+              f"{e.get('eval_seconds', nan):.1f} |" for e in epochs]
     return lines + [""]
 
 

@@ -54,8 +54,10 @@ def most_sensitive(rows: list[dict], k: int) -> list[int]:
     return sorted(r["layer"] for r in rows[:k])
 
 
-def write_sensitivity(rows: list[dict], fp_map: float | None, ptq_map: float, save_dir: Path) -> list[Path]:
-    """Sorted table (markdown, JSON) and a bar chart of the mAP each layer gives back in float."""
+def write_sensitivity(rows: list[dict], fp_map: float | None, ptq_map: float, save_dir: Path,
+                      metric: str = "mAP50-95") -> list[Path]:
+    """Sorted table (markdown, JSON) and a bar chart of the mAP each layer gives back in float;
+    ``metric`` names the figure (a segmentation model's is box + mask mAP50-95)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,9 +65,9 @@ def write_sensitivity(rows: list[dict], fp_map: float | None, ptq_map: float, sa
 
     save_dir.mkdir(parents=True, exist_ok=True)
     md = ["# Per-layer quantization sensitivity", "",
-          f"FP32 mAP50-95: {fp_map:.4f}" if fp_map is not None else "FP32 mAP50-95: not evaluated",
-          f"PTQ (all layers INT8) mAP50-95: {ptq_map:.4f}", "",
-          "| Rank | Layer | Type | mAP50-95, layer in float | mAP50-95, only layer INT8 | gain if float |",
+          f"FP32 {metric}: {fp_map:.4f}" if fp_map is not None else f"FP32 {metric}: not evaluated",
+          f"PTQ (all layers INT8) {metric}: {ptq_map:.4f}", "",
+          f"| Rank | Layer | Type | {metric}, layer in float | {metric}, only layer INT8 | gain if float |",
           "|---|---|---|---|---|---|"]
     md += [f"| {k + 1} | {r['layer']} | {r['type']} | {r['map_layer_float']:.4f} | {r['map_only_layer_int8']:.4f} | "
            f"{r['gain_if_float']:+.4f} |" for k, r in enumerate(rows)]
@@ -76,7 +78,7 @@ def write_sensitivity(rows: list[dict], fp_map: float | None, ptq_map: float, sa
     ax.bar([str(r["layer"]) for r in rows], [r["gain_if_float"] for r in rows], color="tab:blue")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("layer kept in float (sorted)")
-    ax.set_ylabel("mAP50-95 gained vs. full INT8")
+    ax.set_ylabel(f"{metric} gained vs. full INT8")
     ax.set_title("Quantization sensitivity per layer")
     fig.tight_layout()
     fig.savefig(paths[2], dpi=120)
