@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--close-mosaic", type=int, default=d["close_mosaic"], help="train the last N epochs without mosaic")
     p.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
     p.add_argument("--cos-lr", action="store_true", help="cosine LR schedule (default linear)")
+    p.add_argument("--hold-lr", type=int, default=d["hold_lr"],
+                   help="reach the final LR N epochs early and hold it: flat val mAP there shows convergence")
     p.add_argument("--patience", type=int, default=d["patience"],
                    help="stop after N epochs without improvement (0: never)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (DDP only)")

@@ -133,7 +133,7 @@ class Plan:
     workers: int = 4
     threads: int = 4  # CPU threads per job (PyTorch on CPU, ONNX Runtime)
     device: str = "0"  # as each job sees it (one GPU each)
-    window: float = 0.2  # convergence: the last 20% of the epochs ...
+    window: float = 0.2  # convergence: the last 20% of the epochs, trained at the final LR (--hold-lr) ...
     tolerance: float = 0.005  # ... may rise by less than this in validation mAP50-95
     reference_conf: float = 0.25  # agreement: the FP32 detections that count as ground truth
     deadline: float = 0.0  # time.time() by which the running stage must be done
@@ -276,6 +276,7 @@ def job_train(plan: Plan, model: str) -> None:
     argv = ["--cfg", cfg, "--data", plan.data, "--hyp", str(ROOT / "data/hyps/hyp.bccd.yaml"), "--optimizer", "AdamW",
             "--epochs", str(epochs), "--batch-size", str(plan.batch), "--imgsz", str(plan.imgsz),
             "--workers", str(plan.workers), "--cache", "ram", "--close-mosaic", str(round(plan.close_mosaic * epochs)),
+            "--hold-lr", str(min(int(np.ceil(plan.window * epochs)), epochs - 1)),
             "--patience", "0", "--device", plan.device, "--project", str(run.parent), "--name", run.name,
             "--exist-ok", "--seed", "0"]
     started, last = time.time(), [time.time()]

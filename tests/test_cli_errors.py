@@ -218,7 +218,7 @@ TOOLS = {
 }
 BAD_VALUES = {
     "train.py": ["--batch-size 0", "--workers -1", "--epochs 0", "--imgsz 100", "--seed -1", "--patience -1",
-                 "--close-mosaic -1"],
+                 "--close-mosaic -1", "--hold-lr -1", "--hold-lr 1"],
     "val.py": ["--batch-size 0", "--workers -1", "--imgsz 100", "--conf-thres 1.5", "--iou-thres -0.1", "--max-det 0"],
     "quantize": ["--batch-size 0", "--workers -1", "--epochs -1", "--imgsz 100", "--calib-batches 0", "--iters 0",
                  "--percentile 0", "--lr 0", "--distill-weight -1", "--supervision-stride -1", "--auto-skip -1",

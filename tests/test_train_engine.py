@@ -39,6 +39,13 @@ def test_lr_schedules_run_from_one_to_lrf():
         assert lf(3) > lf(6)
 
 
+def test_lr_schedules_hold_the_final_lr_for_the_last_epochs():
+    for cosine in (False, True):
+        lf = lr_lambda(10, 0.01, cosine, hold=3)
+        assert lf(0) == pytest.approx(1.0) and lf(5) > lf(6) > 0.01
+        assert [lf(e) for e in (7, 8, 9, 10)] == pytest.approx([0.01] * 4)
+
+
 def test_warmup_ramps_bias_down_others_up_and_accumulation_up():
     net = small_net()
     opt = build_optimizer(net, "SGD", lr=0.01, momentum=0.937)

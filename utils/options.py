@@ -33,6 +33,7 @@ COUNTS: dict[str, tuple[int, str]] = {
     "topk_all": (1, "detections kept per image"),
     "patience": (0, "epochs without improvement; 0 never stops"),
     "close_mosaic": (0, "final epochs without mosaic"),
+    "hold_lr": (0, "final epochs at the final LR"),
     "warmup": (0, "untimed calls"),
     "auto_skip": (0, "layers kept in floating point"),
     "supervision_stride": (0, "layer stride of the distillation; 0 turns it off"),

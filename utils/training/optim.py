@@ -53,11 +53,14 @@ def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
     raise UserError(f"--optimizer {name}: expected one of {', '.join(OPTIMIZERS)}")
 
 
-def lr_lambda(epochs: int, lrf: float, cosine: bool = False) -> Callable[[float], float]:
-    """LR factor per epoch: 1 at epoch 0 down to ``lrf`` at ``epochs``, linearly or along a half cosine."""
+def lr_lambda(epochs: int, lrf: float, cosine: bool = False, hold: int = 0) -> Callable[[float], float]:
+    """LR factor per epoch: 1 at epoch 0 down to ``lrf``, linearly or along a half cosine, reached at
+    ``epochs - hold`` and kept for the last ``hold`` epochs: validation mAP that stays flat there shows
+    that more training at the lowest LR (what a QAT fine-tune does) gains the FP32 model nothing."""
+    span = max(epochs - hold, 1)
     if cosine:
-        return lambda e: ((1 - math.cos(e * math.pi / epochs)) / 2) * (lrf - 1) + 1
-    return lambda e: (1 - e / epochs) * (1.0 - lrf) + lrf
+        return lambda e: ((1 - math.cos(min(e, span) * math.pi / span)) / 2) * (lrf - 1) + 1
+    return lambda e: (1 - min(e, span) / span) * (1.0 - lrf) + lrf
 
 
 def set_momentum(group: dict, value: float) -> None:

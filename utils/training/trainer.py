@@ -41,7 +41,7 @@ MIN_WARMUP_ITERS = 100
 DEFAULTS: dict = dict(
     weights="", cfg="", data=str(ROOT / "data/coco.yaml"), hyp=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
     epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
-    exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, patience=100,
+    exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, hold_lr=0, patience=100,
     sync_bn=False, amp="bf16", noval=False, cache="", compile=False, mask_ratio=4,
     # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
     # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
@@ -294,6 +294,8 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     nc, names = data["nc"], data["names"]
     if opt.batch_size % info.world_size:
         raise UserError(f"--batch-size {opt.batch_size}: must be a multiple of the {info.world_size} processes")
+    if opt.hold_lr >= opt.epochs:
+        raise UserError(f"--hold-lr {opt.hold_lr}: must be below --epochs {opt.epochs}, or no epoch anneals the LR")
 
     seed_everything(epoch_seed(opt.seed, -1, info.rank))
     model = channels_last(build_model(opt, nc, ckpt).to(device), device)
@@ -309,7 +311,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
-    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
+    lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr, opt.hold_lr)
     precision = make_precision(device, opt.amp)
     ema = ModelEMA(model) if info.is_main else None
 
