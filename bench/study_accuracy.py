@@ -308,7 +308,7 @@ def job_train(plan: Plan, model: str) -> None:
             {**check, "cfg": cfg, "converted_to": converted_cfg, "best_epoch": best_epoch, "epochs_planned": epochs,
              "imgsz": plan.imgsz, "batch": plan.batch, "selected_on": "val",
              "train_seconds": summary.get("train_seconds"), "run": str(run)})
-    print(f"{model}: val mAP50-95 {history[best_epoch]:.4f} at epoch {best_epoch}; "
+    print(f"{model}: val mAP50-95 {history[best_epoch - 1]:.4f} at epoch {best_epoch}; "
           f"{'converged' if check['converged'] else 'NOT converged'} ({check})")
 
 
