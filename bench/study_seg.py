@@ -1,24 +1,27 @@
 """Segmentation QAT study in one command: train, PTQ, QAT, export and ONNX Runtime per model.
 
 gelan-c-seg and the dual yolov9-c-dseg are trained from scratch on drawn shapes with exact masks,
-then PTQ, QAT, a Q/DQ ONNX export and ONNX Runtime, one model per GPU, both at once.
+then PTQ, QAT, a Q/DQ ONNX export and ONNX Runtime, the models spread over the GPUs, all at once.
 
 Each model runs ``utils.demo.run_workflow`` (the pipeline ``qat.py demo`` runs) in its own process
-on its own GPU; the dual model is reparameterized to its main branch (tools/reparameterize.py)
-between training and quantization, as a deployment would. The parent draws the data once, waits,
-and writes per model:
+on GPU i modulo the GPUs (on one GPU, one model per command with --models fits the time limit);
+the dual model is reparameterized to its main branch (tools/reparameterize.py) between training
+and quantization, as a deployment would. The parent draws the data once, waits, and writes per
+model:
 
-- ``seg_qat_delta_mask_map50_95_<model>``: QAT (best) - Origin (FP32) mask mAP50-95 (bar >= -0.003)
+- ``seg_qat_delta_mask_map50_95_<model>``: QAT (best) - Origin (FP32) mask mAP50-95 on the test
+  images, the best epoch chosen on val, with a 95% paired bootstrap interval (bar >= -0.003)
 - ``seg_qat_delta_box_map50_95_<model>``: the same for boxes
 - ``seg_ort_int8_minus_qat_mask_map50_95_<model>``: the exported INT8 model on ONNX Runtime - the
   QAT model in PyTorch, both on the same letterboxed input (bar >= -0.003)
 
-The deltas are the report's rows on the split they were chosen on (the drawn set's val split; it
-has no other). Training stops at the end of the epoch that passes ``--train-minutes`` (its best.pt
-is kept), so that a slower model still leaves time for the rest of the command.
+The drawn set has train, val and test images of its own. Training stops at the end of the epoch
+that passes ``--train-minutes`` (its best.pt is kept), so that a slower model still leaves time
+for the rest of the command.
 
-    # GPU (2 GPUs): ~1 min of wheels, then < 8 min
+    # GPU: 2 GPUs ~1 min of wheels, then < 8 min; one GPU: a command per model
     python bench/study_seg.py --out $OUT
+    python bench/study_seg.py --out $OUT --models gelan-c-seg --train-minutes 2.5
     # CPU dry run at toy size (the same code path, records into a dry-run folder)
     python bench/study_seg.py --dry-run --out /tmp/seg_study --work /tmp/seg_study_work
 
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def run_study(opt: argparse.Namespace, models: list[str]) -> Path:
-    """Draw the data, run each model in its own process (GPU i for the i-th model), then write the
+    """Draw the data, run each model in its own process (GPU i mod the GPUs), then write the
     records and the tar."""
     import torch
 
@@ -106,15 +109,15 @@ def run_study(opt: argparse.Namespace, models: list[str]) -> Path:
     opt.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = make_shapes_dataset(work / "data", n_train=size["images"], n_val=val_images(size),
-                               imgsz=size["imgsz"], seed=opt.seed, masks=True)
+                               n_test=val_images(size), imgsz=size["imgsz"], seed=opt.seed, masks=True)
     gpus = torch.cuda.device_count()
-    if not opt.dry_run and gpus < len(models):
-        raise UserError(f"{len(models)} models need {len(models)} GPUs, found {gpus}; use --dry-run on a CPU")
+    if not opt.dry_run and not gpus:
+        raise UserError("no CUDA GPU found; use --dry-run on a CPU")
     children = []
     for i, name in enumerate(models):
         args = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--out", str(opt.out), "--work",
                 str(work), "--data",
-                str(data), "--device", "cpu" if opt.dry_run else str(i), "--seed", str(opt.seed),
+                str(data), "--device", "cpu" if opt.dry_run else str(i % gpus), "--seed", str(opt.seed),
                 *(["--dry-run"] if opt.dry_run else []),
                 *[a for k, v in size.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
         log = open(work / f"{name}.log", "w")
@@ -181,24 +184,38 @@ class TrainingBudgetSpent(Exception):
 
 
 def write_records(summaries: dict, opt: argparse.Namespace, size: dict, seconds: float) -> list[Path]:
-    """The three records per model, into --out (and bench/results unless a dry run)."""
+    """The three records per model, into --out (and bench/results unless a dry run).
+
+    The QAT deltas are the report's rows on the test split, its best epoch chosen on val, with the
+    report's paired bootstrap intervals (boxes and masks each resampled by their own matches); ONNX
+    Runtime - QAT compares one model in two runtimes on the val images, where nothing is chosen.
+    """
     paths = []
+    n_val = val_images(size)
     dataset = (f"drawn shapes with exact masks (utils/data/synthetic.py, seed {opt.seed}): {size['images']} train / "
-               f"{val_images(size)} val images, {size['imgsz']} px")
+               f"{n_val} val / {n_val} test images, {size['imgsz']} px")
     for name, s in summaries.items():
+        report = json.loads(Path(s["files"]["qat_report"]).with_suffix(".json").read_text())
+        qat_minus_origin, reported = report["intervals"]["qat_minus_origin"], report["reported"]
         rows = list(s["rows"].values())
-        origin, qat, same_pt, same_ort = rows[0], rows[2], rows[3], rows[4]
+        same_pt, same_ort = rows[3], rows[4]
         model = f"{name}{' (reparameterized to its main branch)' if s['reparameterized'] else ''}, from scratch"
-        extra = {"rows": s["rows"], "seconds": s["seconds"], "sizes": s["sizes"], "device": s["device"],
-                 "training_stopped_after_epoch": s["training_stopped_after_epoch"], "dry_run": opt.dry_run,
-                 "study_seconds": round(seconds), "date_utc": datetime.datetime.utcnow().isoformat(timespec="seconds")}
-        values = {f"seg_qat_delta_mask_map50_95_{name}": qat["mask_map50_95"] - origin["mask_map50_95"],
-                  f"seg_qat_delta_box_map50_95_{name}": qat["map50_95"] - origin["map50_95"],
-                  f"seg_ort_int8_minus_qat_mask_map50_95_{name}": same_ort["mask_map50_95"] - same_pt["mask_map50_95"]}
-        for record, value in values.items():
+        common = {"seconds": s["seconds"], "sizes": s["sizes"], "device": s["device"],
+                  "training_stopped_after_epoch": s["training_stopped_after_epoch"], "dry_run": opt.dry_run,
+                  "study_seconds": round(seconds), "date_utc": datetime.datetime.utcnow().isoformat(timespec="seconds")}
+        on_test = {**common, "selected_on": report["selected_on"], "reported_on": reported["split"],
+                   "images": reported["images"], "bootstrap": report["bootstrap"],
+                   "fp32": reported["origin"], "qat_best": reported["qat_best"]}
+        values = {f"seg_qat_delta_mask_map50_95_{name}": (qat_minus_origin["mask_map50_95"], on_test),
+                  f"seg_qat_delta_box_map50_95_{name}": (qat_minus_origin["map50_95"], on_test),
+                  f"seg_ort_int8_minus_qat_mask_map50_95_{name}": (
+                      {"value": same_ort["mask_map50_95"] - same_pt["mask_map50_95"]},
+                      {**common, "split": "val", "images": n_val, "rows": s["rows"]})}
+        for record, (figure, extra) in values.items():
+            interval = {k: figure[k] for k in ("ci95_low", "ci95_high") if k in figure}
             for folder in [opt.out] + ([] if opt.dry_run else [RESULTS_DIR]):
-                path = write_record(record, value, "mAP50-95", model, dataset, machine=machine_name(),
-                                    extra=extra, results_dir=folder)
+                path = write_record(record, figure["value"], "mAP50-95", model, dataset, machine=machine_name(),
+                                    extra={**interval, **extra}, results_dir=folder)
             paths.append(opt.out / path.name)
     return paths
 

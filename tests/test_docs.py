@@ -66,7 +66,7 @@ def test_results_tables_show_intervals_the_control_and_agreement():
 
 
 def test_seg_study_section_renders_the_records_and_marks_a_missed_bar():
-    extra = {"rows": {"Origin (FP32)": {"map50_95": 0.6, "mask_map50_95": 0.5}},
+    extra = {"fp32": {"map50_95": 0.6, "mask_map50_95": 0.5}, "ci95_low": -0.02, "ci95_high": 0.001,
              "sizes": {"epochs": 30, "images": 2000, "imgsz": 320}, "training_stopped_after_epoch": 12}
     base = {"unit": "mAP50-95", "dataset": "d", "command": "python bench/study_seg.py --out o", "machine": "m",
             "date": "2026-11-30", "model": "gelan-c-seg, from scratch", "extra": extra}
@@ -74,6 +74,7 @@ def test_seg_study_section_renders_the_records_and_marks_a_missed_bar():
                (("qat_delta_mask_map50_95", -0.01), ("qat_delta_box_map50_95", 0.002),
                 ("ort_int8_minus_qat_mask_map50_95", 0.0))]
     text = report.render_seg_study(records)
-    assert "| gelan-c-seg, from scratch | 0.6000 / 0.5000 | +0.0020 | -0.0100 | +0.0000 | **fail** |" in text
+    assert ("| gelan-c-seg, from scratch | 0.6000 / 0.5000 | +0.0020 [-0.0200, 0.0010] | -0.0100 [-0.0200, 0.0010] | "
+            "+0.0000 | **fail** |") in text
     assert "12 epochs of 2000 images, 320 px (time budget)" in text and "`python bench/study_seg.py --out o`" in text
     assert report.render_seg_study(records[1:]).startswith("No records yet")  # a model needs all three

@@ -75,6 +75,10 @@ def test_quantize_reports_box_and_mask_rows(seg_run):
     for row in ("origin", "ptq", "qat_best"):
         assert {"map50_95", "mask_map50_95", "mask_map50", "mask_precision", "mask_recall"} <= set(report[row]), row
     assert "mask_map50_95" in report["reported"]["qat_best"]
+    mask_iv = report["intervals"]["qat_minus_origin"]["mask_map50_95"]  # resampled by mask matches, not boxes
+    assert mask_iv["ci95_low"] <= mask_iv["value"] <= mask_iv["ci95_high"]
+    delta = report["reported"]["qat_best"]["mask_map50_95"] - report["reported"]["origin"]["mask_map50_95"]
+    assert mask_iv["value"] == pytest.approx(delta, abs=1e-6)
     assert set(report["epochs"][0]) >= {"box", "seg", "cls", "dfl"}
     md = (run / "report.md").read_text()
     for row in ("| Origin, boxes |", "| Origin, masks |", "| PTQ (max), masks |", "Masks (deltas against Origin"):

@@ -111,15 +111,18 @@ def _polygon_rows(instances: np.ndarray, classes: list[int]) -> list[str]:
 
 
 def make_shapes_dataset(out_dir: str | Path, n_train: int = 240, n_val: int = 60, imgsz: int = 160,
-                        max_objects: int = 4, seed: int = 0, masks: bool = False) -> Path:
+                        max_objects: int = 4, seed: int = 0, masks: bool = False, n_test: int = 0) -> Path:
     """Write a YOLO-format dataset under ``out_dir`` and return the path of its data yaml.
+
+    ``n_test`` images make a test split of their own (a study chooses on val and reports on test);
+    without them the yaml's test split is the val images.
 
     ``masks=True`` writes polygon labels and ``masks/<split>/<stem>.png`` instance-id images.
     The same arguments always give the same images and labels (a fixed-seed generator).
     """
     out_dir = Path(out_dir).resolve()
     rng = np.random.default_rng(seed)
-    for split, count in (("train", n_train), ("val", n_val)):
+    for split, count in (("train", n_train), ("val", n_val)) + ((("test", n_test),) if n_test else ()):
         img_dir, lbl_dir, mask_dir = (out_dir / kind / split for kind in ("images", "labels", "masks"))
         for folder in (img_dir, lbl_dir) + ((mask_dir,) if masks else ()):
             folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +138,7 @@ def make_shapes_dataset(out_dir: str | Path, n_train: int = 240, n_val: int = 60
             cv2.imwrite(str(img_dir / f"{stem}.png"), img)
             (lbl_dir / f"{stem}.txt").write_text("\n".join(rows) + ("\n" if rows else ""))
     data_yaml = out_dir / "shapes.yaml"
-    data = {"path": str(out_dir), "train": "images/train", "val": "images/val", "test": "images/val",
-            "names": list(CLASS_NAMES), "nc": len(CLASS_NAMES)}
+    data = {"path": str(out_dir), "train": "images/train", "val": "images/val",
+            "test": "images/test" if n_test else "images/val", "names": list(CLASS_NAMES), "nc": len(CLASS_NAMES)}
     data_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
     return data_yaml

@@ -57,7 +57,7 @@ from utils.quantization.checkpoint import (
     make_float_checkpoint,
 )
 from utils.quantization.distill import FeatureDistillation, supervised_layers
-from utils.quantization.report import headline, metrics, new_report, score, write_report
+from utils.quantization.report import MASK_PREFIX, headline, metrics, new_report, score, write_report
 from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, quantizable_layers, write_sensitivity
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import de_parallel, select_device
@@ -128,8 +128,9 @@ class Evaluator:
     def __call__(self, model: nn.Module) -> EvalResult:
         return self.scored(model)[0]
 
-    def scored(self, model: nn.Module) -> tuple[EvalResult, PerImageStats]:
-        """The result and the per-image matches that bootstrap intervals resample."""
+    def scored(self, model: nn.Module) -> tuple[EvalResult, dict[str, PerImageStats]]:
+        """The result and the per-image matches that bootstrap intervals resample, by metric prefix:
+        ``""`` for boxes and, for a segmentation model, ``"mask_"`` for masks."""
         model = de_parallel(model)
         was_training = model.training
         model.eval()
@@ -140,7 +141,10 @@ class Evaluator:
         finally:
             model.train(was_training)
         LOGGER.info(result.table(per_class=False))
-        return result, artifacts.per_image
+        matches = {"": artifacts.per_image}
+        if artifacts.mask_per_image is not None:
+            matches[MASK_PREFIX] = artifacts.mask_per_image
+        return result, matches
 
 
 class _StageClock:
@@ -526,8 +530,9 @@ def evaluate_reported_rows(opt: argparse.Namespace, teacher: nn.Module, data: di
         model = teacher if key == "origin" else _ROW_MODELS[key](save_dir / "weights", device)
         result, matches[key] = evaluate.scored(model)
         rows[key] = {**metrics(result), **{k: report[key][k] for k in ("method", "epoch") if k in report[key]}}
-    report["reported"] = {"split": split, "images": len(next(iter(matches.values()))) if matches else 0, **rows}
-    report["intervals"] = {name: {m: iv.to_dict() for m, iv in bootstrap.paired_delta(matches[a], matches[b]).items()}
+    report["reported"] = {"split": split, "images": len(next(iter(matches.values()))[""]) if matches else 0, **rows}
+    report["intervals"] = {name: {prefix + m: iv.to_dict() for prefix in matches[a]
+                                  for m, iv in bootstrap.paired_delta(matches[a][prefix], matches[b][prefix]).items()}
                            for name, (a, b) in DELTAS.items() if a in matches and b in matches}
     report["bootstrap"] = bootstrap.method()
 

@@ -99,23 +99,29 @@ def _reported_table(report: dict) -> list[str]:
         deltas = (f"{m['map50_95'] - origin['map50_95']:+.4f} | {_interval(iv.get('map50_95'))} | "
                   f"{m['map50'] - origin['map50']:+.4f} | {_interval(iv.get('map50'))}") if origin else "- | - | - | -"
         lines.append(f"| {_label(key, label, m)} | {m['map50_95']:.4f} | {m['map50']:.4f} | {deltas} |")
-    if is_segment_report(report):  # the intervals resample box matches; the mask deltas are given without
-        lines += ["", "Masks (deltas against Origin, no intervals):", "",
-                  "| Model | mask AP50-95 | mask AP50 | dAP50-95 | dAP50 |", "|---" * 5 + "|"]
+    if is_segment_report(report):  # the same images resampled, scored by their mask matches
+        lines += ["", "Masks (deltas against Origin, 95% intervals as above):", "",
+                  "| Model | mask AP50-95 | mask AP50 | dAP50-95 | 95% interval | dAP50 | 95% interval |",
+                  "|---" * 7 + "|"]
         for key, label in ROWS:
             m = reported.get(key)
             if m is None or MASK_PREFIX + "map50_95" not in m:
                 continue
-            deltas = " | ".join(f"{m[MASK_PREFIX + k] - origin[MASK_PREFIX + k]:+.4f}" if origin else "-"
+            iv = intervals.get(ORIGIN_DELTAS.get(key), {})
+            deltas = " | ".join(f"{m[MASK_PREFIX + k] - origin[MASK_PREFIX + k]:+.4f} | "
+                                f"{_interval(iv.get(MASK_PREFIX + k))}" if origin else "- | -"
                                 for k in ("map50_95", "map50"))
             lines.append(f"| {_label(key, label, m)} | {m[MASK_PREFIX + 'map50_95']:.4f} | "
                          f"{m[MASK_PREFIX + 'map50']:.4f} | {deltas} |")
     lines.append("")
     control = intervals.get("qat_minus_control")
     if control:
-        lines += [f"QAT - control (what quantization itself costs, the fine-tuning both had taken out): AP50-95 "
-                  f"{control['map50_95']['value']:+.4f} {_interval(control['map50_95'])}, AP50 "
-                  f"{control['map50']['value']:+.4f} {_interval(control['map50'])}.", ""]
+        figures = ", ".join(f"{name} {control[key]['value']:+.4f} {_interval(control[key])}"
+                            for prefix, kind in (("", ""), (MASK_PREFIX, "mask ")) for key, name in
+                            ((prefix + "map50_95", kind + "AP50-95"), (prefix + "map50", kind + "AP50"))
+                            if key in control)
+        lines += [f"QAT - control (what quantization itself costs, the fine-tuning both had taken out): {figures}.",
+                  ""]
     return lines
 
 
