@@ -202,7 +202,7 @@ def write_records(summaries: dict, opt: argparse.Namespace, size: dict, seconds:
         model = f"{name}{' (reparameterized to its main branch)' if s['reparameterized'] else ''}, from scratch"
         common = {"seconds": s["seconds"], "sizes": s["sizes"], "device": s["device"],
                   "training_stopped_after_epoch": s["training_stopped_after_epoch"], "dry_run": opt.dry_run,
-                  "study_seconds": round(seconds), "date_utc": datetime.datetime.utcnow().isoformat(timespec="seconds")}
+                  "study_seconds": round(seconds), "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         on_test = {**common, "selected_on": report["selected_on"], "reported_on": reported["split"],
                    "images": reported["images"], "bootstrap": report["bootstrap"],
                    "fp32": reported["origin"], "qat_best": reported["qat_best"]}
