@@ -7,6 +7,7 @@ per case), on random-weight tiny models whose heads are scaled to give boxes and
 """
 from __future__ import annotations
 
+import json
 import logging
 import runpy
 import shutil
@@ -175,6 +176,29 @@ def test_a_model_of_the_other_task_stops_with_one_line_and_writes_nothing(files,
     assert errors[0].startswith(f"error: {files[weights]} {words}")
     assert str(files[data].parent / "images") in errors[0]  # names the data too
     assert "Traceback" not in err and not project.exists()
+
+
+@pytest.mark.parametrize("onnx, reference", [("seg_onnx", "det"), ("det_onnx", "seg")])
+def test_agreement_refuses_a_reference_of_the_other_task(files, onnx, reference, tmp_path, capsys, monkeypatch):
+    project = tmp_path / "runs"
+    code, err = run_cli("val_trt.py", ["--onnx", files[onnx], "--reference", files[reference], "--source",
+                                       files["seg_data"].parent / "images" / "val", "--backend", "onnxruntime",
+                                       "--project", project], capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    assert f"{files[onnx]} is a" in errors[0] and f"the reference {files[reference]} is a" in errors[0]
+    assert not project.exists()
+
+
+def test_agreement_of_a_segmentation_export_scores_its_boxes(files, tmp_path, capsys, monkeypatch):
+    """The float export against the checkpoint it came from: the same boxes (agreement 1)."""
+    code, err = run_cli("val_trt.py", ["--onnx", files["seg_onnx"], "--reference", files["seg"], "--source",
+                                       files["seg_data"].parent / "images" / "val", "--backend", "onnxruntime",
+                                       "--project", tmp_path, "--name", "a"], capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    result = json.loads((tmp_path / "a" / "agreement.json").read_text())
+    assert result["reference_boxes"] > 0 and result["map50_95"] > 0.99
+    assert {c["class"] for c in result["per_class"]} <= set(range(len(SHAPES)))
 
 
 @pytest.fixture(scope="module")

@@ -115,14 +115,22 @@ def _matching_data(data: str | Path, nc: int | None, model: Path) -> dict:
     return cfg
 
 
-def _reference_model(reference: str | Path, device: str, nc: int | None, model: Path) -> torch.nn.Module:
-    """The FP32 model whose detections are the ground truth of agreement, refused before any run
-    folder is made when its class count differs from the exported model's."""
+def _reference_model(reference: str | Path, device: str, nc: int | None, segment: bool, model: Path
+                     ) -> torch.nn.Module:
+    """The FP32 model whose detections are the ground truth of agreement (boxes, for a segmentation
+    model too), refused before any run folder is made when its class count or task differs from
+    the exported model's: it cannot be the model the file was exported from."""
     from models.loading import attempt_load
+    from utils.data.dataset import model_task
 
     ref = attempt_load(existing_file(reference, "FP32 checkpoint"), device=select_device(device), fuse=True)
     if nc is not None and nc != int(ref.nc):
         raise UserError(f"{model}: the model predicts {nc} classes but the reference {reference} has {int(ref.nc)}")
+    tasks = {"segment": "a segmentation model", "detect": "a detection model"}
+    exported, referenced = "segment" if segment else "detect", model_task(ref)
+    if exported != referenced:
+        raise UserError(f"{model} is {tasks[exported]} but the reference {reference} is {tasks[referenced]}; "
+                        "pass the FP32 checkpoint the file was exported from")
     return ref.float().eval()
 
 
@@ -157,7 +165,8 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     hw = runner.geometry.input_hw(imgsz, onnx or engine)
     dev = torch.device("cuda", int(device) if device.isdigit() else 0) if chosen == "tensorrt" else torch.device("cpu")
     cfg = _matching_data(data, runner.signature.nc, onnx or engine) if data is not None else None
-    ref_model = _reference_model(reference, device, runner.signature.nc, onnx or engine) if source else None
+    ref_model = (_reference_model(reference, device, runner.signature.nc, runner.signature.segment, onnx or engine)
+                 if source else None)
     if cfg is not None:
         scored = DetectionBackend(runner, cfg["nc"])
         loader = task_loader(scored, cfg, hw, batch_size, task, workers, str(onnx or engine))
