@@ -190,6 +190,26 @@ def test_agreement_refuses_a_reference_of_the_other_task(files, onnx, reference,
     assert not project.exists()
 
 
+def test_qat_eval_agreement_refuses_a_reference_of_the_other_task(files, tmp_path, capsys, monkeypatch):
+    from models.loading import attempt_load
+    from models.quantize import calibrate, prepare
+    from utils.quantization.checkpoint import make_checkpoint
+    from utils.quantization.report import new_report
+
+    quantized = prepare(attempt_load(files["det"], device=torch.device("cpu")).float().eval())
+    calibrate(quantized, [torch.rand(1, 3, IMGSZ, IMGSZ)])
+    ptq = save_checkpoint(make_checkpoint(quantized, report=new_report("det.pt", str(files["box_data"]), "val")),
+                          tmp_path / "ptq.pt")
+    project = tmp_path / "runs"
+    code, err = run_cli("qat.py", ["eval", "--weights", ptq, "--reference", files["seg"], "--source",
+                                   files["seg_data"].parent / "images" / "val", "--imgsz", IMGSZ, "--device", "cpu",
+                                   "--project", project], capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-2000:]
+    assert f"{ptq} is a detection model but the reference {files['seg']} is a segmentation model" in errors[0]
+    assert not project.exists()
+
+
 def test_agreement_of_a_segmentation_export_scores_its_boxes(files, tmp_path, capsys, monkeypatch):
     """The float export against the checkpoint it came from: the same boxes (agreement 1)."""
     code, err = run_cli("val_trt.py", ["--onnx", files["seg_onnx"], "--reference", files["seg"], "--source",

@@ -21,7 +21,7 @@ from utils.deployment.benchmark_report import (
     write_report,
 )
 from utils.errors import UserError
-from utils.evaluation.agreement import REFERENCE_CONF
+from utils.evaluation.agreement import REFERENCE_CONF, check_reference_task
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
 from utils.options import check_flags
 from utils.paths import ROOT, existing_file, increment_path
@@ -121,16 +121,11 @@ def _reference_model(reference: str | Path, device: str, nc: int | None, segment
     model too), refused before any run folder is made when its class count or task differs from
     the exported model's: it cannot be the model the file was exported from."""
     from models.loading import attempt_load
-    from utils.data.dataset import model_task
 
     ref = attempt_load(existing_file(reference, "FP32 checkpoint"), device=select_device(device), fuse=True)
     if nc is not None and nc != int(ref.nc):
         raise UserError(f"{model}: the model predicts {nc} classes but the reference {reference} has {int(ref.nc)}")
-    tasks = {"segment": "a segmentation model", "detect": "a detection model"}
-    exported, referenced = "segment" if segment else "detect", model_task(ref)
-    if exported != referenced:
-        raise UserError(f"{model} is {tasks[exported]} but the reference {reference} is {tasks[referenced]}; "
-                        "pass the FP32 checkpoint the file was exported from")
+    check_reference_task("segment" if segment else "detect", ref, model, reference)
     return ref.float().eval()
 
 

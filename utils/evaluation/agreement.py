@@ -139,6 +139,18 @@ class _MatchTally:
         return len(pairs) / boxes, float(ious.mean()), float(errors.mean())
 
 
+def check_reference_task(task: str, reference: torch.nn.Module, model_name: str | Path,
+                         reference_name: str | Path) -> None:
+    """Refuse a reference whose task ('detect' or 'segment') differs from the scored model's: it
+    cannot be the FP32 model that one came from."""
+    from utils.data.dataset import model_task
+
+    kinds = {"segment": "a segmentation model", "detect": "a detection model"}
+    if model_task(reference) != task:
+        raise UserError(f"{model_name} is {kinds[task]} but the reference {reference_name} is "
+                        f"{kinds[model_task(reference)]}; pass the FP32 checkpoint it came from")
+
+
 def _boxes(output, kind: str, **settings) -> list[torch.Tensor]:
     """Each image's (n, 6) detections of a head output; a segmentation head's mask coefficients are
     dropped, since agreement compares boxes."""
