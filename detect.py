@@ -7,7 +7,9 @@ An exported model (.onnx on ONNX Runtime, or TensorRT with --backend; .engine on
 its own input size and draws the detections the PyTorch model draws on the same letterboxed input.
 
 Results go to runs/detect/exp (exp2, exp3... when it exists): annotated images / videos, with
---save-txt one YOLO label file per image or video frame, and summary.json with detection counts.
+--save-txt one YOLO label file per image or video frame (boxes; for a segmentation model, each
+mask's outline as a polygon row that train.py and val.py read back), and summary.json with
+detection counts.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
-    parser.add_argument("--save-txt", action="store_true", help="save YOLO label files")
+    parser.add_argument("--save-txt", action="store_true", help="save YOLO label files (polygons for a segmentation model)")
     parser.add_argument("--save-conf", action="store_true", help="add the confidence to --save-txt labels")
     parser.add_argument("--nosave", action="store_true", help="do not save annotated images / videos")
     parser.add_argument("--classes", nargs="+", type=int, help="keep only these class indices")

@@ -216,7 +216,7 @@ def test_mixed_polygon_and_box_files_are_refused_for_segmentation(shapes, tmp_pa
     shutil.copytree(shapes.parent / "images" / "train", root / "images")
     shutil.copytree(shapes.parent / "labels" / "train", root / "labels")
     (root / "labels" / "train_00001.txt").write_text("0 0.5 0.5 0.2 0.2\n")
-    with pytest.raises(UserError, match=r"5 label files hold polygons .* and 1 hold boxes \(e\.g\. .*train_00001"):
+    with pytest.raises(UserError, match=r"5 label files hold polygons .* and 1 holds boxes \(e\.g\. .*train_00001"):
         YoloDataset(str(root / "images"), img_size=64, task="segment")
     with caplog.at_level(logging.WARNING, logger="yolov9.data"):
         ds = YoloDataset(str(root / "images"), img_size=64)

@@ -20,8 +20,11 @@ def increment_path(path: str | Path, exist_ok: bool = False, mkdir: bool = True)
             n += 1
         path = Path(f"{path}{n}")
     if mkdir and not path.exists():
+        top = path  # the outermost folder made here: a --project that did not exist goes with its run
+        while not top.parent.exists():
+            top = top.parent
         path.mkdir(parents=True)
-        _made_run_dirs.append(path)
+        _made_run_dirs.append(top)
     return path
 
 

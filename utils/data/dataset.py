@@ -318,8 +318,10 @@ def _label_kind(scan, source: str, task: str) -> str:
     """
     polygon_files, box_files = scan.files_of_kind("polygons"), scan.files_of_kind("boxes")
     if polygon_files and box_files:
-        mix = (f"{len(polygon_files)} label files hold polygons (e.g. {img2label_paths(polygon_files[:1])[0]}) and "
-               f"{len(box_files)} hold boxes (e.g. {img2label_paths(box_files[:1])[0]})")
+        n_poly, n_box = len(polygon_files), len(box_files)
+        mix = (f"{n_poly} label file{'s hold' if n_poly > 1 else ' holds'} polygons "
+               f"(e.g. {img2label_paths(polygon_files[:1])[0]}) and {n_box} hold{'s' if n_box == 1 else ''} boxes "
+               f"(e.g. {img2label_paths(box_files[:1])[0]})")
         if task == "segment":
             raise UserError(f"{source}: {mix}; segmentation needs a polygon for every instance: convert or "
                             "remove the box files")

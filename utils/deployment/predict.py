@@ -20,6 +20,7 @@ from tqdm import tqdm
 from models.loading import attempt_load
 from utils.boxes import scale_boxes, xyxy2xywhn
 from utils.data.augment import letterbox
+from utils.data.polygons import mask_to_polygon
 from utils.data.media import VideoSink, media_files, read_frames
 from utils.deployment.backends import DetectionBackend, open_runner, resolve_backend
 from utils.deployment.signature import DEFAULT_IMGSZ
@@ -126,13 +127,38 @@ def draw_masks(image: np.ndarray, masks: list[BoxMask], classes: Sequence[float]
     return image
 
 
+def _label_line(cls: float, values: Sequence[float], conf: float | None) -> str:
+    return " ".join([str(int(cls)), *(f"{v:.6g}" for v in [*values, *([] if conf is None else [conf])])])
+
+
 def label_lines(det: torch.Tensor, shape: tuple[int, int], save_conf: bool = False) -> list[str]:
     """YOLO label lines 'cls x y w h [conf]' (normalised to the image) for ``det``."""
     xywhn = xyxy2xywhn(det[:, :4], w=shape[1], h=shape[0])
-    lines = []
-    for (x, y, w, h), conf, cls in zip(xywhn.tolist(), det[:, 4].tolist(), det[:, 5].tolist()):
-        fields = [int(cls), x, y, w, h] + ([conf] if save_conf else [])
-        lines.append(" ".join(str(fields[0]) if i == 0 else f"{v:.6g}" for i, v in enumerate(fields)))
+    return [_label_line(cls, xywh, conf if save_conf else None)
+            for xywh, conf, cls in zip(xywhn.tolist(), det[:, 4].tolist(), det[:, 5].tolist())]
+
+
+def polygon_label_lines(det: torch.Tensor, masks: Sequence[BoxMask], shape: tuple[int, int],
+                        save_conf: bool = False) -> list[str]:
+    """YOLO polygon label lines 'cls x1 y1 ... xn yn [conf]' (normalised to the image), one per mask.
+
+    Each line is the outline of the mask along pixel edges, so it reads back (``utils.data``) as
+    exactly the mask's pixels, holes filled. A mask in several parts is one row with its parts joined
+    by zero-width bridges (as the converters write them), where upstream's predict keeps only the
+    largest part and loses the rest. A mask with no pixel gets no line; an outline already written
+    for the class (two boxes around one blob) is written once, as the label loader would drop the repeat.
+    """
+    h, w = shape
+    lines, written = [], set()
+    for mask, conf, cls in zip(masks, det[:, 4].tolist(), det[:, 5].tolist()):
+        outline, _ = mask_to_polygon(mask.pixels)
+        if outline is None:
+            continue
+        xy = ((outline + (mask.x0, mask.y0)) / (w, h)).ravel().tolist()
+        row = _label_line(cls, xy, None)
+        if row not in written:
+            written.add(row)
+            lines.append(_label_line(cls, xy, conf) if save_conf else row)
     return lines
 
 
@@ -181,7 +207,8 @@ def run(weights: str | Path | None = None, source: str | Path = "", imgsz: int |
             count += len(det)
             stem = path.stem if frame.index is None else f"{path.stem}_{frame.index}"
             if save_txt:
-                lines = label_lines(det, frame.image.shape[:2], save_conf)
+                lines = (label_lines(det, frame.image.shape[:2], save_conf) if masks is None else
+                         polygon_label_lines(det, masks, frame.image.shape[:2], save_conf))
                 (save_dir / "labels" / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))
             if nosave:
                 continue

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from utils.deployment.backends import DetectionBackend, open_runner, resolve_backend
 from utils.deployment.signature import InputGeometry
@@ -20,28 +21,23 @@ from utils.deployment.benchmark_report import (
     write_report,
 )
 from utils.errors import UserError
-from utils.evaluation.agreement import REFERENCE_CONF
+from utils.evaluation.agreement import REFERENCE_CONF, check_reference_task
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
 from utils.options import check_flags
 from utils.paths import ROOT, existing_file, increment_path
 from utils.torch_utils import select_device
 
 
-def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, imgsz: int | tuple[int, int],
-                      batch_size: int, task: str, postprocess: str, conf_thres: float, iou_thres: float, max_det: int,
-                      workers: int, device: torch.device, keep_boxes: bool = False,
-                      model_name: str = "the model") -> tuple[EvalResult, EvalArtifacts]:
-    """COCO-style mAP of an exported model on images of ``data[task]`` letterboxed to exactly ``imgsz``
-    (an int: square; a pair: (h, w), the input of a non-square export).
+def task_loader(backend: DetectionBackend | torch.nn.Module, data: dict, hw: tuple[int, int], batch_size: int,
+                task: str, workers: int, model_name: str = "the model") -> DataLoader:
+    """Batches of ``data[task]`` letterboxed to exactly ``hw`` (h, w), refused with one line naming both
+    when the labels do not fit the model's task (polygons for a segmentation model, boxes for a detector).
 
-    A PyTorch model (in eval mode) is accepted too, so that it can be compared on the very same input.
-    A segmentation model or export is scored on boxes and masks; its data must hold polygons (and a
-    detection model's, boxes), else one line names both.
+    Separate from scoring so that val_trt.py checks the data before it makes a run folder.
     """
     from utils.data.config import require_split
     from utils.data.dataset import check_task, create_dataloader, model_task
 
-    hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
     if isinstance(backend, DetectionBackend):
         kind = "segment" if backend.segment else "detect"
     else:
@@ -49,6 +45,24 @@ def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, i
     loader, dataset = create_dataloader(require_split(data, task), max(hw), batch_size, 32, rect=False,
                                         workers=workers, prefix=f"{task}: ", nc=data["nc"], fixed_hw=hw, task=kind)
     check_task(dataset, model_name, kind)
+    return loader
+
+
+def evaluate_exported(backend: DetectionBackend | torch.nn.Module, data: dict, imgsz: int | tuple[int, int],
+                      batch_size: int, task: str, postprocess: str, conf_thres: float, iou_thres: float, max_det: int,
+                      workers: int, device: torch.device, keep_boxes: bool = False,
+                      model_name: str = "the model", loader: DataLoader | None = None
+                      ) -> tuple[EvalResult, EvalArtifacts]:
+    """COCO-style mAP of an exported model on images of ``data[task]`` letterboxed to exactly ``imgsz``
+    (an int: square; a pair: (h, w), the input of a non-square export).
+
+    A PyTorch model (in eval mode) is accepted too, so that it can be compared on the very same input.
+    A segmentation model or export is scored on boxes and masks (see ``task_loader``); ``loader``
+    is that function's result when the caller has made it already.
+    """
+    hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    if loader is None:
+        loader = task_loader(backend, data, hw, batch_size, task, workers, model_name)
     return evaluate(backend, loader, list(data["names"]), device=device, conf_thres=conf_thres, iou_thres=iou_thres,
                     max_det=max_det, postprocess="none" if getattr(backend, "end2end", False) else postprocess,
                     keep_boxes=keep_boxes)
@@ -101,14 +115,17 @@ def _matching_data(data: str | Path, nc: int | None, model: Path) -> dict:
     return cfg
 
 
-def _reference_model(reference: str | Path, device: str, nc: int | None, model: Path) -> torch.nn.Module:
-    """The FP32 model whose detections are the ground truth of agreement, refused before any run
-    folder is made when its class count differs from the exported model's."""
+def _reference_model(reference: str | Path, device: str, nc: int | None, segment: bool, model: Path
+                     ) -> torch.nn.Module:
+    """The FP32 model whose detections are the ground truth of agreement (boxes, for a segmentation
+    model too), refused before any run folder is made when its class count or task differs from
+    the exported model's: it cannot be the model the file was exported from."""
     from models.loading import attempt_load
 
     ref = attempt_load(existing_file(reference, "FP32 checkpoint"), device=select_device(device), fuse=True)
     if nc is not None and nc != int(ref.nc):
         raise UserError(f"{model}: the model predicts {nc} classes but the reference {reference} has {int(ref.nc)}")
+    check_reference_task("segment" if segment else "detect", ref, model, reference)
     return ref.float().eval()
 
 
@@ -143,12 +160,16 @@ def run(onnx: str | Path | None = None, engine: str | Path | None = None, data: 
     hw = runner.geometry.input_hw(imgsz, onnx or engine)
     dev = torch.device("cuda", int(device) if device.isdigit() else 0) if chosen == "tensorrt" else torch.device("cpu")
     cfg = _matching_data(data, runner.signature.nc, onnx or engine) if data is not None else None
-    ref_model = _reference_model(reference, device, runner.signature.nc, onnx or engine) if source else None
+    ref_model = (_reference_model(reference, device, runner.signature.nc, runner.signature.segment, onnx or engine)
+                 if source else None)
+    if cfg is not None:
+        scored = DetectionBackend(runner, cfg["nc"])
+        loader = task_loader(scored, cfg, hw, batch_size, task, workers, str(onnx or engine))
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     out = {"backend": chosen, "model": str(onnx or engine), "save_dir": str(save_dir)}
     if cfg is not None:
-        result, _ = evaluate_exported(DetectionBackend(runner, cfg["nc"]), cfg, hw, batch_size, task, postprocess,
-                                      conf_thres, iou_thres, max_det, workers, dev, model_name=str(onnx or engine))
+        result, _ = evaluate_exported(scored, cfg, hw, batch_size, task, postprocess, conf_thres, iou_thres,
+                                      max_det, workers, dev, loader=loader)
         print(result.table(per_class=len(cfg["names"]) < 50))
         (save_dir / "results.json").write_text(json.dumps({**out, **result.to_dict()}, indent=2) + "\n")
         (save_dir / "results.md").write_text(result.markdown())

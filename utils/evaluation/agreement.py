@@ -23,6 +23,7 @@ from utils.data.augment import letterbox
 from utils.data.media import Frame, media_files, read_frames
 from utils.errors import UserError
 from utils.evaluation import bootstrap
+from utils.evaluation.masks import segmentation_output
 from utils.evaluation.metrics import DetectionStats
 from utils.evaluation.postprocess import postprocess as run_postprocess
 
@@ -138,6 +139,26 @@ class _MatchTally:
         return len(pairs) / boxes, float(ious.mean()), float(errors.mean())
 
 
+def check_reference_task(task: str, reference: torch.nn.Module, model_name: str | Path,
+                         reference_name: str | Path) -> None:
+    """Refuse a reference whose task ('detect' or 'segment') differs from the scored model's: it
+    cannot be the FP32 model that one came from."""
+    from utils.data.dataset import model_task
+
+    kinds = {"segment": "a segmentation model", "detect": "a detection model"}
+    if model_task(reference) != task:
+        raise UserError(f"{model_name} is {kinds[task]} but the reference {reference_name} is "
+                        f"{kinds[model_task(reference)]}; pass the FP32 checkpoint it came from")
+
+
+def _boxes(output, kind: str, **settings) -> list[torch.Tensor]:
+    """Each image's (n, 6) detections of a head output; a segmentation head's mask coefficients are
+    dropped, since agreement compares boxes."""
+    seg = segmentation_output(output)
+    prediction, nm = (seg[0], seg[1].shape[1]) if seg is not None else (output, 0)
+    return [det[:, :6] for det in run_postprocess(prediction, kind, nm=nm, **settings)]
+
+
 def agreement(candidate: Callable[[torch.Tensor], object], reference: torch.nn.Module,
               frames: Iterable[tuple[str, Frame]], imgsz: int | tuple[int, int], names: Sequence[str], *,
               candidate_device: torch.device, batch_size: int = 16, postprocess: str = "nms",
@@ -151,10 +172,10 @@ def agreement(candidate: Callable[[torch.Tensor], object], reference: torch.nn.M
     with torch.no_grad():
         for keys, batch in tqdm(letterboxed_batches(frames, imgsz, batch_size), desc="agreement", leave=False):
             images = batch.float() / 255
-            truth = run_postprocess(reference(images.to(ref_device)), "nms", conf_thres=reference_conf,
-                                    iou_thres=iou_thres, max_det=max_det, multi_label=True)
-            found = run_postprocess(candidate(images.to(candidate_device)), postprocess, conf_thres=conf_thres,
-                                    iou_thres=iou_thres, max_det=max_det, multi_label=True)
+            truth = _boxes(reference(images.to(ref_device)), "nms", conf_thres=reference_conf,
+                           iou_thres=iou_thres, max_det=max_det, multi_label=True)
+            found = _boxes(candidate(images.to(candidate_device)), postprocess, conf_thres=conf_thres,
+                           iou_thres=iou_thres, max_det=max_det, multi_label=True)
             for key, ref, cand in zip(keys, truth, found):
                 ref, cand = ref.float().cpu(), cand.float().cpu()
                 stats.add(cand, torch.cat((ref[:, 5:6], ref[:, :4]), 1), image=key)

@@ -5,9 +5,9 @@ input at prototype resolution. It is resized bilinearly (``align_corners=False``
 ``F.interpolate``) to the input size, the letterbox padding is cut off, the rest is resized to
 the original image, cropped to the detection's box and thresholded at 0.5. Both resizes are
 linear, so they are applied as one pair of (row, column) weight matrices, and only inside the
-box: the cost follows the boxes' area, not detections x image size. A map already at input
-resolution (an End2End export's masks) goes through the same path with its first resize an
-identity.
+box: the cost follows the boxes' area, not detections x image size. An End2End export's masks
+(already assembled, at prototype resolution) go through the same path as prototypes with unit
+coefficients (``utils.deployment.backends.end2end_masks_as_prototypes``).
 
 Ground truth is the instance polygons, mapped back to original pixels and rasterised there by
 COCO's rasteriser, so mask IoU here is the IoU pycocotools' ``segm`` evaluation computes.

@@ -43,7 +43,7 @@ from utils.data.config import load_data_config, load_hyp, require_split
 from utils.data.dataset import check_task, create_dataloader, model_task, set_epoch
 from utils.errors import UserError
 from utils.evaluation import bootstrap
-from utils.evaluation.agreement import Agreement, run_agreement
+from utils.evaluation.agreement import Agreement, check_reference_task, run_agreement
 from utils.evaluation.cached_batches import CachedBatches
 from utils.evaluation.evaluator import EvalResult, evaluate
 from utils.evaluation.metrics import PerImageStats
@@ -585,6 +585,7 @@ def run_eval(opt: argparse.Namespace) -> EvalResult | Agreement:
         reference = load_float_model(opt.reference, device, opt.unsafe_load)
         if int(reference.nc) != int(model.nc):
             raise UserError(f"{opt.reference}: the reference has {reference.nc} classes but {opt.weights} has {model.nc}")
+        check_reference_task(model_task(model), reference, opt.weights, opt.reference)
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     result = None
     if evaluate is not None:
