@@ -32,6 +32,11 @@ CFGS = {"detect": ROOT / "models/demo/gelan-demo.yaml", "segment": ROOT / "model
 TRAIN_OPTIMIZER = "AdamW"
 TRAIN_HYP_CHANGES = {"lr0": 0.003, "lrf": 0.05, "warmup_epochs": 1.0, "warmup_bias_lr": 0.003,
                      "mosaic": 0.0, "mixup": 0.0, "scale": 0.3, "translate": 0.1}
+# What the detection demo's training does beyond train.py's defaults to fit minutes on 2 CPU cores:
+# bf16 autocast where the CPU computes bf16 natively, channels-last convolutions and AdamW's
+# multi-tensor step (utils/training/acceleration.py); one validation, after the last epoch (the
+# cosine schedule ends at 5% of lr0, so the last epoch's EMA is the one to keep), and no plots.
+QUICK_TRAINING = {"cpu_speedups": True, "noval": True, "plots": False}
 
 SAME_INPUT_NOTE = ("\nThe first three rows are qat.py's evaluation (rectangular batches, as val.py); the last two "
                    "feed the exported model's fixed square input to both runtimes, so they differ by the runtime "
@@ -109,7 +114,7 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     LOGGER.info(f"demo: drawing {opt.images} + {max(opt.images // 4, 1)} shape images into {save_dir / 'data'}")
     data = make_shapes_dataset(save_dir / "data", n_train=opt.images, n_val=max(opt.images // 4, 1),
                                imgsz=opt.imgsz, seed=opt.seed, masks=opt.task == "segment")
-    rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device)
+    rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device, quick=opt.task == "detect")
     md = table(rows) + SAME_INPUT_NOTE
     seconds = time.perf_counter() - t0
     (save_dir / "demo.md").write_text(f"# qat.py demo --task {opt.task} ({seconds:.0f} s, imgsz {opt.imgsz})\n\n{md}")
@@ -126,11 +131,12 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
 
 def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
                  convert: Callable[[Path], Path] | None = None,
-                 on_epoch_end: Callable[[int, dict], None] | None = None) -> tuple[dict, dict, dict]:
+                 on_epoch_end: Callable[[int, dict], None] | None = None, quick: bool = False) -> tuple[dict, dict, dict]:
     """Train ``cfg`` from scratch on ``data``, quantize the best weights (PTQ + QAT), export the QAT
     model to a raw Q/DQ ONNX and evaluate it on ONNX Runtime (TensorRT where usable), and the QAT
     model in PyTorch on the very same input. ``convert`` turns the trained weights into the ones to
-    quantize (e.g. a dual model reparameterized); ``on_epoch_end`` is the trainer's hook.
+    quantize (e.g. a dual model reparameterized); ``on_epoch_end`` is the trainer's hook; ``quick``
+    trains as ``QUICK_TRAINING`` says.
 
     Returns the table rows (``report.metrics`` dicts), the files written and each stage's seconds.
     """
@@ -140,7 +146,8 @@ def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir:
     train_dir = train(cfg=str(cfg), data=str(data), hyp=_train_hyp(), epochs=opt.epochs, batch_size=opt.batch_size,
                       imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
                       exist_ok=True, seed=opt.seed, patience=0, cos_lr=True, optimizer=TRAIN_OPTIMIZER,
-                      nominal_batch=opt.batch_size, min_warmup_iters=0, on_epoch_end=on_epoch_end)
+                      nominal_batch=opt.batch_size, min_warmup_iters=0, on_epoch_end=on_epoch_end,
+                      **(QUICK_TRAINING if quick else {}))
     train_seconds = time.perf_counter() - t
     rows, written, seconds = quantize_and_check(train_dir / "weights" / "best.pt", data, opt, save_dir, device, convert)
     return rows, {"train": train_dir, **written}, {"train": train_seconds, **seconds}

@@ -23,7 +23,6 @@ from utils.evaluation.coco import (
     predictions_to_coco,
 )
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
-from utils.evaluation.plots import plot_confusion_matrix, plot_mask_samples, plot_pr_curve
 from utils.options import check_flags, check_imgsz
 from utils.paths import ROOT, increment_path
 from utils.torch_utils import de_parallel, select_device
@@ -161,6 +160,9 @@ def run(data, weights=None, batch_size: int = 32, imgsz: int = 640, conf_thres: 
         print(f"pycocotools: mAP50-95 {result.coco['map50_95']:.4f}, mAP50 {result.coco['map50']:.4f}{masks} "
               f"({pred_path})")
     if save_dir and plots:
+        # here, not at the top: matplotlib costs a second or two of start-up that runs without plots never use
+        from utils.evaluation.plots import plot_confusion_matrix, plot_mask_samples, plot_pr_curve
+
         plot_names = ["all-classes"] if single_cls else names
         plot_pr_curve(artifacts.ap, names, save_dir / "PR_curve.png")
         plot_confusion_matrix(artifacts.confusion, plot_names, save_dir / "confusion_matrix.png")

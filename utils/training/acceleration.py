@@ -1,4 +1,4 @@
-"""What makes a training step cheaper on a GPU without changing what it computes.
+"""What makes a training step cheaper without changing what it computes (beyond bf16 rounding).
 
 At batch 16 a YOLO training step is bound by the CPU launching thousands of small kernels, not by
 the GPU (BENCHMARKS.md's profile). Two remedies, both for CUDA only:
@@ -12,6 +12,12 @@ the GPU (BENCHMARKS.md's profile). Two remedies, both for CUDA only:
 Compilation wraps a callable; the module itself stays as it was, so checkpoints, EMA and ONNX
 export see the plain module. Without CUDA (no Triton) ``maybe_compile`` returns the callable
 unchanged unless a backend is named (a CPU dry run traces with ``aot_eager``).
+
+On a CPU, training is opt-in faster (``cpu_speedups``, the demo's trainer knob): bf16 autocast
+where the CPU computes bf16 natively (AMX / AVX512-BF16; elsewhere oneDNN emulates it, slower than
+FP32), channels-last convolutions, and the optimizer's multi-tensor step. On the 2-core Xeon of
+2026-11-30 (one thread, the demo model, batch 16 at 128 px, forward + loss + backward + AdamW) a
+step took 0.32 s of CPU in FP32 NCHW, 0.27 s channels-last, 0.21 s channels-last in bf16.
 """
 from __future__ import annotations
 
@@ -23,9 +29,31 @@ import torch.nn as nn
 from utils.logs import LOGGER
 
 
-def channels_last(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module`` in channels-last memory format on CUDA (in place); unchanged elsewhere."""
-    return module.to(memory_format=torch.channels_last) if device.type == "cuda" else module
+def channels_last(module: nn.Module, device: torch.device, cpu: bool = False) -> nn.Module:
+    """``module`` in channels-last memory format on CUDA, and with ``cpu`` on the CPU (in place);
+    unchanged elsewhere."""
+    wanted = device.type == "cuda" or (cpu and device.type == "cpu")
+    return module.to(memory_format=torch.channels_last) if wanted else module
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AMX tiles or AVX512-BF16)."""
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def cpu_bf16(device: torch.device, enabled: bool) -> bool:
+    """bf16 autocast for CPU training: asked for, on the CPU, and computed natively there."""
+    return enabled and device.type == "cpu" and cpu_computes_bf16()
+
+
+def multi_tensor_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer's foreach implementation (the default on CUDA only): on a CPU the per-parameter
+    loop of AdamW took 15% of the demo model's training step."""
+    for group in optimizer.param_groups:
+        if "foreach" in group:
+            group["foreach"] = True
+    return optimizer
 
 
 def memory_format(module: nn.Module) -> torch.memory_format:

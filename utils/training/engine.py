@@ -34,8 +34,11 @@ class Precision:
         return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
 
-def make_precision(device: torch.device, mode: str = "bf16") -> Precision:
-    """Mixed precision on CUDA only. bf16 needs no loss scaling; fp16 (GPUs without bf16) gets a GradScaler."""
+def make_precision(device: torch.device, mode: str = "bf16", cpu_bf16: bool = False) -> Precision:
+    """Mixed precision on CUDA, and on the CPU only with ``cpu_bf16`` (``acceleration.cpu_bf16``).
+    bf16 needs no loss scaling; fp16 (GPUs without bf16) gets a GradScaler."""
+    if cpu_bf16 and device.type == "cpu" and mode == "bf16":
+        return Precision(torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False))
     if device.type != "cuda" or mode == "off":
         return Precision(None, torch.amp.GradScaler("cuda", enabled=False))
     if mode == "bf16" and torch.cuda.is_bf16_supported():

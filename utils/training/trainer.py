@@ -27,7 +27,7 @@ from utils.options import CLI_FLAGS, check_flags, check_imgsz, resume_options, r
 from utils.paths import ROOT, increment_path
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
-from utils.training.acceleration import channels_last, maybe_compile
+from utils.training.acceleration import channels_last, cpu_bf16, maybe_compile, multi_tensor_step
 from utils.training.distributed import DistInfo, broadcast_object, process_group
 from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
@@ -46,6 +46,8 @@ DEFAULTS: dict = dict(
     # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
     # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
     nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
+    # The demo's CPU training: bf16 autocast, channels-last, multi-tensor optimizer (acceleration.py).
+    cpu_speedups=False, plots=True,
     unsafe_load=False,
 )
 # What a resume cannot change: the model and its optimizer state come from the checkpoint.
@@ -298,7 +300,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
         raise UserError(f"--hold-lr {opt.hold_lr}: must be below --epochs {opt.epochs}, or no epoch anneals the LR")
 
     seed_everything(epoch_seed(opt.seed, -1, info.rank))
-    model = channels_last(build_model(opt, nc, ckpt).to(device), device)
+    model = channels_last(build_model(opt, nc, ckpt).to(device), device, cpu=opt.cpu_speedups)
     model.nc, model.names, model.hyp = nc, names, hyp
     task = model_task(model)
     model_name = opt.resume or opt.weights or opt.cfg
@@ -309,10 +311,12 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     accumulate = max(round(opt.nominal_batch / opt.batch_size), 1)
     weight_decay = hyp["weight_decay"] * opt.batch_size * accumulate / opt.nominal_batch
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
+    if opt.cpu_speedups:
+        multi_tensor_step(optimizer)
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]
     lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr, opt.hold_lr)
-    precision = make_precision(device, opt.amp)
+    precision = make_precision(device, opt.amp, cpu_bf16=cpu_bf16(device, opt.cpu_speedups))
     ema = ModelEMA(model) if info.is_main else None
 
     state = RunState()
@@ -424,7 +428,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
             if f.exists():
                 finalize_checkpoint(f)
         if best.exists():
-            evaluator.final(best, device, save_dir)
+            evaluator.final(best, device, save_dir, plots=opt.plots)
     return save_dir
 
 
@@ -482,13 +486,13 @@ class Evaluator:
                    "val_loss": val_loss, "mask": r.mask}
         return metrics, float(r.fitness)
 
-    def final(self, best: Path, device: torch.device, save_dir: Path) -> None:
-        """best.pt on the validation split with per-class table, plots and best_val.json."""
+    def final(self, best: Path, device: torch.device, save_dir: Path, plots: bool = True) -> None:
+        """best.pt on the validation split with per-class table, best_val.json and (``plots``) plots."""
         from utils.checkpoint import load_checkpoint
         from utils.evaluation.validate import run as validate
 
         model = load_checkpoint(best)["model"].float().to(device)
         LOGGER.info(f"Validating {best}")
         r = validate(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
-                    save_dir=save_dir, plots=True, verbose=True)
+                    save_dir=save_dir, plots=plots, verbose=True)
         (save_dir / "best_val.json").write_text(json.dumps(r.to_dict(), indent=2) + "\n")
