@@ -150,3 +150,36 @@ def test_compile_falls_back_to_eager_on_cpu_and_layouts_follow_the_model(four_im
     assert "CUDA devices only" in caplog.text
     net = small_net().to(memory_format=torch.channels_last)
     assert memory_format(net) == torch.channels_last
+
+
+def test_cpu_speedups_are_opt_in_and_train_in_bf16_where_the_cpu_computes_it(four_images, monkeypatch):
+    """The demo's CPU knobs: channels-last only when asked, bf16 autocast only on a CPU with bf16
+    arithmetic (elsewhere full precision), AdamW's foreach step; a step with all of them trains."""
+    from models.yolo import DetectionModel
+    from utils.dataloaders import create_dataloader
+    from utils.training import acceleration
+    from utils.training.acceleration import channels_last, cpu_bf16, memory_format, multi_tensor_step
+    from utils.training.engine import make_precision
+
+    assert make_precision(CPU, "bf16").dtype is None  # CPU training stays FP32 unless asked
+    assert not cpu_bf16(CPU, False) and not cpu_bf16(torch.device("meta"), True)
+    monkeypatch.setattr(acceleration, "cpu_computes_bf16", lambda: False)
+    assert not cpu_bf16(CPU, True)  # emulated bf16 would be slower than FP32
+    monkeypatch.setattr(acceleration, "cpu_computes_bf16", lambda: True)
+    assert cpu_bf16(CPU, True)
+    precision = make_precision(CPU, "bf16", cpu_bf16=True)
+    assert precision.dtype == torch.bfloat16 and not precision.scaler.is_enabled()
+    assert make_precision(CPU, "off", cpu_bf16=True).dtype is None
+
+    torch.manual_seed(0)
+    model = channels_last(DetectionModel(ASSETS / "gelan-tiny.yaml", nc=80), CPU, cpu=True)
+    assert memory_format(model) == torch.channels_last
+    optimizer = multi_tensor_step(build_optimizer(model, "AdamW", lr=0.001))
+    assert all(g["foreach"] for g in optimizer.param_groups)
+    loader, _ = create_dataloader(str(four_images), 64, 2, 32, workers=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, loader, build_loss(model), optimizer, device=CPU, precision=precision,
+                            progress=False)
+    assert stats.optimizer_steps == 2 and all(torch.isfinite(torch.tensor(stats.loss)))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights FP32
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
