@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +38,23 @@ TRAIN_HYP_CHANGES = {"lr0": 0.003, "lrf": 0.05, "warmup_epochs": 1.0, "warmup_bi
 # multi-tensor step (utils/training/acceleration.py); one validation, after the last epoch (the
 # cosine schedule ends at 5% of lr0, so the last epoch's EMA is the one to keep), and no plots.
 QUICK_TRAINING = {"cpu_speedups": True, "noval": True, "plots": False}
+# QAT's learning rate when a caller does not choose (the segmentation demo and bench/study_seg.py).
+QAT_LR = 0.001
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What ``qat.py demo`` does per --task beyond its flags."""
+
+    epochs: int  # FP32 epochs when --epochs is not given
+    qat_lr: float
+    quick: bool  # train with QUICK_TRAINING
+
+
+# Detection fits the 3-minute goal on 2 CPU cores: 32 quick epochs, and QAT at qat.py quantize's own
+# rate (hyp.qat.yaml), which kept QAT closer to FP32 than 0.001 on the 40-epoch model (-0.0098 vs -0.0133).
+RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, quick=True),
+           "segment": Recipe(epochs=40, qat_lr=QAT_LR, quick=False)}
 
 SAME_INPUT_NOTE = ("\nThe first three rows are qat.py's evaluation (rectangular batches, as val.py); the last two "
                    "feed the exported model's fixed square input to both runtimes, so they differ by the runtime "
@@ -51,7 +69,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="detect: boxes; segment: boxes and instance masks (polygon labels, a Segment head)")
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=128, help="image size (multiple of 32)")
-    p.add_argument("--epochs", type=int, default=40, help="FP32 training epochs")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="FP32 training epochs (default: " + ", ".join(f"{t} {r.epochs}" for t, r in RECIPES.items()) + ")")
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
     p.add_argument("--qat-iters", type=int, default=100, help="at most this many batches per QAT epoch")
     p.add_argument("--images", type=int, default=300, help="training images to draw (a quarter as many for val)")
@@ -68,14 +87,15 @@ def _train_hyp() -> dict:
     return {**hyp, **TRAIN_HYP_CHANGES}
 
 
-def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, project: Path) -> argparse.Namespace:
+def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, project: Path,
+                      lr: float) -> argparse.Namespace:
     """``qat.py quantize``'s own defaults, sized for the demo; parsing them keeps every option present."""
     from utils.quantization.options import quantize_options
 
     return quantize_options(["--weights", str(weights), "--data", str(data), "--imgsz", str(opt.imgsz),
                        "--batch-size", str(opt.batch_size), "--device", opt.device, "--workers", str(opt.workers),
                        "--epochs", str(opt.qat_epochs), "--iters", str(opt.qat_iters), "--calib-batches", "8",
-                       "--seed", str(opt.seed), "--lr", "0.001", "--project", str(project), "--name", "qat",
+                       "--seed", str(opt.seed), "--lr", str(lr), "--project", str(project), "--name", "qat",
                        "--exist-ok"])
 
 
@@ -106,6 +126,8 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     from utils.errors import UserError
     from utils.options import check_flags
 
+    recipe = RECIPES[opt.task]
+    opt.epochs = recipe.epochs if opt.epochs is None else opt.epochs
     check_flags(vars(opt))
     if opt.imgsz < 64:
         raise UserError(f"--imgsz {opt.imgsz}: the demo draws its shapes on images of at least 64 pixels")
@@ -114,7 +136,8 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     LOGGER.info(f"demo: drawing {opt.images} + {max(opt.images // 4, 1)} shape images into {save_dir / 'data'}")
     data = make_shapes_dataset(save_dir / "data", n_train=opt.images, n_val=max(opt.images // 4, 1),
                                imgsz=opt.imgsz, seed=opt.seed, masks=opt.task == "segment")
-    rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device, quick=opt.task == "detect")
+    rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device, quick=recipe.quick,
+                                    qat_lr=recipe.qat_lr)
     md = table(rows) + SAME_INPUT_NOTE
     seconds = time.perf_counter() - t0
     (save_dir / "demo.md").write_text(f"# qat.py demo --task {opt.task} ({seconds:.0f} s, imgsz {opt.imgsz})\n\n{md}")
@@ -131,12 +154,13 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
 
 def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
                  convert: Callable[[Path], Path] | None = None,
-                 on_epoch_end: Callable[[int, dict], None] | None = None, quick: bool = False) -> tuple[dict, dict, dict]:
+                 on_epoch_end: Callable[[int, dict], None] | None = None, quick: bool = False,
+                 qat_lr: float = QAT_LR) -> tuple[dict, dict, dict]:
     """Train ``cfg`` from scratch on ``data``, quantize the best weights (PTQ + QAT), export the QAT
     model to a raw Q/DQ ONNX and evaluate it on ONNX Runtime (TensorRT where usable), and the QAT
     model in PyTorch on the very same input. ``convert`` turns the trained weights into the ones to
     quantize (e.g. a dual model reparameterized); ``on_epoch_end`` is the trainer's hook; ``quick``
-    trains as ``QUICK_TRAINING`` says.
+    trains as ``QUICK_TRAINING`` says; ``qat_lr`` is QAT's learning rate.
 
     Returns the table rows (``report.metrics`` dicts), the files written and each stage's seconds.
     """
@@ -149,12 +173,13 @@ def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir:
                       nominal_batch=opt.batch_size, min_warmup_iters=0, on_epoch_end=on_epoch_end,
                       **(QUICK_TRAINING if quick else {}))
     train_seconds = time.perf_counter() - t
-    rows, written, seconds = quantize_and_check(train_dir / "weights" / "best.pt", data, opt, save_dir, device, convert)
+    rows, written, seconds = quantize_and_check(train_dir / "weights" / "best.pt", data, opt, save_dir, device, convert,
+                                                qat_lr)
     return rows, {"train": train_dir, **written}, {"train": train_seconds, **seconds}
 
 
 def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
-                       convert: Callable[[Path], Path] | None = None) -> tuple[dict, dict, dict]:
+                       convert: Callable[[Path], Path] | None = None, qat_lr: float = QAT_LR) -> tuple[dict, dict, dict]:
     """``run_workflow`` after training: (convert,) PTQ + QAT, export, ONNX Runtime / PyTorch checks."""
     from utils.data.config import load_data_config
     from utils.deployment import backends
@@ -167,7 +192,7 @@ def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir
     seconds, t = {}, time.perf_counter()
     if convert is not None:
         fp32 = convert(fp32)
-    qat_dir = run_quantize(_quantize_options(opt, fp32, data, save_dir))
+    qat_dir = run_quantize(_quantize_options(opt, fp32, data, save_dir, qat_lr))
     report = json.loads((qat_dir / "report.json").read_text())
     seconds["quantize"], t = time.perf_counter() - t, time.perf_counter()
 

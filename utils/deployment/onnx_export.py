@@ -129,7 +129,6 @@ def trace_prediction(model: nn.Module, imgsz: int | tuple[int, int] = 640, batch
     drop_identities(graph)
     normalized = normalize_qdq(graph)  # before merging, so equal parameters compare equal
     merged = merge_redundant_qdq(graph)
-    drop_unused_initializers(graph)
     if wrapper.masks:
         return PredictionGraph(graph, prediction[0], (h, w), dynamic, opset, merged, normalized, prediction[1])
     return PredictionGraph(graph, prediction, (h, w), dynamic, opset, merged, normalized)
@@ -270,17 +269,6 @@ def merge_redundant_qdq(model: onnx.ModelProto) -> int:
             if changed:
                 break
     return removed
-
-
-def drop_unused_initializers(model: onnx.ModelProto) -> int:
-    """Remove initializers no node or graph output reads (the scales and zero points of merged
-    Q/DQ pairs): ONNX Runtime would otherwise warn about each one when it loads the file."""
-    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in read]
-    dropped = len(model.graph.initializer) - len(keep)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    return dropped
 
 
 def _axis(node: onnx.NodeProto) -> int:

@@ -16,6 +16,7 @@ from utils.deployment.signature import INPUT_NAME, onnx_signature
 from utils.errors import UserError
 
 _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+ORT_ERROR = 3  # ONNX Runtime's log severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 
 
 def providers(device: torch.device | str = "cpu") -> list[str]:
@@ -40,6 +41,9 @@ class OrtRunner:
         self.signature = onnx_signature(path).check(path)
         self.geometry = self.signature.geometry
         options = ort.SessionOptions()
+        # ORT's graph optimizer logs, at WARNING, each Q/DQ scale it leaves unused after fusing
+        # (about a hundred lines for the demo's model): nothing a user can act on. Errors still show.
+        options.log_severity_level = ORT_ERROR
         if threads:
             options.intra_op_num_threads = threads
         try:
