@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import onnx
 import pytest
@@ -13,10 +14,16 @@ ROWS = ("Origin (FP32)", "PTQ (max)", "QAT (best)", "QAT in PyTorch, 64x64 input
         "ONNX INT8 (onnxruntime), 64x64 input")
 
 
-def test_demo_end_to_end_at_toy_size(tmp_path, capsys):
-    save_dir = qat.main(["demo", "--project", str(tmp_path), "--name", "d", "--epochs", "1", "--qat-epochs", "1",
-                         "--images", "8", "--imgsz", "64", "--batch-size", "8", "--workers", "0"])
-    out = capsys.readouterr().out
+def test_demo_end_to_end_at_toy_size(tmp_path, capfd):
+    """Every row, every file, and nothing on the console a user did not cause: no Python warning
+    and no ONNX Runtime log line (it goes to the file descriptor, hence capfd)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # what a user's `python qat.py demo` would print, once each
+        save_dir = qat.main(["demo", "--project", str(tmp_path), "--name", "d", "--epochs", "1", "--qat-epochs", "1",
+                             "--images", "8", "--imgsz", "64", "--batch-size", "8", "--workers", "0"])
+    out, err = capfd.readouterr()
+    assert not [f"{w.category.__name__}: {w.message}" for w in caught]
+    assert "onnxruntime" not in err
     assert save_dir == tmp_path / "d"
     table = out[out.index("| Model | AP50-95 | AP50 | P | R |"):]
     for row in ROWS:
@@ -32,6 +39,20 @@ def test_demo_end_to_end_at_toy_size(tmp_path, capsys):
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 50  # really the INT8 Q/DQ export
     assert (save_dir / "data" / "images" / "train").is_dir() and len(list((save_dir / "data" / "images" /
                                                                            "train").iterdir())) == 8
+    assert not list((save_dir / "train").glob("*.png"))  # the quick training draws no plots
+
+
+def test_demo_recipes_per_task():
+    """--epochs left out takes the task's recipe; detection trains quick (bf16 / channels-last on
+    the CPU, one validation), segmentation as before."""
+    from utils.demo import QUICK_TRAINING, RECIPES
+    from utils.training.trainer import DEFAULTS
+
+    assert set(QUICK_TRAINING) <= set(DEFAULTS)  # each is a trainer option
+    assert RECIPES["detect"].quick and not RECIPES["segment"].quick
+    assert RECIPES["detect"].epochs < RECIPES["segment"].epochs
+    opt = qat.parse_args(["demo"])
+    assert opt.epochs is None and opt.task == "detect"
 
 
 def test_demo_rejects_a_bad_size_before_writing(tmp_path):
