@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 import qat
+from models.quantize import CALIB_METHODS
 from utils.errors import UserError
 
 ROWS = ("Origin (FP32)", "PTQ (max)", "QAT (best)", "QAT in PyTorch, 64x64 input",
@@ -25,13 +26,16 @@ def test_demo_end_to_end_at_toy_size(tmp_path, capfd):
     assert not [f"{w.category.__name__}: {w.message}" for w in caught]
     assert "onnxruntime" not in err
     assert save_dir == tmp_path / "d"
+    summary = json.loads((save_dir / "demo.json").read_text())
+    report = json.loads((save_dir / "qat" / "report.json").read_text())
+    assert {t["method"] for t in report["calibration"]} == set(CALIB_METHODS)  # auto: each method evaluated
+    rows = [row.replace("PTQ (max)", f"PTQ ({report['ptq']['method']})") for row in ROWS]
+    assert list(summary["rows"]) == rows
     table = out[out.index("| Model | AP50-95 | AP50 | P | R |"):]
-    for row in ROWS:
+    for row in rows:
         cells = next(line for line in table.splitlines() if line.startswith(f"| {row} |")).split("|")[2:-1]
         assert len(cells) == 4 and all(0.0 <= float(c) <= 1.0 for c in cells), row
 
-    summary = json.loads((save_dir / "demo.json").read_text())
-    assert list(summary["rows"]) == list(ROWS)
     files = summary["files"]
     for key in ("data", "fp32_weights", "ptq_weights", "qat_weights", "qat_report", "onnx", "onnx_eval"):
         assert key in files and files[key] in out, key
@@ -44,13 +48,14 @@ def test_demo_end_to_end_at_toy_size(tmp_path, capfd):
 
 def test_demo_recipes_per_task():
     """--epochs left out takes the task's recipe; detection trains quick (bf16 / channels-last on
-    the CPU, one validation), segmentation as before."""
+    the CPU, one validation) and calibrates with auto, segmentation as before."""
     from utils.demo import QUICK_TRAINING, RECIPES
     from utils.training.trainer import DEFAULTS
 
     assert set(QUICK_TRAINING) <= set(DEFAULTS)  # each is a trainer option
     assert RECIPES["detect"].quick and not RECIPES["segment"].quick
     assert RECIPES["detect"].epochs < RECIPES["segment"].epochs
+    assert (RECIPES["detect"].calib_method, RECIPES["segment"].calib_method) == ("auto", "max")
     opt = qat.parse_args(["demo"])
     assert opt.epochs is None and opt.task == "detect"
 

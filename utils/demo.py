@@ -38,8 +38,10 @@ TRAIN_HYP_CHANGES = {"lr0": 0.003, "lrf": 0.05, "warmup_epochs": 1.0, "warmup_bi
 # multi-tensor step (utils/training/acceleration.py); one validation, after the last epoch (the
 # cosine schedule ends at 5% of lr0, so the last epoch's EMA is the one to keep), and no plots.
 QUICK_TRAINING = {"cpu_speedups": True, "noval": True, "plots": False}
-# QAT's learning rate when a caller does not choose (the segmentation demo and bench/study_seg.py).
+# QAT's learning rate and PTQ's calibration when a caller does not choose (the segmentation demo
+# and bench/study_seg.py).
 QAT_LR = 0.001
+CALIB_METHOD = "max"
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,16 @@ class Recipe:
 
     epochs: int  # FP32 epochs when --epochs is not given
     qat_lr: float
+    calib_method: str
     quick: bool  # train with QUICK_TRAINING
 
 
-# Detection fits the 3-minute goal on 2 CPU cores: 32 quick epochs, and QAT at qat.py quantize's own
-# rate (hyp.qat.yaml), which kept QAT closer to FP32 than 0.001 on the 40-epoch model (-0.0098 vs -0.0133).
-RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, quick=True),
-           "segment": Recipe(epochs=40, qat_lr=QAT_LR, quick=False)}
+# Detection, toward the 3-minute goal on 2 CPU cores: 32 quick epochs; QAT at qat.py quantize's own
+# rate (hyp.qat.yaml), which kept QAT closer to FP32 than 0.001 on the 40-epoch model (-0.0098 vs
+# -0.0133); auto calibration, since max alone lost 0.11 mAP50-95 on one quick-trained model (seed 0,
+# 40 epochs: an outlier range) where entropy lost 0.008, for about 6 s of evaluations.
+RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, calib_method="auto", quick=True),
+           "segment": Recipe(epochs=40, qat_lr=QAT_LR, calib_method=CALIB_METHOD, quick=False)}
 
 SAME_INPUT_NOTE = ("\nThe first three rows are qat.py's evaluation (rectangular batches, as val.py); the last two "
                    "feed the exported model's fixed square input to both runtimes, so they differ by the runtime "
@@ -88,13 +93,14 @@ def _train_hyp() -> dict:
 
 
 def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, project: Path,
-                      lr: float) -> argparse.Namespace:
+                      lr: float, calib_method: str) -> argparse.Namespace:
     """``qat.py quantize``'s own defaults, sized for the demo; parsing them keeps every option present."""
     from utils.quantization.options import quantize_options
 
     return quantize_options(["--weights", str(weights), "--data", str(data), "--imgsz", str(opt.imgsz),
                        "--batch-size", str(opt.batch_size), "--device", opt.device, "--workers", str(opt.workers),
                        "--epochs", str(opt.qat_epochs), "--iters", str(opt.qat_iters), "--calib-batches", "8",
+                       "--calib-method", calib_method,
                        "--seed", str(opt.seed), "--lr", str(lr), "--project", str(project), "--name", "qat",
                        "--exist-ok"])
 
@@ -137,7 +143,7 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     data = make_shapes_dataset(save_dir / "data", n_train=opt.images, n_val=max(opt.images // 4, 1),
                                imgsz=opt.imgsz, seed=opt.seed, masks=opt.task == "segment")
     rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device, quick=recipe.quick,
-                                    qat_lr=recipe.qat_lr)
+                                    qat_lr=recipe.qat_lr, calib_method=recipe.calib_method)
     md = table(rows) + SAME_INPUT_NOTE
     seconds = time.perf_counter() - t0
     (save_dir / "demo.md").write_text(f"# qat.py demo --task {opt.task} ({seconds:.0f} s, imgsz {opt.imgsz})\n\n{md}")
@@ -155,12 +161,13 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
 def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
                  convert: Callable[[Path], Path] | None = None,
                  on_epoch_end: Callable[[int, dict], None] | None = None, quick: bool = False,
-                 qat_lr: float = QAT_LR) -> tuple[dict, dict, dict]:
+                 qat_lr: float = QAT_LR, calib_method: str = CALIB_METHOD) -> tuple[dict, dict, dict]:
     """Train ``cfg`` from scratch on ``data``, quantize the best weights (PTQ + QAT), export the QAT
     model to a raw Q/DQ ONNX and evaluate it on ONNX Runtime (TensorRT where usable), and the QAT
     model in PyTorch on the very same input. ``convert`` turns the trained weights into the ones to
     quantize (e.g. a dual model reparameterized); ``on_epoch_end`` is the trainer's hook; ``quick``
-    trains as ``QUICK_TRAINING`` says; ``qat_lr`` is QAT's learning rate.
+    trains as ``QUICK_TRAINING`` says; ``qat_lr`` and ``calib_method`` are qat.py quantize's --lr and
+    --calib-method.
 
     Returns the table rows (``report.metrics`` dicts), the files written and each stage's seconds.
     """
@@ -174,12 +181,13 @@ def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir:
                       **(QUICK_TRAINING if quick else {}))
     train_seconds = time.perf_counter() - t
     rows, written, seconds = quantize_and_check(train_dir / "weights" / "best.pt", data, opt, save_dir, device, convert,
-                                                qat_lr)
+                                                qat_lr, calib_method)
     return rows, {"train": train_dir, **written}, {"train": train_seconds, **seconds}
 
 
 def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
-                       convert: Callable[[Path], Path] | None = None, qat_lr: float = QAT_LR) -> tuple[dict, dict, dict]:
+                       convert: Callable[[Path], Path] | None = None, qat_lr: float = QAT_LR,
+                       calib_method: str = CALIB_METHOD) -> tuple[dict, dict, dict]:
     """``run_workflow`` after training: (convert,) PTQ + QAT, export, ONNX Runtime / PyTorch checks."""
     from utils.data.config import load_data_config
     from utils.deployment import backends
@@ -192,7 +200,7 @@ def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir
     seconds, t = {}, time.perf_counter()
     if convert is not None:
         fp32 = convert(fp32)
-    qat_dir = run_quantize(_quantize_options(opt, fp32, data, save_dir, qat_lr))
+    qat_dir = run_quantize(_quantize_options(opt, fp32, data, save_dir, qat_lr, calib_method))
     report = json.loads((qat_dir / "report.json").read_text())
     seconds["quantize"], t = time.perf_counter() - t, time.perf_counter()
 
