@@ -46,7 +46,8 @@ DEFAULTS: dict = dict(
     # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
     # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
     nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
-    # The demo's CPU training: bf16 autocast, channels-last, multi-tensor optimizer (acceleration.py).
+    # The demo's CPU training: bf16 autocast, channels-last, multi-tensor optimizer (acceleration.py);
+    # plots: the final validation's PR curve and confusion matrix.
     cpu_speedups=False, plots=True,
     unsafe_load=False,
 )
