@@ -145,13 +145,15 @@ def render_seg_study(records: list[dict]) -> str:
     """BENCHMARKS.md's segmentation study section: per model, FP32 box and mask mAP50-95 on test,
     the QAT deltas with their intervals and ONNX Runtime - QAT against the bar, where measured."""
     by_name = {r["name"]: r for r in records}
-    rows = ["| model | FP32 box / mask mAP50-95 (test) | QAT - FP32, boxes | QAT - FP32, masks | ONNX Runtime INT8 "
-            "- QAT, masks (val) | bars (>= -0.003) | training | machine, date |", "|---|---|---:|---:|---:|---|---|---|"]
+    rows = ["| model | FP32 box / mask mAP50-95 (test) | QAT - FP32, boxes | QAT - FP32, masks | QAT - control, masks "
+            "| ONNX Runtime INT8 - QAT, masks (val) | bars (>= -0.003) | training | machine, date |",
+            "|---|---|---:|---:|---:|---:|---|---|---|"]
     commands = set()
     for model in SEG_STUDY_MODELS:
         mask = by_name.get(f"seg_qat_delta_mask_map50_95_{model}")
         box = by_name.get(f"seg_qat_delta_box_map50_95_{model}")
         ort = by_name.get(f"seg_ort_int8_minus_qat_mask_map50_95_{model}")
+        control = by_name.get(f"seg_qat_minus_control_mask_map50_95_{model}")
         if not (mask and box and ort):
             continue
         extra = mask["extra"]
@@ -160,8 +162,10 @@ def render_seg_study(records: list[dict]) -> str:
         training = (f"{stopped if stopped else sizes['epochs']} epochs of {sizes['images']} images, "
                     f"{sizes['imgsz']} px" + (" (time budget)" if stopped else ""))
         bars = "pass" if min(mask["value"], ort["value"]) >= SEG_BAR else "**fail**"
+        versus_control = f"{control['value']:+.4f}{_interval(control)}" if control else "not run"
         rows.append(f"| {mask['model']} | {extra['fp32']['map50_95']:.4f} / {extra['fp32']['mask_map50_95']:.4f} | "
-                    f"{box['value']:+.4f}{_interval(box)} | {mask['value']:+.4f}{_interval(mask)} | {ort['value']:+.4f} | {bars} | {training} | "
+                    f"{box['value']:+.4f}{_interval(box)} | {mask['value']:+.4f}{_interval(mask)} | {versus_control} | "
+                    f"{ort['value']:+.4f} | {bars} | {training} | "
                     f"{mask['machine']}, {mask['date']} |")
         commands.add(mask["command"])
     if len(rows) == 2:

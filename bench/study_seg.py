@@ -25,13 +25,15 @@ for the rest of the command.
     # CPU dry run at toy size (the same code path, records into a dry-run folder)
     python bench/study_seg.py --dry-run --out /tmp/seg_study --work /tmp/seg_study_work
 
-Writes into ``--out``: the six records (``*.json``, also to bench/results unless --dry-run) and
-``seg_study.tar.gz`` (each model's report.md, ONNX Runtime results, summary.json, train
-results.csv, and the logs): at most 8 files, each far below 16 MiB (no weights).
+Writes ``seg_study.tar.gz`` into ``--out``, one small file (the device returns at most 8): the
+four records per model under ``records/`` (also written to bench/results unless --dry-run), and
+each model's report.md/json, ONNX Runtime results, summary.json, train results.csv and the logs
+(no weights).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import subprocess
@@ -129,7 +131,7 @@ def run_study(opt: argparse.Namespace, models: list[str]) -> Path:
         log.close()
     summaries = {name: json.loads((work / name / "summary.json").read_text())
                  for name in models if (work / name / "summary.json").is_file()}
-    records = write_records(summaries, opt, size, time.perf_counter() - start)
+    records = write_records(summaries, opt, work / "records", size, time.perf_counter() - start)
     tar = pack(opt.out, work, models)
     for path in [*records, tar]:
         print(path)
@@ -142,7 +144,7 @@ def run_one(opt: argparse.Namespace) -> Path:
     """One model's whole workflow in this process; writes work/<model>/summary.json."""
     import torch
 
-    from utils.demo import quantize_and_check, run_workflow
+    from utils.demo import RECIPES, quantize_and_check, run_workflow
     from utils.torch_utils import select_device
 
     size = sizes(opt)
@@ -165,12 +167,13 @@ def run_one(opt: argparse.Namespace) -> Path:
         return reparameterize(["--weights", str(weights), "--output", str(weights.with_name("converted.pt"))])
 
     convert_weights = convert if opt.one in DUAL else None
+    recipe = dataclasses.replace(RECIPES["segment"], control=True)  # QAT - control: what quantizing costs
     try:
         rows, written, seconds = run_workflow(MODELS[opt.one], opt.data, demo_opt, save_dir, device, convert_weights,
-                                              stop_when_late)
+                                              stop_when_late, recipe)
     except TrainingBudgetSpent:  # quantize the best weights the shortened training saved
         rows, written, seconds = quantize_and_check(save_dir / "train" / "weights" / "best.pt", opt.data, demo_opt,
-                                                    save_dir, device, convert_weights)
+                                                    save_dir, device, convert_weights, recipe)
     summary = {"model": opt.one, "reparameterized": opt.one in DUAL, "rows": rows, "seconds": seconds,
                "sizes": size, "training_stopped_after_epoch": stopped.get("after_epoch"),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -183,8 +186,8 @@ class TrainingBudgetSpent(Exception):
     """Raised after an epoch's checkpoint once --train-minutes have passed."""
 
 
-def write_records(summaries: dict, opt: argparse.Namespace, size: dict, seconds: float) -> list[Path]:
-    """The three records per model, into --out (and bench/results unless a dry run).
+def write_records(summaries: dict, opt: argparse.Namespace, folder: Path, size: dict, seconds: float) -> list[Path]:
+    """The four records per model, into ``folder`` (and bench/results unless a dry run).
 
     The QAT deltas are the report's rows on the test split, its best epoch chosen on val, with the
     report's paired bootstrap intervals (boxes and masks each resampled by their own matches); ONNX
@@ -202,21 +205,24 @@ def write_records(summaries: dict, opt: argparse.Namespace, size: dict, seconds:
         model = f"{name}{' (reparameterized to its main branch)' if s['reparameterized'] else ''}, from scratch"
         common = {"seconds": s["seconds"], "sizes": s["sizes"], "device": s["device"],
                   "training_stopped_after_epoch": s["training_stopped_after_epoch"], "dry_run": opt.dry_run,
-                  "study_seconds": round(seconds), "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+                  "study_seconds": round(seconds),
+                  "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         on_test = {**common, "selected_on": report["selected_on"], "reported_on": reported["split"],
                    "images": reported["images"], "bootstrap": report["bootstrap"],
                    "fp32": reported["origin"], "qat_best": reported["qat_best"]}
+        control = report["intervals"]["qat_minus_control"]
         values = {f"seg_qat_delta_mask_map50_95_{name}": (qat_minus_origin["mask_map50_95"], on_test),
                   f"seg_qat_delta_box_map50_95_{name}": (qat_minus_origin["map50_95"], on_test),
+                  f"seg_qat_minus_control_mask_map50_95_{name}": (control["mask_map50_95"], on_test),
                   f"seg_ort_int8_minus_qat_mask_map50_95_{name}": (
                       {"value": same_ort["mask_map50_95"] - same_pt["mask_map50_95"]},
                       {**common, "split": "val", "images": n_val, "rows": s["rows"]})}
         for record, (figure, extra) in values.items():
             interval = {k: figure[k] for k in ("ci95_low", "ci95_high") if k in figure}
-            for folder in [opt.out] + ([] if opt.dry_run else [RESULTS_DIR]):
-                path = write_record(record, figure["value"], "mAP50-95", model, dataset, machine=machine_name(),
-                                    extra={**interval, **extra}, results_dir=folder)
-            paths.append(opt.out / path.name)
+            for results_dir in [folder] + ([] if opt.dry_run else [RESULTS_DIR]):
+                write_record(record, figure["value"], "mAP50-95", model, dataset, machine=machine_name(),
+                             extra={**interval, **extra}, results_dir=results_dir)
+            paths.append(folder / f"{record}.json")
     return paths
 
 
@@ -224,8 +230,8 @@ def pack(out: Path, work: Path, models: list[str]) -> Path:
     """Reports, evaluation results, summaries and logs (no weights, no images) in one small tar."""
     tar_path = out / "seg_study.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
-        for pattern in ("*.log", "*/summary.json", "*/qat/report.md", "*/qat/report.json", "*/onnx_int8/results.*",
-                        "*/train/results.csv"):
+        for pattern in ("records/*.json", "*.log", "*/summary.json", "*/qat/report.md", "*/qat/report.json",
+                        "*/onnx_int8/results.*", "*/train/results.csv"):
             for f in sorted(work.glob(pattern)):
                 tar.add(f, arcname=str(f.relative_to(work)))
     return tar_path

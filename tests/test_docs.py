@@ -75,6 +75,6 @@ def test_seg_study_section_renders_the_records_and_marks_a_missed_bar():
                 ("ort_int8_minus_qat_mask_map50_95", 0.0))]
     text = report.render_seg_study(records)
     assert ("| gelan-c-seg, from scratch | 0.6000 / 0.5000 | +0.0020 [-0.0200, 0.0010] | -0.0100 [-0.0200, 0.0010] | "
-            "+0.0000 | **fail** |") in text
+            "not run | +0.0000 | **fail** |") in text
     assert "12 epochs of 2000 images, 320 px (time budget)" in text and "`python bench/study_seg.py --out o`" in text
     assert report.render_seg_study(records[1:]).startswith("No records yet")  # a model needs all three

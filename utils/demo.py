@@ -38,20 +38,15 @@ TRAIN_HYP_CHANGES = {"lr0": 0.003, "lrf": 0.05, "warmup_epochs": 1.0, "warmup_bi
 # multi-tensor step (utils/training/acceleration.py); one validation, after the last epoch (the
 # cosine schedule ends at 5% of lr0, so the last epoch's EMA is the one to keep), and no plots.
 QUICK_TRAINING = {"cpu_speedups": True, "noval": True, "plots": False}
-# QAT's learning rate and PTQ's calibration when a caller does not choose (the segmentation demo
-# and bench/study_seg.py).
-QAT_LR = 0.001
-CALIB_METHOD = "max"
-
-
 @dataclass(frozen=True)
 class Recipe:
     """What ``qat.py demo`` does per --task beyond its flags."""
 
     epochs: int  # FP32 epochs when --epochs is not given
-    qat_lr: float
-    calib_method: str
+    qat_lr: float  # qat.py quantize --lr
+    calib_method: str  # qat.py quantize --calib-method
     quick: bool  # train with QUICK_TRAINING
+    control: bool = False  # qat.py quantize --control: the fine-tune without quantizers, for a study
 
 
 # Detection, toward the 3-minute goal on 2 CPU cores: 32 quick epochs; QAT at qat.py quantize's own
@@ -59,7 +54,7 @@ class Recipe:
 # -0.0133); auto calibration, since max alone lost 0.11 mAP50-95 on one quick-trained model (seed 0,
 # 40 epochs: an outlier range) where entropy lost 0.008, for about 6 s of evaluations.
 RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, calib_method="auto", quick=True),
-           "segment": Recipe(epochs=40, qat_lr=QAT_LR, calib_method=CALIB_METHOD, quick=False)}
+           "segment": Recipe(epochs=40, qat_lr=0.001, calib_method="max", quick=False)}
 
 SAME_INPUT_NOTE = ("\nThe first three rows are qat.py's evaluation (rectangular batches, as val.py); the last two "
                    "feed the exported model's fixed square input to both runtimes, so they differ by the runtime "
@@ -74,8 +69,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="detect: boxes; segment: boxes and instance masks (polygon labels, a Segment head)")
     p.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=128, help="image size (multiple of 32)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="FP32 training epochs (default: " + ", ".join(f"{t} {r.epochs}" for t, r in RECIPES.items()) + ")")
+    per_task = ", ".join(f"{task} {recipe.epochs}" for task, recipe in RECIPES.items())
+    p.add_argument("--epochs", type=int, default=None, help=f"FP32 training epochs (default: {per_task})")
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
     p.add_argument("--qat-iters", type=int, default=100, help="at most this many batches per QAT epoch")
     p.add_argument("--images", type=int, default=300, help="training images to draw (a quarter as many for val)")
@@ -93,16 +88,16 @@ def _train_hyp() -> dict:
 
 
 def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, project: Path,
-                      lr: float, calib_method: str) -> argparse.Namespace:
+                      recipe: Recipe) -> argparse.Namespace:
     """``qat.py quantize``'s own defaults, sized for the demo; parsing them keeps every option present."""
     from utils.quantization.options import quantize_options
 
     return quantize_options(["--weights", str(weights), "--data", str(data), "--imgsz", str(opt.imgsz),
                        "--batch-size", str(opt.batch_size), "--device", opt.device, "--workers", str(opt.workers),
                        "--epochs", str(opt.qat_epochs), "--iters", str(opt.qat_iters), "--calib-batches", "8",
-                       "--calib-method", calib_method,
-                       "--seed", str(opt.seed), "--lr", str(lr), "--project", str(project), "--name", "qat",
-                       "--exist-ok"])
+                       "--calib-method", recipe.calib_method, *(["--control"] if recipe.control else []),
+                       "--seed", str(opt.seed), "--lr", str(recipe.qat_lr), "--project", str(project),
+                       "--name", "qat", "--exist-ok"])
 
 
 def table(rows: dict[str, dict | None]) -> str:
@@ -142,8 +137,7 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     LOGGER.info(f"demo: drawing {opt.images} + {max(opt.images // 4, 1)} shape images into {save_dir / 'data'}")
     data = make_shapes_dataset(save_dir / "data", n_train=opt.images, n_val=max(opt.images // 4, 1),
                                imgsz=opt.imgsz, seed=opt.seed, masks=opt.task == "segment")
-    rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device, quick=recipe.quick,
-                                    qat_lr=recipe.qat_lr, calib_method=recipe.calib_method)
+    rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device, recipe=recipe)
     md = table(rows) + SAME_INPUT_NOTE
     seconds = time.perf_counter() - t0
     (save_dir / "demo.md").write_text(f"# qat.py demo --task {opt.task} ({seconds:.0f} s, imgsz {opt.imgsz})\n\n{md}")
@@ -160,14 +154,13 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
 
 def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
                  convert: Callable[[Path], Path] | None = None,
-                 on_epoch_end: Callable[[int, dict], None] | None = None, quick: bool = False,
-                 qat_lr: float = QAT_LR, calib_method: str = CALIB_METHOD) -> tuple[dict, dict, dict]:
+                 on_epoch_end: Callable[[int, dict], None] | None = None,
+                 recipe: Recipe = RECIPES["segment"]) -> tuple[dict, dict, dict]:
     """Train ``cfg`` from scratch on ``data``, quantize the best weights (PTQ + QAT), export the QAT
     model to a raw Q/DQ ONNX and evaluate it on ONNX Runtime (TensorRT where usable), and the QAT
     model in PyTorch on the very same input. ``convert`` turns the trained weights into the ones to
-    quantize (e.g. a dual model reparameterized); ``on_epoch_end`` is the trainer's hook; ``quick``
-    trains as ``QUICK_TRAINING`` says; ``qat_lr`` and ``calib_method`` are qat.py quantize's --lr and
-    --calib-method.
+    quantize (e.g. a dual model reparameterized); ``on_epoch_end`` is the trainer's hook; ``recipe``
+    says how to train and quantize beyond ``opt``'s sizes.
 
     Returns the table rows (``report.metrics`` dicts), the files written and each stage's seconds.
     """
@@ -178,16 +171,16 @@ def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir:
                       imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
                       exist_ok=True, seed=opt.seed, patience=0, cos_lr=True, optimizer=TRAIN_OPTIMIZER,
                       nominal_batch=opt.batch_size, min_warmup_iters=0, on_epoch_end=on_epoch_end,
-                      **(QUICK_TRAINING if quick else {}))
+                      **(QUICK_TRAINING if recipe.quick else {}))
     train_seconds = time.perf_counter() - t
     rows, written, seconds = quantize_and_check(train_dir / "weights" / "best.pt", data, opt, save_dir, device, convert,
-                                                qat_lr, calib_method)
+                                                recipe)
     return rows, {"train": train_dir, **written}, {"train": train_seconds, **seconds}
 
 
 def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
-                       convert: Callable[[Path], Path] | None = None, qat_lr: float = QAT_LR,
-                       calib_method: str = CALIB_METHOD) -> tuple[dict, dict, dict]:
+                       convert: Callable[[Path], Path] | None = None,
+                       recipe: Recipe = RECIPES["segment"]) -> tuple[dict, dict, dict]:
     """``run_workflow`` after training: (convert,) PTQ + QAT, export, ONNX Runtime / PyTorch checks."""
     from utils.data.config import load_data_config
     from utils.deployment import backends
@@ -200,7 +193,7 @@ def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir
     seconds, t = {}, time.perf_counter()
     if convert is not None:
         fp32 = convert(fp32)
-    qat_dir = run_quantize(_quantize_options(opt, fp32, data, save_dir, qat_lr, calib_method))
+    qat_dir = run_quantize(_quantize_options(opt, fp32, data, save_dir, recipe))
     report = json.loads((qat_dir / "report.json").read_text())
     seconds["quantize"], t = time.perf_counter() - t, time.perf_counter()
 
