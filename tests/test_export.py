@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models.experimental_trt import End2End, NMSTail, Prediction, decode_end2end, efficient_nms_reference
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import DetectionModel
-from tests.export_helpers import assert_same_detections, lively_head
+from tests.export_helpers import CONFORMANCE_SLICE, assert_same_detections, lively_head
 from tests.qat_helpers import shrunk_config
 from utils.deployment.onnx_export import export_onnx, merge_redundant_qdq, trace_prediction
 from utils.deployment.qdq_lint import SKIP_METADATA_KEY, lint
@@ -62,10 +62,11 @@ def check_end2end_outputs(model: onnx.ModelProto, k: int) -> None:
                     "det_classes": ["batch", k]}
 
 
-def export_all_kinds(model, cfg: str, out, quantized: bool) -> None:
-    """Raw and both End2End exports of one model pass onnx.checker and the lint, with Q/DQ iff quantized."""
+def export_all_kinds(model, cfg: str, out, quantized: bool, pred=None) -> None:
+    """Raw and both End2End exports of one model pass onnx.checker and the lint, with Q/DQ iff quantized.
+    ``pred``: the model's dynamic-batch ``trace_prediction``, if already made."""
     floats = float_conv_names(model) if quantized else []
-    pred = trace_prediction(model, IMGSZ, dynamic=True)
+    pred = pred or trace_prediction(model, IMGSZ, dynamic=True)
     for kind in ("raw", "nms", "topk"):
         file = out / f"{cfg}-{'qat' if quantized else 'fp'}-{kind}.onnx"
         result = export_onnx(model, file, postprocess=kind, max_det=20, float_convs=floats, prediction=pred)
@@ -116,9 +117,15 @@ SLOW = pytest.mark.skipif(not os.environ.get("YOLOV9_SLOW_TESTS"),
 
 
 @pytest.mark.parametrize("cfg", [c if c.endswith("-t") else pytest.param(c, marks=SLOW) for c in CONFIGS])
-def test_qat_exports_have_zero_lint_findings(cfg, tmp_path):
-    """The acceptance judge of the QAT placement rules: every Q/DQ export lints clean."""
-    export_all_kinds(build(f"{cfg}.yaml", quantized=True), cfg, tmp_path, quantized=True)
+def test_qat_exports_have_zero_lint_findings(cfg, tmp_path, conformance_model):
+    """The acceptance judge of the QAT placement rules: every Q/DQ export lints clean. The t configs
+    take the conformance slice's models and dynamic-batch traces (built once per session)."""
+    shared = [(nc, *geometry) for (c, nc), geometry in CONFORMANCE_SLICE.items() if c == cfg]
+    if shared:
+        model, pred = conformance_model(cfg, *shared[0])
+        export_all_kinds(model, cfg, tmp_path, quantized=True, pred=pred)
+    else:
+        export_all_kinds(build(f"{cfg}.yaml", quantized=True), cfg, tmp_path, quantized=True)
 
 
 @pytest.fixture(scope="module")
