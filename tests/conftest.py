@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the real datasets live, and skips for missing hardware."""
+"""Shared test fixtures: where the real datasets live, skips for missing hardware, and the full-width
+quantized models that more than one test file exports."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,3 +39,23 @@ def coco128_dir(datasets_dir) -> Path:
 @pytest.fixture(scope="session")
 def bccd_dir(datasets_dir) -> Path:
     return datasets_dir / "bccd"
+
+
+@pytest.fixture(scope="session")
+def conformance_model():
+    """``get(cfg, nc, batch_mode, shape)``: bench/conformance.py's full-width quantized model and its
+    trace, each built once per session on first use. Quantizing and tracing a full-width QAT model
+    takes a minute on 2 CPU cores; tests/test_conformance.py and tests/test_export.py share them."""
+    from bench import conformance as cf
+
+    models, traces = {}, {}
+
+    def get(cfg: str, nc: int, batch_mode: str, shape: str):
+        if (cfg, nc) not in models:
+            models[cfg, nc] = cf.quantized_model(cfg, nc)
+        key = (cfg, nc, batch_mode, shape)
+        if key not in traces:
+            traces[key] = cf.trace(models[cfg, nc], batch_mode, shape)
+        return models[cfg, nc], traces[key]
+
+    return get

@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 GAIN = 2.0
+# The conformance CI slice (tests/test_conformance.py): (config, nc) -> the one (batch mode, shape) traced
+# for it. tests/test_export.py exports the two detection models again through the session fixture
+# ``conformance_model``, which quantizes and traces each once.
+CONFORMANCE_SLICE = {("gelan-t", 1): ("dynamic", "non-square"), ("yolov9-t", 80): ("dynamic", "square"),
+                     ("gelan-c-seg", 2): ("static", "non-square")}
 
 
 def lively_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
