@@ -170,10 +170,10 @@ def run_one(opt: argparse.Namespace) -> Path:
     recipe = dataclasses.replace(RECIPES["segment"], control=True)  # QAT - control: what quantizing costs
     try:
         rows, written, seconds = run_workflow(MODELS[opt.one], opt.data, demo_opt, save_dir, device, convert_weights,
-                                              stop_when_late, recipe)
+                                              stop_when_late, recipe=recipe)
     except TrainingBudgetSpent:  # quantize the best weights the shortened training saved
         rows, written, seconds = quantize_and_check(save_dir / "train" / "weights" / "best.pt", opt.data, demo_opt,
-                                                    save_dir, device, convert_weights, recipe)
+                                                    save_dir, device, convert_weights, recipe=recipe)
     summary = {"model": opt.one, "reparameterized": opt.one in DUAL, "rows": rows, "seconds": seconds,
                "sizes": size, "training_stopped_after_epoch": stopped.get("after_epoch"),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -154,8 +154,8 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
 
 def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
                  convert: Callable[[Path], Path] | None = None,
-                 on_epoch_end: Callable[[int, dict], None] | None = None,
-                 recipe: Recipe = RECIPES["segment"]) -> tuple[dict, dict, dict]:
+                 on_epoch_end: Callable[[int, dict], None] | None = None, *,
+                 recipe: Recipe) -> tuple[dict, dict, dict]:
     """Train ``cfg`` from scratch on ``data``, quantize the best weights (PTQ + QAT), export the QAT
     model to a raw Q/DQ ONNX and evaluate it on ONNX Runtime (TensorRT where usable), and the QAT
     model in PyTorch on the very same input. ``convert`` turns the trained weights into the ones to
@@ -174,13 +174,13 @@ def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir:
                       **(QUICK_TRAINING if recipe.quick else {}))
     train_seconds = time.perf_counter() - t
     rows, written, seconds = quantize_and_check(train_dir / "weights" / "best.pt", data, opt, save_dir, device, convert,
-                                                recipe)
+                                                recipe=recipe)
     return rows, {"train": train_dir, **written}, {"train": train_seconds, **seconds}
 
 
 def quantize_and_check(fp32: Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
-                       convert: Callable[[Path], Path] | None = None,
-                       recipe: Recipe = RECIPES["segment"]) -> tuple[dict, dict, dict]:
+                       convert: Callable[[Path], Path] | None = None, *, recipe: Recipe
+                       ) -> tuple[dict, dict, dict]:
     """``run_workflow`` after training: (convert,) PTQ + QAT, export, ONNX Runtime / PyTorch checks."""
     from utils.data.config import load_data_config
     from utils.deployment import backends
