@@ -5,6 +5,8 @@
     -> bench/results/demo_wall_seconds.json, bench/results/demo_qat_map50_95.json
     python bench/bench_demo.py --project /tmp/bench_demo --busy 2
     -> bench/results/demo_wall_seconds_beside_2_busy.json
+    python bench/bench_demo.py --project /tmp/bench_demo --threads 2
+    -> bench/results/demo_wall_seconds_threads_2.json
 
 The demo runs as a child process, so the time includes Python's start and every import; the load
 average before it starts goes into the record, since other jobs on the machine slow it down.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -32,16 +35,19 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--project", default=str(ROOT / "runs/bench_demo"), help="the demo's --project")
     p.add_argument("--busy", type=int, default=0,
                    help="CPU-bound processes to run beside the demo, as on a machine other jobs share")
+    p.add_argument("--threads", type=int, default=None,
+                   help="the demo's --threads (default: its own); the record then names the count")
     p.add_argument("--results-dir", default=None, help="default bench/results")
     args = p.parse_args(argv)
 
     load = os.getloadavg()[0]
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "qat.py", "demo", "--project", args.project], cwd=ROOT,
+        threads = [] if args.threads is None else ["--threads", str(args.threads)]
+        t, cpu = time.perf_counter(), _children_cpu_seconds()
+        proc = subprocess.run([sys.executable, "qat.py", "demo", "--project", args.project, *threads], cwd=ROOT,
                               capture_output=True, text=True)
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, _children_cpu_seconds() - cpu
     finally:
         for hog in hogs:
             hog.kill()
@@ -53,18 +59,26 @@ def main(argv=None) -> list[Path]:
     common = {"model": "gelan-demo (models/demo/gelan-demo.yaml)", "dataset": f"built-in shapes, {summary['imgsz']} px",
               "results_dir": args.results_dir}
     qat = rows["QAT (best)"]["map50_95"]
-    beside = f"_beside_{args.busy}_busy" if args.busy else ""
+    beside = (f"_beside_{args.busy}_busy" if args.busy else "") + (f"_threads_{args.threads}" if threads else "")
     written = [write_record(f"demo_wall_seconds{beside}", seconds, "s", extra={
         "load_average_before": load, "busy_processes": args.busy, "demo_reported_seconds": summary["seconds"],
+        "threads": args.threads, "cpu_seconds": cpu,
         "rows": rows, "run": str(run.parent), "note": "python qat.py demo with its defaults, child process wall time"},
         **common)]
-    if not args.busy:  # the demo is seeded: busy neighbours change its time, not its table
+    if not (args.busy or threads):  # seeded: neighbours change its time, not its table (threads change both)
         written.append(write_record("demo_qat_map50_95", qat, "mAP50-95", extra={
             "fp32_map50_95": rows["Origin (FP32)"]["map50_95"], "rows": rows, "split": "val"}, **common))
-    print(f"qat.py demo: {seconds:.0f} s wall (load average {load:.2f} before), QAT mAP50-95 {qat:.4f}")
+    print(f"qat.py demo: {seconds:.0f} s wall, {cpu:.0f} s CPU (load average {load:.2f} before), "
+          f"QAT mAP50-95 {qat:.4f}")
     for path in written:
         print(f"wrote {path}")
     return written
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes (the demo's threads and workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

@@ -22,3 +22,15 @@ def test_labels_cover_drawn_pixels(tmp_path):
         assert ((rows[:, 1:] > 0) & (rows[:, 1:] <= 1)).all()
         img = cv2.imread(str(tmp_path / "images" / "train" / (lbl.stem + ".png")))
         assert img.shape == (128, 128, 3)
+
+
+def test_a_test_split_of_its_own_leaves_train_and_val_as_they_were(tmp_path):
+    """n_test draws images after train and val, so a study's test split changes none of the others."""
+    plain = make_shapes_dataset(tmp_path / "plain", n_train=2, n_val=1, imgsz=64, seed=5, masks=True)
+    split = make_shapes_dataset(tmp_path / "split", n_train=2, n_val=1, imgsz=64, seed=5, masks=True, n_test=2)
+    assert yaml.safe_load(plain.read_text())["test"] == "images/val"
+    assert yaml.safe_load(split.read_text())["test"] == "images/test"
+    assert sorted(p.name for p in (split.parent / "labels" / "test").iterdir()) == ["test_00000.txt",
+                                                                                   "test_00001.txt"]
+    for rel in ("images/train/train_00001.png", "labels/val/val_00000.txt"):
+        assert (plain.parent / rel).read_bytes() == (split.parent / rel).read_bytes()

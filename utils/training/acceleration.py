@@ -15,9 +15,8 @@ unchanged unless a backend is named (a CPU dry run traces with ``aot_eager``).
 
 On a CPU, training is opt-in faster (``cpu_speedups``, the demo's trainer knob): bf16 autocast
 where the CPU computes bf16 natively (AMX / AVX512-BF16; elsewhere oneDNN emulates it, slower than
-FP32), channels-last convolutions, and the optimizer's multi-tensor step. On the 2-core Xeon of
-2026-11-30 (one thread, the demo model, batch 16 at 128 px, forward + loss + backward + AdamW) a
-step took 0.32 s of CPU in FP32 NCHW, 0.27 s channels-last, 0.21 s channels-last in bf16.
+FP32), channels-last convolutions, and the optimizer's multi-tensor step (what each saved per
+step: BENCHMARKS.md, "The demo").
 """
 from __future__ import annotations
 
