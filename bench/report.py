@@ -160,7 +160,7 @@ def render_seg_study(records: list[dict]) -> str:
         sizes = extra["sizes"]
         stopped = extra.get("training_stopped_after_epoch")
         training = (f"{stopped if stopped else sizes['epochs']} epochs of {sizes['images']} images, "
-                    f"{sizes['imgsz']} px" + (" (time budget)" if stopped else ""))
+                    f"{sizes['imgsz']} px" + (" (time budget)" if stopped else "") + _flatness(extra))
         bars = "pass" if min(mask["value"], ort["value"]) >= SEG_BAR else "**fail**"
         versus_control = f"{control['value']:+.4f}{_interval(control)}" if control else "not run"
         rows.append(f"| {mask['model']} | {extra['fp32']['map50_95']:.4f} / {extra['fp32']['mask_map50_95']:.4f} | "
@@ -171,6 +171,18 @@ def render_seg_study(records: list[dict]) -> str:
     if len(rows) == 2:
         return "No records yet: run `python bench/study_seg.py --out <folder>` on a GPU machine."
     return "\n".join(rows + ["", "Command: " + ", ".join(f"`{c}`" for c in sorted(commands)) + "."])
+
+
+def _flatness(extra: dict) -> str:
+    """The FP32 convergence check in words, where the record has one (runs before 2026-11-30 20:00 do not)."""
+    check = extra.get("convergence")
+    if not check:
+        return ""
+    if "trend_rise" not in check:
+        return f"; convergence not judged ({check['reason']})"
+    verdict = "flat" if check["converged"] else "**not flat**"
+    return (f"; val mask mAP50-95 {verdict} over the last {check['window_epochs']} (trend "
+            f"{check['trend_rise']:+.4f}, tolerance {check['tolerance']})")
 
 
 def _fill(block: re.Pattern, text: str, body: str) -> str:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from bench.convergence import TOLERANCE, WINDOW, convergence, hold_epochs, val_history  # noqa: E402
 from bench.record import this_command, write_record  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
@@ -133,8 +134,8 @@ class Plan:
     workers: int = 4
     threads: int = 4  # CPU threads per job (PyTorch on CPU, ONNX Runtime)
     device: str = "0"  # as each job sees it (one GPU each)
-    window: float = 0.2  # convergence: the last 20% of the epochs, trained at the final LR (--hold-lr) ...
-    tolerance: float = 0.005  # ... may rise by less than this in validation mAP50-95
+    window: float = WINDOW  # convergence: the share of the epochs at the end, trained at the final LR ...
+    tolerance: float = TOLERANCE  # ... in which validation mAP50-95 may rise by less than this
     reference_conf: float = 0.25  # agreement: the FP32 detections that count as ground truth
     deadline: float = 0.0  # time.time() by which the running stage must be done
     fp32_dir: str = ""  # carried FP32 weights (<model>.pt), when stage B runs in a later command
@@ -163,32 +164,6 @@ def fp32_weights(plan: Plan, model: str) -> Path:
         raise UserError(f"{path}: no FP32 weights for {model}; run stage A (train) first in this command, "
                         f"or carry them and pass --fp32-dir")
     return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Convergence of the FP32 training
-# ----------------------------------------------------------------------------------------------
-
-
-def convergence(map50_95: list[float], window: float = 0.2, tolerance: float = 0.005) -> dict:
-    """Whether validation mAP50-95 is flat over the last ``window`` of the epochs: a least-squares
-    line through them rises by less than ``tolerance`` across the window (a fall counts as flat)."""
-    n = len(map50_95)
-    k = int(np.ceil(window * n))
-    if n < 10 or k < 3:
-        return {"converged": False, "reason": f"{n} epochs: too few to judge", "epochs": n, "window_epochs": k}
-    tail = np.asarray(map50_95[-k:], dtype=float)
-    rise = float(np.polyfit(np.arange(k), tail, 1)[0] * (k - 1))
-    return {"converged": rise < tolerance, "trend_rise": rise, "tolerance": tolerance, "epochs": n,
-            "window_epochs": k, "window_mean": float(tail.mean()),
-            "best_gain_in_window": float(tail.max() - max(map50_95[:-k]))}
-
-
-def _val_history(run: Path) -> list[float]:
-    import csv
-
-    with open(run / "results.csv", newline="") as f:
-        return [float(row["metrics/mAP_0.5:0.95"]) for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +251,7 @@ def job_train(plan: Plan, model: str) -> None:
     argv = ["--cfg", cfg, "--data", plan.data, "--hyp", str(ROOT / "data/hyps/hyp.bccd.yaml"), "--optimizer", "AdamW",
             "--epochs", str(epochs), "--batch-size", str(plan.batch), "--imgsz", str(plan.imgsz),
             "--workers", str(plan.workers), "--cache", "ram", "--close-mosaic", str(round(plan.close_mosaic * epochs)),
-            "--hold-lr", str(min(int(np.ceil(plan.window * epochs)), epochs - 1)),
+            "--hold-lr", str(hold_epochs(epochs, plan.window)),
             "--patience", "0", "--device", plan.device, "--project", str(run.parent), "--name", run.name,
             "--exist-ok", "--seed", "0"]
     started, last = time.time(), [time.time()]
@@ -298,7 +273,7 @@ def job_train(plan: Plan, model: str) -> None:
 
         reparameterize.main(["--weights", str(best), "--cfg", converted_cfg,
                              "--output", str(run / "weights" / "converted.pt")])
-    history = _val_history(run)
+    history = val_history(run / "results.csv")
     check = {**convergence(history, plan.window, plan.tolerance), "stopped": stopped,
              "wall_seconds": time.time() - started}
     (run / "convergence.json").write_text(json.dumps({"map50_95_by_epoch": history, **check}, indent=2) + "\n")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.study_accuracy import COST, MODELS, convergence, spread
+from bench.convergence import convergence
+from bench.study_accuracy import COST, MODELS, spread
 
 
 def test_a_curve_still_rising_at_the_end_has_not_converged():

@@ -47,6 +47,7 @@ class Recipe:
     calib_method: str  # qat.py quantize --calib-method
     quick: bool  # train with QUICK_TRAINING
     control: bool = False  # qat.py quantize --control: the fine-tune without quantizers, for a study
+    hold_lr: int = 0  # train.py --hold-lr: last FP32 epochs at the final LR, a study's convergence window
 
 
 # Detection, toward the 3-minute goal on 2 CPU cores: 32 quick epochs; QAT at qat.py quantize's own
@@ -171,7 +172,7 @@ def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir:
                       imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
                       exist_ok=True, seed=opt.seed, patience=0, cos_lr=True, optimizer=TRAIN_OPTIMIZER,
                       nominal_batch=opt.batch_size, min_warmup_iters=0, on_epoch_end=on_epoch_end,
-                      **(QUICK_TRAINING if recipe.quick else {}))
+                      hold_lr=recipe.hold_lr, **(QUICK_TRAINING if recipe.quick else {}))
     train_seconds = time.perf_counter() - t
     rows, written, seconds = quantize_and_check(train_dir / "weights" / "best.pt", data, opt, save_dir, device, convert,
                                                 recipe=recipe)
