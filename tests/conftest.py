@@ -2,7 +2,14 @@
 quantized models that more than one test file exports."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# One PyTorch (OpenMP) thread in the test process and every subprocess it starts, set before torch
+# loads: the tests' models are tiny, and on a 2-core machine shared with other jobs a second thread
+# spin-waits on every small op (a gelan-tiny training step measured 0.04 s on one thread against
+# 0.25-0.32 s on two, under load). OMP_NUM_THREADS=2 pytest still runs the suite on two.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
