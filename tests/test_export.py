@@ -130,24 +130,25 @@ def test_qat_exports_have_zero_lint_findings(cfg, tmp_path, conformance_model):
 
 @pytest.fixture(scope="module")
 def tiny_exports(tmp_path_factory):
-    """FP and QAT gelan-tiny, dual-head yolov9-tiny QAT: dynamic-batch raw and End2End ONNX files."""
+    """FP and QAT gelan-tiny, dual-head yolov9-tiny QAT: dynamic-batch raw and End2End ONNX files, and
+    the prediction trace each came from (tests that export again reuse it: tracing is the slow part)."""
     out = tmp_path_factory.mktemp("export")
-    models, files = {}, {}
+    models, files, preds = {}, {}, {}
     for name, cfg, quantized in (("fp", "gelan-tiny", False), ("qat", "gelan-tiny", True),
                                  ("dual-qat", "yolov9-tiny", True)):
         model = build(ASSETS / f"{cfg}.yaml", quantized, lively=True)
-        pred = trace_prediction(model, IMGSZ, dynamic=True)
+        pred = preds[name] = trace_prediction(model, IMGSZ, dynamic=True)
         floats = float_conv_names(model) if quantized else []
         for kind in ("raw", "nms", "topk"):
             files[name, kind] = export_onnx(model, out / f"{name}-{kind}.onnx", postprocess=kind, max_det=30,
                                             iou_thres=0.5, conf_thres=0.3, float_convs=floats, prediction=pred).path
         models[name] = model
-    return models, files
+    return models, files, preds
 
 
 @pytest.mark.parametrize("name", ["fp", "qat", "dual-qat"])
 def test_onnxruntime_matches_pytorch(tiny_exports, name):
-    models, files = tiny_exports
+    models, files, _ = tiny_exports
     x = images(4)
     with torch.no_grad():
         ref = Prediction(models[name])(x)
@@ -163,7 +164,7 @@ def test_onnxruntime_matches_pytorch(tiny_exports, name):
 
 @pytest.mark.parametrize("name", ["fp", "qat", "dual-qat"])
 def test_end2end_topk_equals_nms_free_postprocessing(tiny_exports, name):
-    models, files = tiny_exports
+    models, files, _ = tiny_exports
     """The TopK tail decodes exactly like ``no_max_suppression`` on the raw output of the same graph
     (and, for FP, like it on PyTorch's output; QAT numerics are compared raw in the test above)."""
     x = images(3)
@@ -191,7 +192,7 @@ def _plugin_inputs_model(path) -> tuple[onnx.ModelProto, onnx.NodeProto]:
 
 @pytest.mark.parametrize("name", ["fp", "qat"])
 def test_end2end_nms_plugin_node_and_reference_decode(tiny_exports, name):
-    models, files = tiny_exports
+    models, files, _ = tiny_exports
     truncated, plugin = _plugin_inputs_model(files[name, "nms"])
     attrs = {a.name: helper.get_attribute_value(a) for a in plugin.attribute}
     assert plugin.domain == "TRT" and attrs["background_class"] == -1 and attrs["box_coding"] == 1
@@ -218,7 +219,7 @@ def test_end2end_nms_plugin_node_and_reference_decode(tiny_exports, name):
 
 @pytest.mark.parametrize("kind", ["raw", "topk"])
 def test_dynamic_batch_of_8_equals_8_single_images(tiny_exports, kind):
-    _, files = tiny_exports
+    _, files, _ = tiny_exports
     x = images(8, seed=5)
     batch = run_ort(files["qat", kind], x)
     singles = [run_ort(files["qat", kind], x[i:i + 1]) for i in range(8)]
@@ -262,10 +263,10 @@ def test_merge_redundant_qdq_keeps_values_and_removes_duplicates():
 
 @pytest.mark.parametrize("tool", ["onnxsim", "onnxslim"])
 def test_simplifiers_keep_qdq_and_pass_lint(tiny_exports, tool, tmp_path):
-    models, files = tiny_exports
+    models, files, preds = tiny_exports
     floats = float_conv_names(models["qat"])
-    pred = trace_prediction(models["qat"], IMGSZ, dynamic=True)
-    result = export_onnx(models["qat"], tmp_path / f"{tool}.onnx", simplify=tool, float_convs=floats, prediction=pred)
+    result = export_onnx(models["qat"], tmp_path / f"{tool}.onnx", simplify=tool, float_convs=floats,
+                         prediction=preds["qat"])
     assert result.findings == [] and result.qdq_pairs > 50
     x = images(2)
     torch.testing.assert_close(run_ort(result.path, x)[0], run_ort(files["qat", "raw"], x)[0], atol=1e-3, rtol=1e-4)

@@ -148,11 +148,19 @@ def test_torchrun_resume_reproduces_the_uninterrupted_run(tool, inputs):
             == [(1, 1), (2, 2)]  # each process with its own time
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, as an interactive shell gives it. Started
+    in the background by a shell without job control, pytest inherits SIGINT ignored and would pass that
+    on; Python then installs no KeyboardInterrupt handler and the run would ignore the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_and_says_how_to_resume(inputs, tmp_path):
     """A real SIGINT once epoch 1's checkpoint exists: exit code 130, one line naming the resume command."""
     last = tmp_path / "sigint" / "weights" / "last.pt"
     cmd = [sys.executable, "train.py", *_train_args(inputs, tmp_path, "sigint", workers=0), "--epochs", "100"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + 240
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # waiting for a file, not timing anything
