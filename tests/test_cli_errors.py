@@ -13,7 +13,6 @@ user did not cause).
 from __future__ import annotations
 
 import re
-import runpy
 import subprocess
 import sys
 from fractions import Fraction
@@ -24,6 +23,7 @@ import pytest
 import torch
 import yaml
 
+from tests.cli_helpers import run_script
 from utils.data.synthetic import make_shapes_dataset
 from utils.deployment.backends import have_tensorrt
 from utils.paths import ROOT
@@ -144,19 +144,6 @@ if not have_tensorrt():
     CASES.append(("val_trt.py", "--onnx {garbage_onnx} --data {data3} --backend tensorrt", "tensorrt"))
 
 
-def _run_main(script: str, argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    """Run ``script`` as ``__main__`` with ``argv``; return its exit code and stderr."""
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    capsys.readouterr()
-    code = 0
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
 def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -165,7 +152,7 @@ def _error_lines(stderr: str) -> list[str]:
 def test_bad_input_is_one_error_line(script, args, words, inputs, capsys, monkeypatch):
     _write_garbage_onnx(inputs["garbage_onnx"])
     argv = args.format(**inputs).split()
-    code, err = _run_main(script, argv, capsys, monkeypatch)
+    code, err = run_script(script, argv, capsys, monkeypatch)
     errors = _error_lines(err)
     assert code == 2, f"{script} {args}: exit {code}\n{err[-2000:]}"
     assert len(errors) == 1, f"{script} {args}: expected one error line\n{err[-2000:]}"
@@ -180,9 +167,9 @@ def test_failed_run_keeps_earlier_results_and_runs_increment(inputs, capsys, mon
     marker.write_text('{"kept": true}')
     common = ["--weights", str(inputs["w3"]), "--imgsz", "64", "--workers", "0", "--project", str(project),
               "--name", "exp"]
-    code, err = _run_main("val.py", common + ["--data", str(inputs["data80"])], capsys, monkeypatch)
+    code, err = run_script("val.py", common + ["--data", str(inputs["data80"])], capsys, monkeypatch)
     assert code == 2 and len(_error_lines(err)) == 1
-    code, err = _run_main("val.py", common + ["--data", str(inputs["data3"])], capsys, monkeypatch)
+    code, err = run_script("val.py", common + ["--data", str(inputs["data3"])], capsys, monkeypatch)
     assert code == 0, err[-2000:]
     assert marker.read_text() == '{"kept": true}'
     assert (project / "exp2").is_dir() and any((project / "exp2").iterdir())
@@ -245,7 +232,7 @@ def test_every_tool_refuses_every_bad_value_before_any_work(tool, bad, inputs, c
     if "--project" in (ROOT / script).read_text() or script == "qat.py":
         argv += ["--project", str(project)]
     onnx_before = sorted(inputs["tmp"].glob("*.onnx"))
-    code, err = _run_main(script, argv + bad.split(), capsys, monkeypatch)
+    code, err = run_script(script, argv + bad.split(), capsys, monkeypatch)
     errors = _error_lines(err)
     assert code == 2 and len(errors) == 1, f"{tool} {bad}: exit {code}\n{err[-2000:]}"
     flag = bad.split()[-1] if bad.endswith("--no-eval-ptq") else bad.split()[0]
@@ -260,7 +247,7 @@ def test_one_size_rule_for_every_tool(inputs, capsys, monkeypatch):
     sentences = set()
     for tool in TOOLS:
         script, *argv = TOOLS[tool].format(**inputs).split()
-        _, err = _run_main(script, argv + ["--imgsz", "100"], capsys, monkeypatch)
+        _, err = run_script(script, argv + ["--imgsz", "100"], capsys, monkeypatch)
         sentences.add(_error_lines(err)[0])
     assert sentences == {"error: --imgsz 100: every side must be a multiple of the model stride 32 (e.g. 96)"}
 
@@ -268,7 +255,7 @@ def test_one_size_rule_for_every_tool(inputs, capsys, monkeypatch):
 def test_train_resume_of_a_qat_checkpoint_writes_nothing(inputs, capsys, monkeypatch):
     run = inputs["qat_last"].parents[1]
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    code, err = _run_main("train.py", ["--resume", str(inputs["qat_last"]), "--device", "cpu"], capsys, monkeypatch)
+    code, err = run_script("train.py", ["--resume", str(inputs["qat_last"]), "--device", "cpu"], capsys, monkeypatch)
     assert code == 2 and len(_error_lines(err)) == 1
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no hyp.yaml / opt.yaml written into it
 
@@ -292,10 +279,10 @@ def test_export_replaces_an_onnx_only_with_exist_ok(inputs, tmp_path, capfd, mon
     onnx = tmp_path / "w-end2end.onnx"
     onnx.write_text("an earlier export")
     argv = ["--weights", str(weights), "--imgsz", "64", "--include", "onnx", "onnx_end2end"]
-    code, err = _run_main("export_qat.py", argv, capfd, monkeypatch)  # capfd: the exporter's C++ warnings too
+    code, err = run_script("export_qat.py", argv, capfd, monkeypatch)  # capfd: the exporter's C++ warnings too
     assert code == 2 and "--exist-ok" in _error_lines(err)[0]
     assert onnx.read_text() == "an earlier export" and not (tmp_path / "w.onnx").exists()  # neither file written
-    code, err = _run_main("export_qat.py", argv + ["--exist-ok"], capfd, monkeypatch)
+    code, err = run_script("export_qat.py", argv + ["--exist-ok"], capfd, monkeypatch)
     assert code == 0 and onnx.stat().st_size > 1000 and (tmp_path / "w.onnx").is_file()
     assert "Warning" not in err  # the exporter said nothing about the EfficientNMS outputs
 

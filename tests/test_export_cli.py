@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -12,6 +10,7 @@ import torch
 import export_qat
 from models.quantize import calibrate, prepare
 from models.yolo import DetectionModel
+from tests.cli_helpers import run_script
 from tests.export_helpers import lively_head
 from utils.checkpoint import save_checkpoint
 from utils.deployment.export import export_checkpoint
@@ -60,12 +59,11 @@ def test_fp_checkpoint_exports_without_qdq(checkpoints):
     assert "EfficientNMS_TRT" in ops and "QuantizeLinear" not in ops
 
 
-def test_bad_arguments(checkpoints, tmp_path):
+def test_bad_arguments(checkpoints, tmp_path, capsys, monkeypatch):
     fp, _ = checkpoints
     with pytest.raises(UserError, match="unknown format"):
         export_checkpoint(fp, include=("engine",))
     with pytest.raises(UserError, match="opset"):
         export_checkpoint(fp, imgsz=64, opset=12)
-    run = subprocess.run([sys.executable, str(ROOT / "export_qat.py"), "--weights", str(tmp_path / "missing.pt")],
-                         capture_output=True, text=True)
-    assert run.returncode == 2 and "missing.pt" in run.stderr
+    code, err = run_script("export_qat.py", ["--weights", str(tmp_path / "missing.pt")], capsys, monkeypatch)
+    assert code == 2 and "missing.pt" in err

@@ -5,7 +5,6 @@ stops with one line before anything is written."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -21,6 +20,7 @@ import detect
 from models.experimental_trt import End2End
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import DetectionModel
+from tests.cli_helpers import run_script
 from tests.data_builders import build_dataset, coco128_pairs
 from tests.export_helpers import assert_matching_detections, lively_head
 from utils.boxes import xywhn2xyxy
@@ -202,14 +202,13 @@ def test_an_onnx_that_is_not_a_detector_export_is_one_line(exported, tmp_path, i
     assert not runs.exists()
 
 
-def test_val_trt_cli_exits_2_on_a_foreign_onnx(exported, tmp_path):
+def test_val_trt_cli_exits_2_on_a_foreign_onnx(exported, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "foreign.onnx"
     _foreign_onnx(bad, ("input", [1, 3, 64, 64]), ("output", [1, 3, 64, 64]))
-    proc = subprocess.run([sys.executable, str(ROOT / "val_trt.py"), "--onnx", str(bad), "--data", str(exported.data),
-                           "--backend", "onnxruntime", "--project", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=120)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and "expected one input 'images'" in errors[0], proc.stderr
+    code, err = run_script("val_trt.py", ["--onnx", str(bad), "--data", str(exported.data), "--backend", "onnxruntime",
+                                          "--project", str(tmp_path / "runs")], capsys, monkeypatch)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "expected one input 'images'" in errors[0], err
     assert not (tmp_path / "runs").exists()
 
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from bench.bench_seg_eval import compare
+from tests.cli_helpers import run_script
 from utils.data.synthetic import make_shapes_dataset
 from utils.evaluation.masks import BoxMask, mask_iou, masks_in_original
 
@@ -89,12 +88,13 @@ def box_shapes(tmp_path_factory) -> Path:
     ("det", r"det\.pt is a detection model but .*images/val holds segmentation labels"),
     ("seg", r"seg\.pt is a segmentation model but .*images/val holds box labels"),
 ])
-def test_val_refuses_a_model_that_does_not_fit_the_labels(shapes, box_shapes, checkpoints, tmp_path, kind, message):
+def test_val_refuses_a_model_that_does_not_fit_the_labels(shapes, box_shapes, checkpoints, tmp_path, kind, message,
+                                                          capsys, monkeypatch):
     data = shapes if kind == "det" else box_shapes
-    proc = subprocess.run([sys.executable, "val.py", "--data", str(data), "--weights", str(checkpoints[kind]),
-                           "--imgsz", "64", "--device", "cpu", "--workers", "0", "--project", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    code, err = run_script("val.py", ["--data", str(data), "--weights", str(checkpoints[kind]), "--imgsz", "64",
+                                      "--device", "cpu", "--workers", "0", "--project", str(tmp_path)],
+                           capsys, monkeypatch)
+    assert code == 2, err
+    lines = err.strip().splitlines()
     assert re.search(message, lines[-1]) and not any("Traceback" in line for line in lines)
     assert not any(tmp_path.iterdir())  # nothing written for a failed start

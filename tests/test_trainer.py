@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from tests.cli_helpers import run_script
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.training.trainer import build_model, make_options, train
@@ -125,9 +124,8 @@ def test_unknown_option_is_a_user_error():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_device_0_without_gpu_is_one_line_exit_2(data_yaml):
-    proc = subprocess.run([sys.executable, "train.py", "--device", "0", "--cfg", TINY, "--data", str(data_yaml)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --device 0")
+def test_device_0_without_gpu_is_one_line_exit_2(data_yaml, capsys, monkeypatch):
+    code, err = run_script("train.py", ["--device", "0", "--cfg", TINY, "--data", str(data_yaml)], capsys, monkeypatch)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and err.startswith("error: --device 0")
 

@@ -3,14 +3,13 @@ the PyTorch evaluator's, End2End outputs score like raw ones, static batches, th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from models.experimental_trt import decode_end2end
 from models.yolo import DetectionModel
+from tests.cli_helpers import run_script
 from tests.export_helpers import assert_same_detections, lively_head
 from utils.data.config import load_data_config
 from utils.data.dataset import create_dataloader
@@ -128,11 +127,11 @@ def test_bad_requests_are_user_errors(setup, monkeypatch):
 
 
 @pytest.mark.skipif(backends.have_tensorrt(), reason="checks the message shown where TensorRT is missing")
-def test_cli_exit_code_2_when_tensorrt_is_missing(setup):
+def test_cli_exit_code_2_when_tensorrt_is_missing(setup, capsys, monkeypatch):
     _, files, data, root = setup
-    run = subprocess.run([sys.executable, str(ROOT / "val_trt.py"), "--onnx", str(files["raw"]), "--data", str(data),
-                          "--backend", "tensorrt", "--project", str(root / "runs")], capture_output=True, text=True)
-    assert run.returncode == 2 and "error: --backend tensorrt" in run.stderr
+    code, err = run_script("val_trt.py", ["--onnx", str(files["raw"]), "--data", str(data), "--backend", "tensorrt",
+                                          "--project", str(root / "runs")], capsys, monkeypatch)
+    assert code == 2 and "error: --backend tensorrt" in err
 
 
 @pytest.mark.tensorrt
