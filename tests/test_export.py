@@ -248,13 +248,15 @@ def test_merge_redundant_qdq_keeps_values_and_removes_duplicates():
     b = _qdq(nodes, inits, "x", 0.1, "b")  # same tensor, same scale: a duplicate pair
     c = _qdq(nodes, inits, "x", 0.2, "c")  # another scale: must stay
     d = _qdq(nodes, inits, a, 0.1, "d")  # DQ -> Q with equal parameters: the identity
-    nodes += [helper.make_node("Add", [b, c], ["s1"]), helper.make_node("Add", ["s1", d], ["y"])]
+    e = _qdq(nodes, inits, "x", 0.1, "e")  # a second duplicate of the same tensor
+    nodes += [helper.make_node("Add", [b, c], ["s1"]), helper.make_node("Add", ["s1", d], ["s2"]),
+              helper.make_node("Add", ["s2", e], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     x = np.array([0.04, -1.3, 2.26, 0.5], np.float32)
     before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
-    assert merge_redundant_qdq(model) == 2
+    assert merge_redundant_qdq(model) == 3
     onnx.checker.check_model(model)
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2
     after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]

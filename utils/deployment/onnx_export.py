@@ -244,31 +244,33 @@ def _set_metadata(model: onnx.ModelProto, items: dict[str, str]) -> None:
 
 def merge_redundant_qdq(model: onnx.ModelProto) -> int:
     """Fold Q/DQ pairs that quantize the same tensor with the same parameters into one; drop a
-    DQ -> Q chain with equal parameters (exactly the identity). Returns the pairs removed."""
+    DQ -> Q chain with equal parameters (exactly the identity). Returns the pairs removed.
+
+    Each pass indexes the graph once and makes every change whose tensors no earlier change of the
+    pass touched; the next pass sees the result. (Indexing again after each single change made this
+    quadratic: seconds per full-width QAT export.)"""
     removed = 0
-    changed = True
-    while changed:
-        changed = False
+    while True:
         g = GraphIndex(model.graph)
-        for tensor, readers in g.consumers.items():
+        touched: set[str] = set()
+        dropped: list[onnx.NodeProto] = []
+        before = removed
+        for tensor, readers in list(g.consumers.items()):
+            if tensor in touched:
+                continue
             qs = [n for n in readers if n.op_type == QUANTIZE and n.input[0] == tensor]
-            for q in qs[1:]:
-                if same_qparams(g.qparams(q), g.qparams(qs[0])) and _axis(q) == _axis(qs[0]):
-                    removed += _redirect_pair(model, g, q, qs[0])
-                    changed = True
-                    break
-            if changed:
-                break
-            if g.op_of(tensor) == DEQUANTIZE:
+            change = next(((q, qs[0]) for q in qs[1:]
+                           if same_qparams(g.qparams(q), g.qparams(qs[0])) and _axis(q) == _axis(qs[0])), None)
+            if change is not None:
+                removed += _redirect_pair(model, g, *change, touched, dropped)
+            elif g.op_of(tensor) == DEQUANTIZE:
                 dq = g.producer[tensor]
-                for q in qs:
-                    if same_qparams(g.qparams(q), g.qparams(dq)) and _axis(q) == _axis(dq):
-                        removed += _bypass_requantize(model, g, q, tensor)
-                        changed = True
-                        break
-            if changed:
-                break
-    return removed
+                q = next((q for q in qs if same_qparams(g.qparams(q), g.qparams(dq)) and _axis(q) == _axis(dq)), None)
+                if q is not None:
+                    removed += _bypass_requantize(model, g, q, tensor, touched, dropped)
+        _drop(model, dropped)
+        if removed == before:
+            return removed
 
 
 def _axis(node: onnx.NodeProto) -> int:
@@ -292,26 +294,33 @@ def _drop(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
     model.graph.node.extend(keep)
 
 
-def _redirect_pair(model: onnx.ModelProto, g: GraphIndex, dup_q: onnx.NodeProto, kept_q: onnx.NodeProto) -> int:
+def _reroute(model: onnx.ModelProto, q: onnx.NodeProto, dqs: list[onnx.NodeProto], target: str,
+             touched: set[str], dropped: list[onnx.NodeProto]) -> int:
+    """Readers of each DQ after ``q`` read ``target`` instead; ``q`` and those DQs are dropped at the
+    end of the pass. The tensors whose readers changed are marked for this pass."""
+    touched.update([q.input[0], q.output[0], target, *(dq.output[0] for dq in dqs)])
+    for dq in dqs:
+        _rename_input(model, dq.output[0], target)
+    dropped.extend([q, *dqs])
+    return 1
+
+
+def _redirect_pair(model: onnx.ModelProto, g: GraphIndex, dup_q: onnx.NodeProto, kept_q: onnx.NodeProto,
+                   touched: set[str], dropped: list[onnx.NodeProto]) -> int:
     """Readers of ``dup_q``'s DQ read ``kept_q``'s DQ instead."""
     kept_dq = next((d for d in g.consumers.get(kept_q.output[0], []) if d.op_type == DEQUANTIZE), None)
     dup_dqs = [d for d in g.consumers.get(dup_q.output[0], []) if d.op_type == DEQUANTIZE]
     if kept_dq is None or len(dup_dqs) != len(g.consumers.get(dup_q.output[0], [])):
         return 0
-    for dq in dup_dqs:
-        _rename_input(model, dq.output[0], kept_dq.output[0])
-    _drop(model, [dup_q, *dup_dqs])
-    return 1
+    return _reroute(model, dup_q, dup_dqs, kept_dq.output[0], touched, dropped)
 
 
-def _bypass_requantize(model: onnx.ModelProto, g: GraphIndex, q: onnx.NodeProto, dequantized: str) -> int:
+def _bypass_requantize(model: onnx.ModelProto, g: GraphIndex, q: onnx.NodeProto, dequantized: str,
+                       touched: set[str], dropped: list[onnx.NodeProto]) -> int:
     dqs = [d for d in g.consumers.get(q.output[0], []) if d.op_type == DEQUANTIZE]
     if len(dqs) != len(g.consumers.get(q.output[0], [])):
         return 0
-    for dq in dqs:
-        _rename_input(model, dq.output[0], dequantized)
-    _drop(model, [q, *dqs])
-    return 1
+    return _reroute(model, q, dqs, dequantized, touched, dropped)
 
 
 def simplify_onnx(model: onnx.ModelProto, tool: str) -> onnx.ModelProto:
