@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from utils.deployment.onnx_export import ExportResult, export_onnx
+from utils.deployment.onnx_export import ExportResult, export_onnx, trace_prediction
 from utils.errors import UserError
 from utils.options import check_flags, check_imgsz
 from utils.paths import existing_file
@@ -60,11 +60,12 @@ def export_checkpoint(weights: str | Path, include: tuple[str, ...] = ("onnx",),
     if taken and not exist_ok:
         raise UserError(f"{', '.join(taken)}: exists; pass --exist-ok to replace it")
     results = []
+    prediction = trace_prediction(model, imgsz, batch_size, dynamic, opset)  # once for every format: the slow part
     for fmt, file in files.items():
         kind = "raw" if fmt == "onnx" else ("nms" if postprocess == "nms" else "topk")
         result = export_onnx(model, file, imgsz, batch_size, dynamic, opset, kind, topk_all, iou_thres, conf_thres,
                              "onnxsim" if simplify else "onnxslim" if slim else None, float_convs,
-                             metadata={"weights": Path(weights).name})
+                             metadata={"weights": Path(weights).name}, prediction=prediction)
         results.append(result)
         print(summary(result))
     return results
