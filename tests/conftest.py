@@ -1,5 +1,6 @@
-"""Shared test fixtures: where the real datasets live, skips for missing hardware, and the full-width
-quantized models that more than one test file exports."""
+"""Shared test fixtures: where the real datasets live, skips for missing hardware, the full-width
+quantized models that more than one test file exports, and two settings that keep the suite fast on
+a small shared CPU (one PyTorch thread; the ONNX exporter's own IR self-check skipped)."""
 from __future__ import annotations
 
 import os
@@ -29,6 +30,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "tensorrt" in item.keywords and not have_trt:
             item.add_marker(no_trt)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torchscript_graph_lint():
+    """PyTorch's TorchScript ONNX exporter lints its own IR ten times per export (``_jit_pass_lint``,
+    a self-check that asserts and changes nothing): a third of every QAT trace here, 0.2-0.6 s a
+    call. The tests skip it and check every export themselves (onnx.checker, the Q/DQ lint, ONNX
+    Runtime against PyTorch); yields the real pass, which
+    tests/test_export.py::test_torch_ir_lint_passes_and_skipping_it_changes_no_export runs on a QAT
+    export, showing the bytes are the same either way."""
+    real = torch._C._jit_pass_lint
+    torch._C._jit_pass_lint = lambda graph: None
+    yield real
+    torch._C._jit_pass_lint = real
 
 
 @pytest.fixture(scope="session")

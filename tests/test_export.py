@@ -274,6 +274,15 @@ def test_simplifiers_keep_qdq_and_pass_lint(tiny_exports, tool, tmp_path):
     torch.testing.assert_close(run_ort(result.path, x)[0], run_ort(files["qat", "raw"], x)[0], atol=1e-3, rtol=1e-4)
 
 
+def test_torch_ir_lint_passes_and_skipping_it_changes_no_export(tiny_exports, torchscript_graph_lint, monkeypatch):
+    """The suite skips PyTorch's IR self-check (tests/conftest.py); here it runs on the gelan-tiny QAT
+    trace, and the ONNX is byte for byte the one the other tests export without it."""
+    models, _, preds = tiny_exports
+    monkeypatch.setattr(torch._C, "_jit_pass_lint", torchscript_graph_lint)
+    linted = trace_prediction(models["qat"], IMGSZ, dynamic=True)
+    assert linted.model.SerializeToString() == preds["qat"].model.SerializeToString()
+
+
 def test_opset_below_13_is_refused(tiny_exports, tmp_path):
     from utils.errors import UserError
 
