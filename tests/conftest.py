@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_trt)
 
 
+@pytest.fixture(autouse=True)
+def _thread_count_kept():
+    """A test that sets PyTorch's thread count (a tool's --threads, a bench job) sets it for the
+    process: put it back, so no later test runs on another count than the one chosen above."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def torchscript_graph_lint():
     """PyTorch's TorchScript ONNX exporter lints its own IR ten times per export (``_jit_pass_lint``,
