@@ -10,6 +10,7 @@ function its own command uses, so the demo proves the real pipeline rather than 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -115,12 +116,14 @@ def table(rows: dict[str, dict | None]) -> str:
 
 def run_demo(opt: argparse.Namespace) -> Path:
     """Data -> FP32 training -> PTQ + QAT -> Q/DQ ONNX -> ONNX Runtime / TensorRT check; returns the run folder."""
-    from utils.torch_utils import cpu_threads, select_device
+    from utils.torch_utils import cpu_threads, flush_denormals, select_device
 
     device = select_device(opt.device)  # a missing GPU is reported before anything is written
     # This model's convolutions are too small to split across threads: on a 2-core machine that
     # other jobs shared, two threads slowed training 5-7x while one held steady.
-    with cpu_threads(opt.threads if device.type == "cpu" else torch.get_num_threads()):
+    on_cpu = device.type == "cpu"
+    with cpu_threads(opt.threads if on_cpu else torch.get_num_threads()), \
+            flush_denormals() if on_cpu else contextlib.nullcontext():
         return _run_demo(opt, device)
 
 
