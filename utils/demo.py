@@ -53,13 +53,13 @@ class Recipe:
 
 
 # Detection, toward the 3-minute goal on 2 CPU cores: 32 quick epochs of batch 32, which costs 30% less
-# per image than batch 16 on one CPU thread, at three times batch 16's learning rate (half as many
-# steps: at 0.003 they lost 0.04-0.05 FP32 mAP50-95, 0.006 and 0.009 recovered 0.04 and 0.01-0.02 more
-# on the seeds tried; BENCHMARKS.md, "The demo"); QAT at qat.py quantize's own
+# per image than batch 16 on one CPU thread, at twice batch 16's learning rate (half as many steps:
+# at 0.003 they lost 0.04-0.05 FP32 mAP50-95; 0.009 lost QAT 0.011 against FP32 on seed 0, 0.006 stayed
+# within 0.01 on seeds 0-2; BENCHMARKS.md, "The demo"); QAT at qat.py quantize's own
 # rate (hyp.qat.yaml), which kept QAT closer to FP32 than 0.001 on the 40-epoch model (-0.0098 vs
 # -0.0133); auto calibration, since max alone lost 0.11 mAP50-95 on one quick-trained model (seed 0,
 # 40 epochs: an outlier range) where entropy lost 0.008, for about 6 s of evaluations.
-RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, calib_method="auto", quick=True, batch_size=32, lr0=0.009),
+RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, calib_method="auto", quick=True, batch_size=32, lr0=0.006),
            "segment": Recipe(epochs=40, qat_lr=0.001, calib_method="max", quick=False)}
 
 SAME_INPUT_NOTE = ("\nThe first three rows are qat.py's evaluation (rectangular batches, as val.py); the last two "
