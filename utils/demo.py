@@ -36,8 +36,9 @@ TRAIN_HYP_CHANGES = {"lrf": 0.05, "warmup_epochs": 1.0, "mosaic": 0.0, "mixup": 
 # What the detection demo's training does beyond train.py's defaults to fit minutes on 2 CPU cores:
 # bf16 autocast where the CPU computes bf16 natively, channels-last convolutions and AdamW's
 # multi-tensor step (utils/training/acceleration.py); one validation, after the last epoch (the
-# cosine schedule ends at 5% of lr0, so the last epoch's EMA is the one to keep), and no plots.
-QUICK_TRAINING = {"cpu_speedups": True, "noval": True, "plots": False}
+# cosine schedule ends at 5% of lr0, so the last epoch's EMA is the one to keep), no plots, and no
+# checkpoint of the epochs between the first and the last (the demo offers no resume).
+QUICK_TRAINING = {"cpu_speedups": True, "noval": True, "plots": False, "save_every_epoch": False}
 @dataclass(frozen=True)
 class Recipe:
     """What ``qat.py demo`` does per --task beyond its flags."""
