@@ -56,8 +56,11 @@ def test_demo_recipes_per_task():
     assert RECIPES["detect"].quick and not RECIPES["segment"].quick
     assert RECIPES["detect"].epochs < RECIPES["segment"].epochs
     assert (RECIPES["detect"].calib_method, RECIPES["segment"].calib_method) == ("auto", "max")
+    # detection trains batch 32 at twice batch 16's rate; segmentation keeps batch 16 and its rate
+    assert (RECIPES["detect"].batch_size, RECIPES["segment"].batch_size) == (32, 16)
+    assert RECIPES["detect"].lr0 == pytest.approx(2 * RECIPES["segment"].lr0)
     opt = qat.parse_args(["demo"])
-    assert opt.epochs is None and opt.task == "detect"
+    assert opt.epochs is None and opt.batch_size is None and opt.task == "detect"
 
 
 def test_demo_rejects_a_bad_size_before_writing(tmp_path):

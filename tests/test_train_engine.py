@@ -74,6 +74,21 @@ def test_ema_ramps_its_decay_and_follows_the_model():
     assert not any(p.requires_grad for p in ema.ema.parameters())
 
 
+def test_ema_follows_batchnorm_statistics_and_tensors_swapped_between_updates():
+    """The tensor pairs are looked up once: later in-place updates, a layout change (new parameter
+    data) and a replaced buffer must all still reach the average."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = ModelEMA(net, decay=0.5, tau=1e-9)  # decay 0.5 from the first update on
+    ema.update(net)
+    net.train()(torch.rand(2, 3, 8, 8))  # running statistics move in place
+    net.to(memory_format=torch.channels_last)  # the conv weight gets new data
+    net[1].running_var = torch.full((4,), 3.0)  # a new buffer tensor
+    expected = {k: (v + net.state_dict()[k]) / 2 for k, v in ema.ema.state_dict().items() if v.dtype.is_floating_point}
+    ema.update(net)
+    for k, v in expected.items():
+        assert torch.allclose(ema.ema.state_dict()[k], v), k
+
+
 @pytest.fixture(scope="module")
 def four_images(coco128_dir, tmp_path_factory) -> Path:
     """A list file of four COCO128 images (labels are found by the images/ -> labels/ rule)."""

@@ -118,6 +118,18 @@ def test_weights_transfer_matching_tensors(runs):
     assert torch.equal(fewer.state_dict()[stem], trained[stem])
 
 
+def test_checkpoints_only_where_needed_without_save_every_epoch(data_yaml, tmp_path):
+    """With noval only the first epoch (best so far) and the last one write last.pt; the finished
+    run's files are the same kind as a run that saves every epoch."""
+    saved_epochs, run_dir = [], tmp_path / "sparse"
+    run = train(on_epoch_end=lambda epoch, _: saved_epochs.append(load_checkpoint(run_dir / "weights" / "last.pt")["epoch"]),
+                **run_kwargs(data_yaml, tmp_path, name="sparse", epochs=3, noval=True, save_every_epoch=False))
+    assert saved_epochs == [0, 0, 2]
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(run / "weights" / name)
+        assert ckpt["epoch"] == -1 and ckpt["optimizer"] is None  # finished as usual
+
+
 def test_unknown_option_is_a_user_error():
     with pytest.raises(UserError, match="batchsize"):
         make_options(batchsize=4)

@@ -10,6 +10,7 @@ function its own command uses, so the demo proves the real pipeline rather than 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -26,18 +27,18 @@ from utils.quantization.report import MASK_PREFIX, METRICS, metrics
 
 CFGS = {"detect": ROOT / "models/demo/gelan-demo.yaml", "segment": ROOT / "models/demo/gelan-demo-seg.yaml"}
 
-# About 750 optimizer steps from scratch (40 epochs of 19 batches): AdamW converges in that many
-# where SGD would still be warming up, so its learning rate replaces SGD's (and the bias warmup,
-# which would start Adam at 0.1). No mosaic: it shrinks the small shapes below the stride-8 grid.
-# The loss weights are upstream's.
+# A few hundred optimizer steps from scratch (e.g. 40 epochs of 19 batches): AdamW converges in that
+# many where SGD would still be warming up, so its learning rate (the recipe's lr0) replaces SGD's,
+# and the bias warmup too (SGD's would start Adam at 0.1). No mosaic: it shrinks the small shapes below
+# the stride-8 grid. The loss weights are upstream's.
 TRAIN_OPTIMIZER = "AdamW"
-TRAIN_HYP_CHANGES = {"lr0": 0.003, "lrf": 0.05, "warmup_epochs": 1.0, "warmup_bias_lr": 0.003,
-                     "mosaic": 0.0, "mixup": 0.0, "scale": 0.3, "translate": 0.1}
+TRAIN_HYP_CHANGES = {"lrf": 0.05, "warmup_epochs": 1.0, "mosaic": 0.0, "mixup": 0.0, "scale": 0.3, "translate": 0.1}
 # What the detection demo's training does beyond train.py's defaults to fit minutes on 2 CPU cores:
 # bf16 autocast where the CPU computes bf16 natively, channels-last convolutions and AdamW's
 # multi-tensor step (utils/training/acceleration.py); one validation, after the last epoch (the
-# cosine schedule ends at 5% of lr0, so the last epoch's EMA is the one to keep), and no plots.
-QUICK_TRAINING = {"cpu_speedups": True, "noval": True, "plots": False}
+# cosine schedule ends at 5% of lr0, so the last epoch's EMA is the one to keep), no plots, and no
+# checkpoint of the epochs between the first and the last (the demo offers no resume).
+QUICK_TRAINING = {"cpu_speedups": True, "noval": True, "plots": False, "save_every_epoch": False}
 @dataclass(frozen=True)
 class Recipe:
     """What ``qat.py demo`` does per --task beyond its flags."""
@@ -46,15 +47,20 @@ class Recipe:
     qat_lr: float  # qat.py quantize --lr
     calib_method: str  # qat.py quantize --calib-method
     quick: bool  # train with QUICK_TRAINING
+    batch_size: int = 16  # --batch-size when not given
+    lr0: float = 0.003  # AdamW's FP32 learning rate at that batch
     control: bool = False  # qat.py quantize --control: the fine-tune without quantizers, for a study
     hold_lr: int = 0  # train.py --hold-lr: last FP32 epochs at the final LR, a study's convergence window
 
 
-# Detection, toward the 3-minute goal on 2 CPU cores: 32 quick epochs; QAT at qat.py quantize's own
+# Detection, toward the 3-minute goal on 2 CPU cores: 32 quick epochs of batch 32, which costs 30% less
+# per image than batch 16 on one CPU thread, at twice batch 16's learning rate (half as many steps:
+# at 0.003 they lost 0.04-0.05 FP32 mAP50-95; 0.009 lost QAT 0.011 against FP32 on seed 0, 0.006 stayed
+# within 0.01 on seeds 0-2; BENCHMARKS.md, "The demo"); QAT at qat.py quantize's own
 # rate (hyp.qat.yaml), which kept QAT closer to FP32 than 0.001 on the 40-epoch model (-0.0098 vs
 # -0.0133); auto calibration, since max alone lost 0.11 mAP50-95 on one quick-trained model (seed 0,
 # 40 epochs: an outlier range) where entropy lost 0.008, for about 6 s of evaluations.
-RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, calib_method="auto", quick=True),
+RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, calib_method="auto", quick=True, batch_size=32, lr0=0.006),
            "segment": Recipe(epochs=40, qat_lr=0.001, calib_method="max", quick=False)}
 
 SAME_INPUT_NOTE = ("\nThe first three rows are qat.py's evaluation (rectangular batches, as val.py); the last two "
@@ -75,7 +81,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
     p.add_argument("--qat-iters", type=int, default=100, help="at most this many batches per QAT epoch")
     p.add_argument("--images", type=int, default=300, help="training images to draw (a quarter as many for val)")
-    p.add_argument("--batch-size", type=int, default=16)
+    batches = ", ".join(f"{task} {recipe.batch_size}" for task, recipe in RECIPES.items())
+    p.add_argument("--batch-size", type=int, default=None, help=f"training and QAT batch; evaluation uses twice it (default: {batches})")
     p.add_argument("--device", default="cpu", help="cpu, or a cuda device such as 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="dataloader workers")
@@ -83,9 +90,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="PyTorch CPU threads; more only pays on an idle machine with cores to spare")
 
 
-def _train_hyp() -> dict:
+def _train_hyp(lr0: float) -> dict:
     hyp = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-high.yaml").read_text())
-    return {**hyp, **TRAIN_HYP_CHANGES}
+    return {**hyp, **TRAIN_HYP_CHANGES, "lr0": lr0, "warmup_bias_lr": lr0}
 
 
 def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, project: Path,
@@ -115,12 +122,14 @@ def table(rows: dict[str, dict | None]) -> str:
 
 def run_demo(opt: argparse.Namespace) -> Path:
     """Data -> FP32 training -> PTQ + QAT -> Q/DQ ONNX -> ONNX Runtime / TensorRT check; returns the run folder."""
-    from utils.torch_utils import cpu_threads, select_device
+    from utils.torch_utils import cpu_threads, flush_denormals, select_device
 
     device = select_device(opt.device)  # a missing GPU is reported before anything is written
     # This model's convolutions are too small to split across threads: on a 2-core machine that
     # other jobs shared, two threads slowed training 5-7x while one held steady.
-    with cpu_threads(opt.threads if device.type == "cpu" else torch.get_num_threads()):
+    on_cpu = device.type == "cpu"
+    with cpu_threads(opt.threads if on_cpu else torch.get_num_threads()), \
+            flush_denormals() if on_cpu else contextlib.nullcontext():
         return _run_demo(opt, device)
 
 
@@ -130,6 +139,7 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
 
     recipe = RECIPES[opt.task]
     opt.epochs = recipe.epochs if opt.epochs is None else opt.epochs
+    opt.batch_size = recipe.batch_size if opt.batch_size is None else opt.batch_size
     check_flags(vars(opt))
     if opt.imgsz < 64:
         raise UserError(f"--imgsz {opt.imgsz}: the demo draws its shapes on images of at least 64 pixels")
@@ -168,7 +178,7 @@ def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir:
     from utils.training.trainer import train
 
     t = time.perf_counter()
-    train_dir = train(cfg=str(cfg), data=str(data), hyp=_train_hyp(), epochs=opt.epochs, batch_size=opt.batch_size,
+    train_dir = train(cfg=str(cfg), data=str(data), hyp=_train_hyp(recipe.lr0), epochs=opt.epochs, batch_size=opt.batch_size,
                       imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
                       exist_ok=True, seed=opt.seed, patience=0, cos_lr=True, optimizer=TRAIN_OPTIMIZER,
                       nominal_batch=opt.batch_size, min_warmup_iters=0, on_epoch_end=on_epoch_end,
