@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from fractions import Fraction
 from copy import deepcopy
+from fractions import Fraction
 from pathlib import Path
 
 import pytest

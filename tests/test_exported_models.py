@@ -72,7 +72,8 @@ def exported(tmp_path_factory, coco128_dir):
     files = {kind: export_onnx(model, root / f"qat-{kind}.onnx", postprocess=kind, max_det=TOPK, iou_thres=IOU,
                                conf_thres=CONF, float_convs=float_conv_names(model), prediction=pred).path
              for kind in ("raw", "topk", "nms")}
-    return SimpleNamespace(model=model, files=files, data=data, source=source, root=root, anchors=pred.example.shape[-1])
+    return SimpleNamespace(model=model, files=files, data=data, source=source, root=root,
+                           anchors=pred.example.shape[-1])
 
 
 class TorchRunner:

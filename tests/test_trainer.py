@@ -122,7 +122,11 @@ def test_checkpoints_only_where_needed_without_save_every_epoch(data_yaml, tmp_p
     """With noval only the first epoch (best so far) and the last one write last.pt; the finished
     run's files are the same kind as a run that saves every epoch."""
     saved_epochs, run_dir = [], tmp_path / "sparse"
-    run = train(on_epoch_end=lambda epoch, _: saved_epochs.append(load_checkpoint(run_dir / "weights" / "last.pt")["epoch"]),
+
+    def note_saved_epoch(_epoch, _metrics):
+        saved_epochs.append(load_checkpoint(run_dir / "weights" / "last.pt")["epoch"])
+
+    run = train(on_epoch_end=note_saved_epoch,
                 **run_kwargs(data_yaml, tmp_path, name="sparse", epochs=3, noval=True, save_every_epoch=False))
     assert saved_epochs == [0, 0, 2]
     for name in ("last.pt", "best.pt"):

@@ -105,7 +105,8 @@ def test_benchmark_sweep_writes_table_json_plot(setup):
     bench_dir = root / "runs" / "bench"
     rows = json.loads((bench_dir / "benchmark.json").read_text())["rows"]
     assert rows[1]["images_per_s"] == pytest.approx(2 * rows[1]["qps"])
-    assert (bench_dir / "benchmark.png").read_bytes()[:4] == b"\x89PNG" and "| 2 |" in (bench_dir / "benchmark.md").read_text()
+    assert (bench_dir / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 2 |" in (bench_dir / "benchmark.md").read_text()
     skipped = validate.run(onnx=files["static2"], benchmark_sweep=True, batch_sizes=(1, 2), warmup=0, iters=1,
                           imgsz=IMGSZ, backend="onnxruntime", project=root / "runs", name="bench-static")
     assert [r.batch for r in skipped["benchmark"]] == [2]

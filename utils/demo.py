@@ -82,7 +82,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qat-iters", type=int, default=100, help="at most this many batches per QAT epoch")
     p.add_argument("--images", type=int, default=300, help="training images to draw (a quarter as many for val)")
     batches = ", ".join(f"{task} {recipe.batch_size}" for task, recipe in RECIPES.items())
-    p.add_argument("--batch-size", type=int, default=None, help=f"training and QAT batch; evaluation uses twice it (default: {batches})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"training and QAT batch; evaluation uses twice it (default: {batches})")
     p.add_argument("--device", default="cpu", help="cpu, or a cuda device such as 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="dataloader workers")
@@ -178,8 +179,9 @@ def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir:
     from utils.training.trainer import train
 
     t = time.perf_counter()
-    train_dir = train(cfg=str(cfg), data=str(data), hyp=_train_hyp(recipe.lr0), epochs=opt.epochs, batch_size=opt.batch_size,
-                      imgsz=opt.imgsz, device=opt.device, workers=opt.workers, project=str(save_dir), name="train",
+    train_dir = train(cfg=str(cfg), data=str(data), hyp=_train_hyp(recipe.lr0), epochs=opt.epochs,
+                      batch_size=opt.batch_size, imgsz=opt.imgsz, device=opt.device, workers=opt.workers,
+                      project=str(save_dir), name="train",
                       exist_ok=True, seed=opt.seed, patience=0, cos_lr=True, optimizer=TRAIN_OPTIMIZER,
                       nominal_batch=opt.batch_size, min_warmup_iters=0, on_epoch_end=on_epoch_end,
                       hold_lr=recipe.hold_lr, **(QUICK_TRAINING if recipe.quick else {}))
