@@ -37,3 +37,23 @@ def test_jobs_are_spread_slowest_first_over_the_gpus():
     assert max(loads) - min(loads) <= min(COST.values())
     assert all(q == sorted(q, key=lambda m: -COST[m]) for q in queues.values())
     assert spread(["gelan-t"], ["cpu"]) == {"cpu": ["gelan-t"]}
+
+
+def test_held_lr_window_leaves_an_epoch_to_anneal():
+    from bench.convergence import hold_epochs
+
+    assert hold_epochs(12) == 3  # the segmentation study's 12 epochs: the last 3 at the final LR
+    assert hold_epochs(160) == 32
+    assert hold_epochs(1) == 0  # a dry run's single epoch still anneals
+
+
+def test_seg_table_says_whether_fp32_was_flat():
+    from bench.convergence import convergence
+    from bench.report import _flatness
+
+    rising = convergence([0.1 * i for i in range(12)])
+    assert "**not flat** over the last 3" in _flatness({"convergence": rising})
+    flat = _flatness({"convergence": convergence([0.5] * 12)})
+    assert "flat over the last 3" in flat and "not flat" not in flat
+    assert "not judged" in _flatness({"convergence": convergence([0.5] * 3)})
+    assert _flatness({}) == ""  # records from before the check existed
