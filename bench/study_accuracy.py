@@ -263,7 +263,8 @@ def job_train(plan: Plan, model: str) -> None:
 
     stopped = None
     try:
-        train(train_cli.parse_args(argv), on_epoch_end=guard)
+        # best.pt and last.pt only when they change: a gelan-e checkpoint with its optimizer is ~0.9 GB
+        train(train_cli.parse_args(argv), on_epoch_end=guard, save_every_epoch=False)
     except _OutOfTime as stop:
         stopped = f"stopped after epoch {stop.args[0] + 1} of {epochs} at the stage's time limit"
         print(stopped)

@@ -234,7 +234,11 @@ def test_background_writer_writes_in_order_and_reports_failures(tmp_path):
     for epoch in range(3):
         writer.submit({"epoch": epoch, "model": None}, [tmp_path / "last.pt", tmp_path / f"e{epoch}.pt"])
     writer.wait()
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2 and (tmp_path / "e0.pt").is_file()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    # the second name was a link to the epoch's file: replacing last.pt later left it as it was
+    assert [load_checkpoint(tmp_path / f"e{epoch}.pt")["epoch"] for epoch in range(3)] == [0, 1, 2]
+    assert (tmp_path / "e2.pt").stat().st_ino == (tmp_path / "last.pt").stat().st_ino
+    assert not list(tmp_path.glob(".*.tmp"))
     (tmp_path / "blocked").write_text("a file where a folder should be")
     writer.submit({"epoch": 3}, [tmp_path / "blocked" / "last.pt"])
     with pytest.raises(OSError):

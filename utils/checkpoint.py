@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -145,12 +146,30 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
     return path
 
 
+def link_checkpoint(source: Path, path: Path) -> Path:
+    """``path`` made a second name of the finished file ``source`` (a copy where the file system has
+    no hard links), atomically as ``save_checkpoint``: best.pt costs no second write of the same bytes.
+    A later ``save_checkpoint`` to either name replaces that name alone."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
 
 class CheckpointWriter:
     """Writes checkpoints on a background thread, one write at a time and in order, so the next
     epoch trains while a file (a fsync'ed copy of the model, its EMA and the optimizer) reaches the
-    disk. ``obj`` must not change after ``submit``: hand over copies. ``wait`` returns once
-    everything submitted is on disk and raises what a write raised."""
+    disk; the first path is written, the others become links to it. ``obj`` must not change after
+    ``submit``: hand over copies. ``wait`` returns once everything submitted is on disk and raises
+    what a write raised."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
@@ -164,8 +183,10 @@ class CheckpointWriter:
 
     def _write(self, obj: dict, paths: list[Path]) -> None:
         try:
-            for path in paths:
-                save_checkpoint(obj, path)
+            first, *others = paths
+            save_checkpoint(obj, first)
+            for path in others:
+                link_checkpoint(first, path)
         except BaseException as exc:  # raised again in the training thread by wait()
             self._error = exc
 
