@@ -13,9 +13,12 @@ layer (qat.py's defaults). Each pair is timed eagerly and compiled (``torch.comp
 ``--compile`` runs), alternating FP32 and QAT rounds and keeping each one's best round. The
 record's value is the compiled ratio (the eager one with --no-compile); both pairs of step times,
 the compile times and a check that compiled fake quantization gives the eager values bit for bit
-are in its ``extra``. The models are randomly initialised: a step's time does not depend on the
-values of the weights. Most of its time is compiling (not yet measured on a GPU); the eager record
-is written before compiling starts, so a run stopped while compiling still leaves it.
+are in its ``extra``. On CUDA the eager pair is also timed without models/fused_ops.py's kernels
+(``eager_unfused_*``, alternating with the fused rounds), and the kernels are checked against the
+PyTorch ops they replace, values and gradients (``eager_fused_mismatches_vs_pytorch_ops``). The
+models are randomly initialised: a step's time does not depend on the values of the weights. Most
+of its time is compiling (not yet measured on a GPU); the eager record is written before compiling
+starts, so a run stopped while compiling still leaves it.
 
 Toy run on a CPU (tracing only: ``aot_eager`` runs the compiled graphs without generating code):
 
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from copy import deepcopy
 from pathlib import Path
 
@@ -82,18 +84,24 @@ def make_steps(built: dict, device: torch.device, compile: bool, backend: str | 
     }
 
 
-def time_steps(steps: dict, batch: tuple, device: torch.device, iters: int, repeats: int) -> dict:
+def time_steps(steps: dict, batch: tuple, device: torch.device, iters: int, repeats: int, both_ways: bool = False
+               ) -> dict:
     """Best-of-``repeats`` seconds per step of each entry, rounds alternating; the first (untimed) round
-    warms up cuDNN's autotuner and compiles. Also the warm-up round's seconds (compilation)."""
+    warms up cuDNN's autotuner and compiles. Also the warm-up round's seconds (compilation).
+    ``both_ways`` also times each entry without the fused kernels (models/fused_ops.py), as "<name>_unfused"."""
+    from models import fused_ops
     from utils.training.engine import make_precision, train_one_epoch
 
     precision = make_precision(device, "bf16")
-    best = {k: float("inf") for k in steps}
+    runs = [(name, name, True) for name in steps] + ([(f"{n}_unfused", n, False) for n in steps] if both_ways else [])
+    best = {name: float("inf") for name, _, _ in runs}
     warmup = {}
     for r in range(repeats + 1):
-        for name, (model, forward, loss_fn, optimizer, extra) in steps.items():
-            stats = train_one_epoch(model, [batch] * iters, loss_fn, optimizer, device=device, precision=precision,
-                                    extra_loss_fn=extra, progress=False, forward=forward)
+        for name, step, fused in runs:
+            model, forward, loss_fn, optimizer, extra = steps[step]
+            with fused_ops.enabled(fused):
+                stats = train_one_epoch(model, [batch] * iters, loss_fn, optimizer, device=device,
+                                        precision=precision, extra_loss_fn=extra, progress=False, forward=forward)
             if r == 0:
                 warmup[name] = stats.seconds
             else:
@@ -113,6 +121,43 @@ def compiled_fake_quant_mismatches(device: torch.device, backend: str | None) ->
         for name, amax in (("per_tensor", x.float().abs().amax() * 0.7),
                            ("per_channel", x.float().abs().amax(dim=(1, 2, 3), keepdim=True) * 0.7)):
             out[f"{name}_{str(dtype).split('.')[-1]}"] = int((compiled(x, amax) != fake_quant_int8(x, amax)).sum())
+    return out
+
+
+def fused_mismatches(device: torch.device) -> dict:
+    """Elements where the fused kernels differ from the PyTorch ops they replace (values, gradients),
+    per op, dtype and layout; the kernels are used on CUDA only, so on a CPU there is nothing to check."""
+    from models import fused_ops
+    from models.fake_quant import fake_quant_int8
+
+    if device.type != "cuda" or not fused_ops.usable(torch.zeros(1, device=device)):
+        return {}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = {}
+
+    def bits(t: torch.Tensor) -> torch.Tensor:  # -0.0 and 0.0 differ, NaNs compare
+        return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+    def both(fn, x):
+        results = []
+        for fused in (True, False):
+            leaf = x.detach().clone().requires_grad_()
+            with fused_ops.enabled(fused):
+                y = fn(leaf)
+                y.backward(torch.ones_like(y) * 0.37)
+            results.append((y.detach(), leaf.grad))
+        (y1, g1), (y2, g2) = results
+        return int((bits(y1) != bits(y2)).sum() + (bits(g1) != bits(g2)).sum())
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = (torch.randn(16, 64, 40, 40, generator=g) * 4).to(device, dtype).contiguous(memory_format=layout)
+            tag = f"{str(dtype).split('.')[-1]}_{'nhwc' if layout == torch.channels_last else 'nchw'}"
+            amax_t = x.float().abs().amax().detach() * 0.7
+            amax_c = x.float().abs().amax(dim=(1, 2, 3), keepdim=True).detach() * 0.7
+            out[f"fake_quant_per_tensor_{tag}"] = both(lambda t: fake_quant_int8(t, amax_t), x)
+            out[f"fake_quant_per_channel_{tag}"] = both(lambda t: fake_quant_int8(t, amax_c), x)
+            out[f"average_blur_{tag}"] = both(fused_ops.average_blur, x)
     return out
 
 
@@ -142,11 +187,16 @@ def main(argv=None) -> dict:
     results: dict = {}
     for mode in ("eager",) if args.no_compile else ("eager", "compiled"):
         steps = make_steps(built, device, mode == "compiled", args.backend)
-        results[mode] = time_steps(steps, built["batch"], device, args.iters, args.repeats)
+        results[mode] = time_steps(steps, built["batch"], device, args.iters, args.repeats,
+                                   both_ways=mode == "eager" and device.type == "cuda")
         steps["qat"][4].remove()
         ms = {k: 1e3 * v for k, v in results[mode]["step_seconds"].items()}
-        print(f"{mode}: FP32 {ms['fp32']:.1f} ms, QAT {ms['qat']:.1f} ms per step, ratio {ms['qat'] / ms['fp32']:.3f}",
-              flush=True)
+        for suffix in ("", "_unfused") if "fp32_unfused" in ms else ("",):
+            print(f"{mode}{suffix}: FP32 {ms['fp32' + suffix]:.1f} ms, QAT {ms['qat' + suffix]:.1f} ms per step, "
+                  f"ratio {ms['qat' + suffix] / ms['fp32' + suffix]:.3f}", flush=True)
+        if mode == "eager":
+            results[mode]["fused_mismatches"] = fused_mismatches(device)
+            print(f"fused kernels vs PyTorch ops, differing elements: {results[mode]['fused_mismatches']}", flush=True)
         if mode == "compiled":
             results[mode]["fake_quant_mismatches"] = compiled_fake_quant_mismatches(device, args.backend)
         # written after each mode, so a run stopped while compiling still leaves the eager figure
@@ -173,6 +223,11 @@ def record_extra(args: argparse.Namespace, device: torch.device, results: dict) 
         extra.update({f"{name}_fp32_step_ms": 1e3 * seconds["fp32"], f"{name}_qat_step_ms": 1e3 * seconds["qat"],
                       f"{name}_ratio": seconds["qat"] / seconds["fp32"],
                       f"{name}_first_round_seconds": r["warmup_seconds"]})
+        if "fp32_unfused" in seconds:  # the same steps without models/fused_ops.py's kernels, timed alongside
+            extra.update({f"{name}_unfused_fp32_step_ms": 1e3 * seconds["fp32_unfused"],
+                          f"{name}_unfused_qat_step_ms": 1e3 * seconds["qat_unfused"],
+                          f"{name}_unfused_ratio": seconds["qat_unfused"] / seconds["fp32_unfused"],
+                          f"{name}_fused_mismatches_vs_pytorch_ops": r.get("fused_mismatches", {})})
         if "fake_quant_mismatches" in r:
             extra[f"{name}_fake_quant_mismatches_vs_eager"] = r["fake_quant_mismatches"]
     return extra

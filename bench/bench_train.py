@@ -4,7 +4,8 @@ throughput (~2 min on one H100): images/s of the real training step (augmenting 
 forward, TAL loss, backward, optimizer, EMA; channels-last on CUDA, as train.py) for a model built
 from --cfg, after --warmup iterations, over --iters timed iterations; also the step alone on one
 repeated batch. --cache decodes the images into RAM first and --compile compiles the step, as
-train.py's flags of those names do; the record says which:
+train.py's flags of those names do; the record says which. On CUDA the end-to-end and repeated-batch
+rates are also measured without models/fused_ops.py's kernels, after the others (``unfused_*``):
 
     python bench/bench_train.py throughput --cfg gelan-c.yaml --data data/coco128.yaml \
         --imgsz 640 --batch-size 32 --workers 16 --cache --compile
@@ -64,6 +65,7 @@ def measure_throughput(args: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
 
+    from models import fused_ops
     from models.yolo import DetectionModel
     from utils.data.config import load_data_config, load_hyp, require_split
     from utils.data.dataset import create_dataloader
@@ -113,13 +115,20 @@ def measure_throughput(args: argparse.Namespace) -> dict:
         run(args.warmup)
         images, seconds = run(args.iters)
         fixed = fixed_batch_rate(model, loader, loss_fn, optimizer, step, args) if not info.distributed else None
+        unfused = {}
+        if device.type == "cuda" and not info.distributed:  # the same, without models/fused_ops.py's kernels
+            with fused_ops.enabled(False):
+                n, t = run(args.iters)
+                unfused = {"unfused_images_per_s": n / t,
+                           "unfused_fixed_batch_images_per_s": fixed_batch_rate(model, loader, loss_fn, optimizer,
+                                                                                step, args)}
         if info.distributed:
             totals = torch.tensor([float(images), seconds], device=device if device.type == "cuda" else "cpu")
             dist.all_reduce(totals[:1])
             dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
             images, seconds = int(totals[0].item()), float(totals[1].item())
         return {"images_per_s": images / seconds, "images": images, "seconds": seconds,
-                "fixed_batch_images_per_s": fixed, "processes": info.world_size, "accumulate": accumulate,
+                "fixed_batch_images_per_s": fixed, **unfused, "processes": info.world_size, "accumulate": accumulate,
                 "memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0}
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.fused_ops import average_blur
 from utils.torch_utils import fuse_conv_and_bn
 
 
@@ -77,7 +78,7 @@ class AConv(nn.Module):
         self.cv1 = Conv(c1, c2, 3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv1(F.avg_pool2d(x, 2, 1, 0, False, True))
+        return self.cv1(average_blur(x))
 
 
 class ADown(nn.Module):
@@ -90,7 +91,7 @@ class ADown(nn.Module):
         self.cv2 = Conv(c1 // 2, self.c, 1, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = F.avg_pool2d(x, 2, 1, 0, False, True).chunk(2, 1)
+        x1, x2 = average_blur(x).chunk(2, 1)
         return torch.cat((self.cv1(x1), self.cv2(F.max_pool2d(x2, 3, 2, 1))), 1)
 
 

@@ -14,7 +14,8 @@ default), and their straight-through gradient passes where ``|x| <= amax`` (zero
 ``amax`` gets none), compared in ``x``'s dtype when ``amax`` is a scalar tensor (PyTorch's type
 promotion). Every step above is one correctly rounded float32 operation in PyTorch too, so the
 same ops give bit-identical values and gradients on any device, with nothing to compile. Eager
-they cost a few kernel launches where the extension costs one; under ``torch.compile`` they fuse.
+on CUDA, models/fused_ops.py computes them in one Triton kernel with the same arithmetic (eight
+kernels over float32 copies otherwise); under ``torch.compile`` Inductor fuses the ops itself.
 
 Deployment agrees on the range: the exported QuantizeLinear (Model Optimizer's ``export_int8``:
 ``scale = amax / 127``, INT8 zero point) and TensorRT's IQuantizeLayer round ``x / scale`` half to
@@ -26,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch.onnx import symbolic_helper
 
+from models import fused_ops
+
 MAX_BOUND = 127.0  # the scale maps amax to 127; -128 is reached only below -amax
 DEAD_AMAX = 2.0 ** -24  # the extension's EPSILON: below it every value quantizes to 0
 
@@ -35,6 +38,13 @@ class _FakeQuantInt8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, amax_in: torch.Tensor, narrow_range: bool) -> torch.Tensor:
+        fused = fused_ops.fake_quant_int8(x, amax_in, narrow_range, ctx.needs_input_grad[0]) \
+            if fused_ops.usable(x) else None
+        if fused is not None:  # the same values and mask from one CUDA kernel (models/fused_ops.py)
+            y, inside = fused
+            if inside is not None:
+                ctx.save_for_backward(inside)
+            return y
         amax = amax_in.float()
         scale = torch.full_like(amax, MAX_BOUND).div_(amax)  # not 127.0 / amax: that is 127 * (1 / amax)
         # a scale of at least one dimension makes the product float32 whatever x's dtype, without a copy of x

@@ -20,7 +20,6 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 @contextlib.contextmanager
@@ -47,8 +46,9 @@ with _quiet_modelopt_import():  # models.quantize and models.quantize_rules take
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-from models.common import ADown, Concat, ELAN1, RepNBottleneck, RepNCSP, RepNCSPELAN4, SPPELAN, DFL
+from models.common import DFL, ELAN1, SPPELAN, ADown, Concat, RepNBottleneck, RepNCSP, RepNCSPELAN4
 from models.fake_quant import fake_quant_int8
+from models.fused_ops import average_blur
 from models.range_search import entropy_amax, mse_amax, percentile_amax
 
 CALIB_METHODS = ("max", "percentile", "mse", "entropy")
@@ -332,7 +332,7 @@ class QuantADown(_FromFloat, ADown):
         self.concat = QuantConcat.with_inputs(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = F.avg_pool2d(x, 2, 1, 0, False, True).chunk(2, 1)
+        x1, x2 = average_blur(x).chunk(2, 1)
         return self.concat([self.cv1(x1), self.cv2(self.pool(x2))])
 
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "patch_yolov9.sh"
 DATA = Path(__file__).resolve().parent / "data"
 # Imports that name neither the project nor an installable requirement: optional, or the stdlib.
-OPTIONAL_PACKAGES = {"tensorrt", "pycuda", "cuda", "faster_coco_eval"}
+# (triton comes with CUDA builds of torch; models/fused_ops.py runs without it)
+OPTIONAL_PACKAGES = {"tensorrt", "pycuda", "cuda", "faster_coco_eval", "triton"}
 # The upstream modules (and names, None = any name upstream defines) whose interface ours copies
 # exactly, so a copied file may use upstream's version of them. Everything else at an upstream path
 # (val.run, utils/dataloaders.py, utils/loss_tal.py, utils/metrics.py, models/experimental.py ...)

@@ -1,0 +1,102 @@
+"""The Triton source of ``models/fused_ops.py``'s kernels (imported only where Triton is installed).
+
+Each kernel reads its input once and writes its output once, computing in float32 in the order of
+the PyTorch kernels it replaces; bfloat16 results are rounded here, ties to even, so that the store
+is exact both on the GPU and in Triton's interpreter (which the CPU tests run).
+"""
+import triton
+import triton.language as tl
+
+from models.fake_quant import DEAD_AMAX as _DEAD_AMAX
+
+# float32 rounds x + 1.5 * 2**23 to an integer, half to even, for |x| <= 2**22: round(x) without libdevice
+# (which Triton's interpreter lacks); larger |x| are clamped to [-128, 127] afterwards anyway.
+ROUNDER: tl.constexpr = 12582912.0
+DEAD_AMAX: tl.constexpr = _DEAD_AMAX
+
+
+@triton.jit
+def bf16_round(v):
+    # v rounded to the nearest bfloat16, ties to even, kept in float32: casting it is then exact
+    # everywhere (Triton's interpreter truncates float32 -> bfloat16 casts; the GPU rounds)
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def fake_quant(x_ptr, amax_ptr, y_ptr, inside_ptr, n, per_channel_size, LOW: tl.constexpr,
+               PER_CHANNEL: tl.constexpr, SAVE_INSIDE: tl.constexpr, BF16: tl.constexpr,
+               BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    if PER_CHANNEL:
+        amax_in = tl.load(amax_ptr + offs // per_channel_size, mask=valid, other=1.0)
+    else:
+        amax_in = tl.load(amax_ptr + offs * 0)
+    amax = amax_in.to(tl.float32)
+    scale = tl.math.div_rn(tl.full([BLOCK], 127.0, tl.float32), amax)
+    v = x.to(tl.float32) * scale
+    q = (v + ROUNDER) - ROUNDER  # launched without FMA contraction, so v is rounded first
+    q = tl.where(q == 0.0, v * 0.0, q)  # round(-0.3) is -0.0, as in torch.round
+    q = tl.where(q < LOW, LOW, q)  # comparisons, not min/max: a NaN stays NaN as in torch.clamp
+    q = tl.where(q > 127.0, 127.0, q)
+    y = tl.where(amax < DEAD_AMAX, 0.0, tl.math.div_rn(q, scale))
+    if BF16:
+        y = bf16_round(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
+    if SAVE_INSIDE:
+        # PyTorch's promotion: a 0-d amax is compared in x's dtype, a per-channel one in its own (float32)
+        bound = amax_in.to(tl.float32)
+        if not PER_CHANNEL:
+            bound = bf16_round(bound) if BF16 else bound.to(x.dtype).to(tl.float32)
+        inside = tl.abs(x.to(tl.float32)) <= bound
+        tl.store(inside_ptr + offs, inside.to(tl.uint8), mask=valid)
+
+
+@triton.jit
+def blur(x_ptr, y_ptr, n, height, width, channels, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # y[b, h, w, c] = mean of x[b, h:h+2, w:w+2, c] on (B, H, W, C) memory, summed as avg_pool2d sums
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    c = offs % channels
+    rest = offs // channels
+    w = rest % (width - 1)
+    rest = rest // (width - 1)
+    h = rest % (height - 1)
+    b = rest // (height - 1)
+    top = ((b * height + h) * width + w) * channels + c
+    below = top + width * channels
+    total = tl.load(x_ptr + top, mask=valid, other=0.0).to(tl.float32)
+    total += tl.load(x_ptr + top + channels, mask=valid, other=0.0).to(tl.float32)
+    total += tl.load(x_ptr + below, mask=valid, other=0.0).to(tl.float32)
+    total += tl.load(x_ptr + below + channels, mask=valid, other=0.0).to(tl.float32)
+    mean = total * 0.25  # = total / 4, exactly
+    if BF16:
+        mean = bf16_round(mean)
+    tl.store(y_ptr + offs, mean.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def blur_grad(g_ptr, dx_ptr, n, height, width, channels, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # dx[b, h, w, c] = sum of g / 4 over the (up to four) windows holding (h, w), in avg_pool2d's order
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    c = offs % channels
+    rest = offs // channels
+    w = rest % width
+    rest = rest // width
+    h = rest % height
+    b = rest // height
+    total = tl.full([BLOCK], 0.0, tl.float32)
+    for dh in tl.static_range(2):
+        for dw in tl.static_range(2):
+            ph = h - 1 + dh
+            pw = w - 1 + dw
+            ok = valid & (ph >= 0) & (ph < height - 1) & (pw >= 0) & (pw < width - 1)
+            at = ((b * (height - 1) + ph) * (width - 1) + pw) * channels + c
+            total += tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32) * 0.25
+    if BF16:
+        total = bf16_round(total)
+    tl.store(dx_ptr + offs, total.to(dx_ptr.dtype.element_ty), mask=valid)

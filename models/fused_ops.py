@@ -1,0 +1,137 @@
+"""One-pass CUDA kernels (Triton) for the two ops an eager QAT step spends most of its GPU time on.
+
+The H200 profile of gelan-c (batch 16, 640 px, bf16; BENCHMARKS.md) put the INT8 fake quantization
+(``models/fake_quant.py``: eight PyTorch kernels over float32 copies of every quantized activation)
+at about a third of the QAT step's GPU time, and the 2x2 stride-1 average pool of ADown / AConv at
+~2 ms a call: PyTorch's channels-last ``avg_pool2d`` kernels are bound by index arithmetic. Here
+each is one kernel that reads its input once and writes its output once, with the same float32
+arithmetic in the same order, so the values (and gradients) are bit for bit those of the PyTorch
+ops they replace (tests/test_fused_ops.py runs both through Triton's interpreter on the CPU).
+
+The kernels are used on CUDA tensors in eager mode only: never while exporting (the graph keeps
+AveragePool and Q/DQ nodes), tracing or compiling (Inductor fuses the PyTorch ops itself), and not
+at all where Triton is missing or ``enabled(False)`` is in force (the benches time both ways).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK = 1024
+_state = {"enabled": True}
+
+
+@contextlib.contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """Use (or not) the fused kernels inside the block, e.g. to time a step both ways."""
+    before, _state["enabled"] = _state["enabled"], on
+    try:
+        yield
+    finally:
+        _state["enabled"] = before
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether ``x`` goes through a fused kernel here: CUDA, eager, a float dtype, dense layout."""
+    return (_state["enabled"] and x.is_cuda and x.dtype in DTYPES and x.numel() < 2 ** 31
+            and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and _triton_installed())
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _kernels():
+    """models.fused_kernels, imported on first use: Triton decides then whether to interpret them."""
+    from models import fused_kernels
+
+    return fused_kernels
+
+
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _grid(n: int) -> tuple[int]:
+    return ((n + BLOCK - 1) // BLOCK,)
+
+
+def fake_quant_int8(x: torch.Tensor, amax: torch.Tensor, narrow_range: bool, save_inside: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``models.fake_quant``'s forward in one kernel: (y, the straight-through mask or None), or
+    None where this layout / range shape has no kernel (the caller then uses the PyTorch ops).
+
+    ``amax`` is a 0-d tensor (per tensor) or one value per index of ``x``'s first dimension."""
+    per_channel = amax.dim() > 0
+    if not _dense(x) or amax.dtype not in DTYPES:
+        return None
+    if per_channel and (amax.numel() != x.shape[0] or amax.shape[0] != x.shape[0] or x.stride(0) * x.shape[0]
+                        != x.numel()):
+        return None
+    amax = amax.contiguous()
+    y = torch.empty_like(x)
+    inside = torch.empty_like(x, dtype=torch.uint8) if save_inside else y
+    n = x.numel()
+    if n:
+        _kernels().fake_quant[_grid(n)](x, amax, y, inside, n, max(n // x.shape[0], 1) if per_channel else 1,
+                                          LOW=-127.0 if narrow_range else -128.0, PER_CHANNEL=per_channel,
+                                          SAVE_INSIDE=save_inside, BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK,
+                                          enable_fp_fusion=False)
+    return y, (inside.view(torch.bool) if save_inside else None)
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels-last where ``x`` lies so (and only so), else NCHW."""
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def _bhwc(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """A (B, H, W, C) view of ``t`` laid out as ``fmt``: channels-last as it lies, NCHW as (N * C, H, W, 1)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1) if fmt == torch.channels_last else t.view(n * c, h, w, 1)
+
+
+class _Blur(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        ctx.fmt, ctx.shape = _layout(x), x.shape
+        y = torch.empty((n, c, h - 1, w - 1), dtype=x.dtype, device=x.device, memory_format=ctx.fmt)
+        src = _bhwc(x, ctx.fmt)
+        if y.numel():
+            _kernels().blur[_grid(y.numel())](src, _bhwc(y, ctx.fmt), y.numel(), h, w, src.shape[3],
+                                                BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous(memory_format=ctx.fmt)
+        dx = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.fmt)
+        dst = _bhwc(dx, ctx.fmt)
+        if dx.numel():
+            _kernels().blur_grad[_grid(dx.numel())](_bhwc(grad, ctx.fmt), dst, dx.numel(), ctx.shape[2],
+                                                      ctx.shape[3], dst.shape[3], BF16=dx.dtype == torch.bfloat16,
+                                                      BLOCK=BLOCK)
+        return dx
+
+
+def blur2x2(x: torch.Tensor) -> torch.Tensor | None:
+    """``F.avg_pool2d(x, 2, 1)`` (no padding) in one kernel each way, or None where there is none."""
+    if x.dim() != 4 or not _dense(x) or x.shape[2] < 2 or x.shape[3] < 2:
+        return None
+    return _Blur.apply(x)
+
+
+def average_blur(x: torch.Tensor) -> torch.Tensor:
+    """ADown's and AConv's 2x2 stride-1 average pool: the fused kernel where ``usable``, else PyTorch's."""
+    y = blur2x2(x) if usable(x) else None
+    return F.avg_pool2d(x, 2, 1, 0, False, True) if y is None else y

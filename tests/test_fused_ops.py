@@ -1,0 +1,117 @@
+"""The fused kernels give the PyTorch ops' values and gradients bit for bit.
+
+Run through Triton's interpreter on the CPU (no GPU here or in CI); the GPU bench
+(``bench/bench_qat_step.py``) checks the compiled kernels on the device the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="Triton is not installed (the fused kernels are CUDA-only extras)")
+
+from models import fused_kernels, fused_ops  # noqa: E402
+from models.fake_quant import _FakeQuantInt8  # noqa: E402
+
+# the interpreter computes with numpy, which warns about the inf arithmetic these tests feed it on purpose
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted():
+    """The kernels rebuilt under Triton's interpreter for this module, and forgotten afterwards."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    importlib.reload(fused_kernels)
+    yield
+    if before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+    importlib.reload(fused_kernels)
+
+
+def reference(x: torch.Tensor, amax: torch.Tensor, narrow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch ops' forward and mask (the path every non-CUDA tensor takes)."""
+    x = x.detach().requires_grad_()
+    y = _FakeQuantInt8.apply(x, amax, narrow)
+    y.backward(torch.ones_like(y))
+    return y.detach(), x.grad != 0
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def activations(dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7) * 3
+    x.view(-1)[:8] = torch.tensor([-0.3, 0.3, -0.0, 2.5, -2.5, 1e9, float("inf"), float("-inf")]) / 30
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("channels_last", (False, True))
+@pytest.mark.parametrize("narrow", (False, True))
+def test_fake_quant_per_tensor_matches_the_pytorch_ops(dtype, channels_last, narrow):
+    x = activations(dtype, channels_last)
+    for amax in (torch.tensor(2.7), torch.tensor(0.05), torch.tensor(1e-30)):  # the last: a dead range
+        y, inside = fused_ops.fake_quant_int8(x, amax, narrow, save_inside=True)
+        want_y, want_inside = reference(x, amax, narrow)
+        assert y.dtype == dtype and y.stride() == x.stride()
+        assert torch.equal(bits(y), bits(want_y))  # signed zeros and NaNs too
+        assert torch.equal(inside, want_inside | (x == 0)) and torch.equal(inside, x.abs() <= amax)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_fake_quant_per_channel_matches_the_pytorch_ops(dtype):
+    torch.manual_seed(1)
+    w = (torch.randn(8, 4, 3, 3) * torch.logspace(-3, 1, 8).view(8, 1, 1, 1)).to(dtype)
+    amax = w.float().abs().amax(dim=(1, 2, 3), keepdim=True) * 0.8
+    amax[3] = 0.0  # a dead channel quantizes to zero
+    for weights in (w, w.contiguous(memory_format=torch.channels_last)):
+        y, inside = fused_ops.fake_quant_int8(weights, amax, False, save_inside=True)
+        want_y, _ = reference(weights, amax, False)
+        assert torch.equal(bits(y), bits(want_y)) and torch.equal(inside, weights.abs() <= amax)
+
+
+def test_fake_quant_declines_what_it_has_no_kernel_for():
+    x = torch.randn(2, 8, 4, 4)
+    assert fused_ops.fake_quant_int8(x[:, ::2], torch.tensor(1.0), False, True) is None  # not dense
+    assert fused_ops.fake_quant_int8(x, torch.ones(8, 1, 1, 1), False, True) is None  # range per dim 1
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("shape", ((2, 6, 5, 7), (1, 3, 2, 2), (1, 1, 9, 4)))
+@pytest.mark.parametrize("channels_last", (False, True))
+def test_blur_matches_avg_pool2d_both_ways(dtype, shape, channels_last):
+    torch.manual_seed(2)
+    x = torch.randn(shape).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    grad = torch.randn(shape[0], shape[1], shape[2] - 1, shape[3] - 1).to(dtype)
+    a, b = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    y = fused_ops.blur2x2(a)
+    want = F.avg_pool2d(b, 2, 1, 0, False, True)
+    assert torch.equal(y, want) and y.is_contiguous(memory_format=fused_ops._layout(x))
+    y.backward(grad)
+    # reference gradient summed in float32, as the CUDA kernel sums (the CPU's bf16 kernel rounds each add)
+    b32 = x.detach().float().requires_grad_()
+    F.avg_pool2d(b32, 2, 1, 0, False, True).backward(grad.float())
+    assert torch.equal(a.grad, b32.grad.to(dtype))
+
+
+def test_blur_declines_inputs_without_a_window():
+    assert fused_ops.blur2x2(torch.randn(1, 2, 1, 5)) is None
+    assert fused_ops.blur2x2(torch.randn(2, 5, 5)) is None
+
+
+def test_usable_only_for_eager_cuda_tensors():
+    assert not fused_ops.usable(torch.randn(2, 2))  # a CPU tensor
+    with fused_ops.enabled(False):
+        assert not fused_ops._state["enabled"]
+    assert fused_ops._state["enabled"]
