@@ -11,8 +11,8 @@ from models.fake_quant import DEAD_AMAX as _DEAD_AMAX
 
 # float32 rounds x + 1.5 * 2**23 to an integer, half to even, for |x| <= 2**22: round(x) without libdevice
 # (which Triton's interpreter lacks); larger |x| are clamped to [-128, 127] afterwards anyway.
-ROUNDER: tl.constexpr = 12582912.0
-DEAD_AMAX: tl.constexpr = _DEAD_AMAX
+ROUNDER = tl.constexpr(12582912.0)
+DEAD_AMAX = tl.constexpr(_DEAD_AMAX)
 
 
 @triton.jit
