@@ -10,7 +10,8 @@ ops they replace (tests/test_fused_ops.py runs both through Triton's interpreter
 
 The kernels are used on CUDA tensors in eager mode only: never while exporting (the graph keeps
 AveragePool and Q/DQ nodes), tracing or compiling (Inductor fuses the PyTorch ops itself), and not
-at all where Triton is missing or ``enabled(False)`` is in force (the benches time both ways).
+at all where Triton is missing, cannot build them (no C compiler, an older GPU: one warning, then
+the PyTorch ops) or ``enabled(False)`` is in force (the benches time both ways).
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from utils.logs import LOGGER
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024
-_state = {"enabled": True}
+_state = {"enabled": True, "failed": ""}
 
 
 @contextlib.contextmanager
@@ -41,7 +44,7 @@ def usable(x: torch.Tensor) -> bool:
     """Whether ``x`` goes through a fused kernel here: CUDA, eager, a float dtype, dense layout."""
     return (_state["enabled"] and x.is_cuda and x.dtype in DTYPES and x.numel() < 2 ** 31
             and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and _triton_installed())
+            and not torch.compiler.is_compiling() and not _state["failed"] and _triton_installed())
 
 
 @functools.cache
@@ -60,8 +63,18 @@ def _dense(x: torch.Tensor) -> bool:
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def _grid(n: int) -> tuple[int]:
-    return ((n + BLOCK - 1) // BLOCK,)
+def _launch(kernel: str, n: int, *args, **meta) -> bool:
+    """Run ``kernel`` over ``n`` elements; False (and the PyTorch ops from then on) if Triton cannot
+    build it here, e.g. without a C compiler or on a GPU older than Triton supports."""
+    if not n:
+        return True
+    try:
+        getattr(_kernels(), kernel)[((n + BLOCK - 1) // BLOCK,)](*args, BLOCK=BLOCK, **meta)
+    except Exception as exc:  # Triton's build errors have no common base class
+        _state["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        LOGGER.warning(f"fused CUDA kernels unavailable ({_state['failed']}); using PyTorch's ops instead")
+        return False
+    return True
 
 
 def fake_quant_int8(x: torch.Tensor, amax: torch.Tensor, narrow_range: bool, save_inside: bool
@@ -80,11 +93,10 @@ def fake_quant_int8(x: torch.Tensor, amax: torch.Tensor, narrow_range: bool, sav
     y = torch.empty_like(x)
     inside = torch.empty_like(x, dtype=torch.uint8) if save_inside else y
     n = x.numel()
-    if n:
-        _kernels().fake_quant[_grid(n)](x, amax, y, inside, n, max(n // x.shape[0], 1) if per_channel else 1,
-                                          LOW=-127.0 if narrow_range else -128.0, PER_CHANNEL=per_channel,
-                                          SAVE_INSIDE=save_inside, BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK,
-                                          enable_fp_fusion=False)
+    if not _launch("fake_quant", n, x, amax, y, inside, n, max(n // x.shape[0], 1) if per_channel else 1,
+                   LOW=-127.0 if narrow_range else -128.0, PER_CHANNEL=per_channel, SAVE_INSIDE=save_inside,
+                   BF16=x.dtype == torch.bfloat16, enable_fp_fusion=False):
+        return None
     return y, (inside.view(torch.bool) if save_inside else None)
 
 
@@ -107,9 +119,9 @@ class _Blur(torch.autograd.Function):
         ctx.fmt, ctx.shape = _layout(x), x.shape
         y = torch.empty((n, c, h - 1, w - 1), dtype=x.dtype, device=x.device, memory_format=ctx.fmt)
         src = _bhwc(x, ctx.fmt)
-        if y.numel():
-            _kernels().blur[_grid(y.numel())](src, _bhwc(y, ctx.fmt), y.numel(), h, w, src.shape[3],
-                                                BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK)
+        if not _launch("blur", y.numel(), src, _bhwc(y, ctx.fmt), y.numel(), h, w, src.shape[3],
+                       BF16=x.dtype == torch.bfloat16):
+            return F.avg_pool2d(x, 2, 1, 0, False, True)
         return y
 
     @staticmethod
@@ -117,10 +129,9 @@ class _Blur(torch.autograd.Function):
         grad = grad.contiguous(memory_format=ctx.fmt)
         dx = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.fmt)
         dst = _bhwc(dx, ctx.fmt)
-        if dx.numel():
-            _kernels().blur_grad[_grid(dx.numel())](_bhwc(grad, ctx.fmt), dst, dx.numel(), ctx.shape[2],
-                                                      ctx.shape[3], dst.shape[3], BF16=dx.dtype == torch.bfloat16,
-                                                      BLOCK=BLOCK)
+        if not _launch("blur_grad", dx.numel(), _bhwc(grad, ctx.fmt), dst, dx.numel(), ctx.shape[2], ctx.shape[3],
+                       dst.shape[3], BF16=dx.dtype == torch.bfloat16):
+            return torch.ops.aten.avg_pool2d_backward(grad, dx, [2, 2], [1, 1], [0, 0], False, True, None)
         return dx
 
 

@@ -115,3 +115,22 @@ def test_usable_only_for_eager_cuda_tensors():
     with fused_ops.enabled(False):
         assert not fused_ops._state["enabled"]
     assert fused_ops._state["enabled"]
+
+
+def test_a_kernel_triton_cannot_build_falls_back_to_the_pytorch_ops(monkeypatch, caplog):
+    class Unbuildable:
+        def __getitem__(self, grid):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(fused_ops, "_kernels", lambda: type("K", (), dict.fromkeys(
+        ("fake_quant", "blur", "blur_grad"), Unbuildable()))())
+    monkeypatch.setitem(fused_ops._state, "failed", "")
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    assert fused_ops.fake_quant_int8(x.detach(), torch.tensor(1.0), False, True) is None
+    assert "C compiler" in fused_ops._state["failed"] and "using PyTorch's ops" in caplog.text
+    y = fused_ops.blur2x2(x)  # the forward and backward fall back inside the autograd function
+    y.backward(torch.ones_like(y))
+    ref = x.detach().requires_grad_()
+    F.avg_pool2d(ref, 2, 1, 0, False, True).backward(torch.ones_like(y))
+    assert torch.equal(y, F.avg_pool2d(x.detach(), 2, 1, 0, False, True)) and torch.equal(x.grad, ref.grad)
+    assert not fused_ops.usable(x)
