@@ -25,6 +25,16 @@ def bf16_round(v):
 
 
 @triton.jit
+def split_bhwc(offs, height, width, channels):
+    # (b, h, w, c) of flat offsets into a contiguous (B, height, width, channels) array
+    c = offs % channels
+    rest = offs // channels
+    w = rest % width
+    rest = rest // width
+    return rest // height, rest % height, w, c
+
+
+@triton.jit
 def fake_quant(x_ptr, amax_ptr, y_ptr, inside_ptr, n, per_channel_size, LOW: tl.constexpr,
                PER_CHANNEL: tl.constexpr, SAVE_INSIDE: tl.constexpr, BF16: tl.constexpr,
                BLOCK: tl.constexpr):
@@ -60,12 +70,7 @@ def blur(x_ptr, y_ptr, n, height, width, channels, BF16: tl.constexpr, BLOCK: tl
     # y[b, h, w, c] = mean of x[b, h:h+2, w:w+2, c] on (B, H, W, C) memory, summed as avg_pool2d sums
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    c = offs % channels
-    rest = offs // channels
-    w = rest % (width - 1)
-    rest = rest // (width - 1)
-    h = rest % (height - 1)
-    b = rest // (height - 1)
+    b, h, w, c = split_bhwc(offs, height - 1, width - 1, channels)
     top = ((b * height + h) * width + w) * channels + c
     below = top + width * channels
     total = tl.load(x_ptr + top, mask=valid, other=0.0).to(tl.float32)
@@ -83,12 +88,7 @@ def blur_grad(g_ptr, dx_ptr, n, height, width, channels, BF16: tl.constexpr, BLO
     # dx[b, h, w, c] = sum of g / 4 over the (up to four) windows holding (h, w), in avg_pool2d's order
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    c = offs % channels
-    rest = offs // channels
-    w = rest % width
-    rest = rest // width
-    h = rest % height
-    b = rest // height
+    b, h, w, c = split_bhwc(offs, height, width, channels)
     total = tl.full([BLOCK], 0.0, tl.float32)
     for dh in tl.static_range(2):
         for dw in tl.static_range(2):
