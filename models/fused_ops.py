@@ -68,8 +68,10 @@ def _launch(kernel: str, n: int, *args, **meta) -> bool:
     build it here, e.g. without a C compiler or on a GPU older than Triton supports."""
     if not n:
         return True
+    device = args[0].device  # Triton launches on the current CUDA device: make it the tensors' one
     try:
-        getattr(_kernels(), kernel)[((n + BLOCK - 1) // BLOCK,)](*args, BLOCK=BLOCK, **meta)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            getattr(_kernels(), kernel)[((n + BLOCK - 1) // BLOCK,)](*args, BLOCK=BLOCK, **meta)
     except Exception as exc:  # Triton's build errors have no common base class
         _state["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         LOGGER.warning(f"fused CUDA kernels unavailable ({_state['failed']}); using PyTorch's ops instead")
