@@ -158,7 +158,25 @@ def fused_mismatches(device: torch.device) -> dict:
             out[f"fake_quant_per_tensor_{tag}"] = both(lambda t: fake_quant_int8(t, amax_t), x)
             out[f"fake_quant_per_channel_{tag}"] = both(lambda t: fake_quant_int8(t, amax_c), x)
             out[f"average_blur_{tag}"] = both(fused_ops.average_blur, x)
+            out[f"distillation_max_relative_difference_{tag}"] = distillation_difference(x)
     return out
+
+
+def distillation_difference(t: torch.Tensor) -> float:
+    """Largest relative difference, value or gradient, between the fused distillation error and the
+    PyTorch ops' (its sums are taken in another order, so float32 rounding is expected)."""
+    from models import fused_ops
+
+    s = (t.float() + 0.1 * torch.randn_like(t, dtype=torch.float32)).to(t.dtype)
+    results = []
+    for fused in (True, False):
+        leaf = s.detach().clone().requires_grad_()
+        with fused_ops.enabled(fused):
+            error = fused_ops.mean_squared_error(leaf, t) if fused else torch.sub(leaf, t.float()).square().mean()
+            error.backward()
+        results.append((error.detach(), leaf.grad.float()))
+    (e1, g1), (e2, g2) = results
+    return max(float((e1 - e2).abs() / e2.abs()), float((g1 - g2).abs().max() / g2.abs().max()))
 
 
 def main(argv=None) -> dict:

@@ -1,8 +1,9 @@
 """The Triton source of ``models/fused_ops.py``'s kernels (imported only where Triton is installed).
 
-Each kernel reads its input once and writes its output once, computing in float32 in the order of
-the PyTorch kernels it replaces; bfloat16 results are rounded here, ties to even, so that the store
-is exact both on the GPU and in Triton's interpreter (which the CPU tests run).
+Each kernel reads its input once and writes its output once, computing in float32 (the
+elementwise ones in the order of the PyTorch kernels they replace, so bit for bit; the sums of the
+distillation error in blocks, so to float32 rounding); bfloat16 results are rounded here, ties to
+even, so that the store is exact both on the GPU and in Triton's interpreter (which the CPU tests run).
 """
 import triton
 import triton.language as tl
@@ -100,3 +101,28 @@ def blur_grad(g_ptr, dx_ptr, n, height, width, channels, BF16: tl.constexpr, BLO
     if BF16:
         total = bf16_round(total)
     tl.store(dx_ptr + offs, total.to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def sum_squares(a_ptr, b_ptr, partial_ptr, n, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    # partial[block] = sum over the block of (a - b)^2 (or a^2) in float32: the distillation's
+    # feature error and the teacher's energy without float32 copies of either feature
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    d = tl.load(a_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_B:
+        d = d - tl.load(b_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def squared_error_grad(s_ptr, t_ptr, factor_ptr, ds_ptr, n, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # ds = factor * (s - t), factor = upstream gradient * 2 / n: the gradient of mean((s - t)^2)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    d = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    d = d - tl.load(t_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    ds = d * tl.load(factor_ptr + offs * 0).to(tl.float32)
+    if BF16:
+        ds = bf16_round(ds)
+    tl.store(ds_ptr + offs, ds.to(ds_ptr.dtype.element_ty), mask=valid)

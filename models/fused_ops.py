@@ -1,12 +1,14 @@
-"""One-pass CUDA kernels (Triton) for the two ops an eager QAT step spends most of its GPU time on.
+"""One-pass CUDA kernels (Triton) for the ops an eager QAT step spends most of its GPU time on.
 
 The H200 profile of gelan-c (batch 16, 640 px, bf16; BENCHMARKS.md) put the INT8 fake quantization
 (``models/fake_quant.py``: eight PyTorch kernels over float32 copies of every quantized activation)
-at about a third of the QAT step's GPU time, and the 2x2 stride-1 average pool of ADown / AConv at
-~2 ms a call: PyTorch's channels-last ``avg_pool2d`` kernels are bound by index arithmetic. Here
-each is one kernel that reads its input once and writes its output once, with the same float32
-arithmetic in the same order, so the values (and gradients) are bit for bit those of the PyTorch
-ops they replace (tests/test_fused_ops.py runs both through Triton's interpreter on the CPU).
+at about a third of the QAT step's GPU time, the feature distillation (float32 copies, squares and
+means of every supervised layer's outputs) at ~25 ms a step, and the 2x2 stride-1 average pool of
+ADown / AConv at ~2 ms a call: PyTorch's channels-last ``avg_pool2d`` kernels are bound by index
+arithmetic. Here each is one kernel each way that reads its inputs once. Fake quantization and the
+blur keep the float32 arithmetic and its order, so their values and gradients are bit for bit
+those of the PyTorch ops they replace; the distillation's sums are taken in blocks, so they agree
+to float32 rounding (tests/test_fused_ops.py runs all of them through Triton's interpreter).
 
 The kernels are used on CUDA tensors in eager mode only: never while exporting (the graph keeps
 AveragePool and Q/DQ nodes), tracing or compiling (Inductor fuses the PyTorch ops itself), and not
@@ -148,3 +150,53 @@ def average_blur(x: torch.Tensor) -> torch.Tensor:
     """ADown's and AConv's 2x2 stride-1 average pool: the fused kernel where ``usable``, else PyTorch's."""
     y = blur2x2(x) if usable(x) else None
     return F.avg_pool2d(x, 2, 1, 0, False, True) if y is None else y
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride() and _dense(a) and a.device == b.device
+
+
+def _sum_squares(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """sum((a - b)^2), or sum(a^2), in float32 from one pass over the features; None if not launched."""
+    n = a.numel()
+    partial = torch.empty(max((n + BLOCK - 1) // BLOCK, 1), dtype=torch.float32, device=a.device).zero_()
+    if not _launch("sum_squares", n, a, a if b is None else b, partial, n, HAS_B=b is not None):
+        return None
+    return partial.sum()
+
+
+class _MeanSquaredError(torch.autograd.Function):
+    """mean((s - t)^2) in float32 with the gradient for ``s`` only (``t`` is the frozen teacher's)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(s, t)
+        total = _sum_squares(s, t)
+        if total is None:
+            total = torch.sub(s.float(), t.float()).square().sum()
+        return total / max(s.numel(), 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s, t = ctx.saved_tensors
+        factor = (grad.float() * (2.0 / max(s.numel(), 1))).reshape(1)
+        ds = torch.empty_like(s)
+        if not _launch("squared_error_grad", s.numel(), s, t, factor, ds, s.numel(), BF16=s.dtype == torch.bfloat16):
+            ds = (factor * (s.float() - t.float())).to(s.dtype)
+        return ds, None
+
+
+def mean_square(t: torch.Tensor) -> torch.Tensor | None:
+    """mean(t^2) in float32 (no gradient) from one kernel, or None where ``usable`` says no."""
+    if not (usable(t) and _dense(t)):
+        return None
+    total = _sum_squares(t, None)
+    return None if total is None else total / max(t.numel(), 1)
+
+
+def mean_squared_error(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """mean((s - t)^2) in float32, differentiable in ``s``, from one kernel each way; None where
+    there is none (the features must lie alike: same shape, strides and device)."""
+    if not (usable(s) and t.dtype in DTYPES and _same_layout(s, t)):
+        return None
+    return _MeanSquaredError.apply(s, t.detach())

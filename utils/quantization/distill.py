@@ -17,6 +17,7 @@ from copy import deepcopy
 import torch
 import torch.nn as nn
 
+from models import fused_ops
 from models.quantize_rules import flat_tensors
 from utils.torch_utils import de_parallel
 from utils.training.acceleration import channels_last, maybe_compile, memory_format
@@ -37,14 +38,21 @@ def relative_error(student: torch.Tensor, teacher: torch.Tensor, eps: float = EP
 
 
 def _reference(teacher: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a student feature is compared with: the teacher's feature in float32 and its energy (+ eps)."""
+    """What a student feature is compared with: the teacher's feature and its energy (+ eps), in
+    float32 (a CUDA feature stays as it is: models/fused_ops.py reads it in float32 where it is used)."""
+    energy = fused_ops.mean_square(teacher)
+    if energy is not None:
+        return teacher, energy + eps
     t = teacher.float()
     return t, t.square().mean() + eps
 
 
 def _relative_error(student: torch.Tensor, teacher: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    fused = fused_ops.mean_squared_error(student, teacher)
+    if fused is not None:
+        return fused / energy
     # one kernel for student.float() - teacher: the subtraction promotes bf16 exactly
-    return torch.sub(student, teacher).square().mean() / energy
+    return torch.sub(student, teacher.float()).square().mean() / energy
 
 
 def _mean_relative_error(students: list[torch.Tensor], references: list[tuple[torch.Tensor, torch.Tensor]]):
