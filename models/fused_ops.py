@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 from typing import Iterator
 
 import torch
@@ -29,7 +30,8 @@ from utils.logs import LOGGER
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024
-_state = {"enabled": True, "failed": ""}
+# YOLOV9_FUSED_KERNELS=0 keeps the PyTorch ops everywhere (to rule the kernels out when chasing a problem)
+_state = {"enabled": os.environ.get("YOLOV9_FUSED_KERNELS", "1") != "0", "failed": ""}
 
 
 @contextlib.contextmanager
@@ -159,7 +161,8 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _sum_squares(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
     """sum((a - b)^2), or sum(a^2), in float32 from one pass over the features; None if not launched."""
     n = a.numel()
-    partial = torch.empty(max((n + BLOCK - 1) // BLOCK, 1), dtype=torch.float32, device=a.device).zero_()
+    partial = torch.zeros(1, device=a.device) if not n else \
+        torch.empty((n + BLOCK - 1) // BLOCK, dtype=torch.float32, device=a.device)  # one sum per block
     if not _launch("sum_squares", n, a, a if b is None else b, partial, n, HAS_B=b is not None):
         return None
     return partial.sum()
