@@ -149,7 +149,8 @@ def save_checkpoint(obj: dict, path: str | Path) -> Path:
 def link_checkpoint(source: Path, path: Path) -> Path:
     """``path`` made a second name of the finished file ``source`` (a copy where the file system has
     no hard links), atomically as ``save_checkpoint``: best.pt costs no second write of the same bytes.
-    A later ``save_checkpoint`` to either name replaces that name alone."""
+    A later ``save_checkpoint`` to either name replaces that name alone; a write into the file itself
+    (``torch.save(obj, path)``) would change both names."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.link.tmp"
     tmp.unlink(missing_ok=True)
     try:
