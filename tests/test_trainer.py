@@ -132,6 +132,8 @@ def test_checkpoints_only_where_needed_without_save_every_epoch(data_yaml, tmp_p
     for name in ("last.pt", "best.pt"):
         ckpt = load_checkpoint(run / "weights" / name)
         assert ckpt["epoch"] == -1 and ckpt["optimizer"] is None  # finished as usual
+    # best.pt was a link to last.pt while the run went on; the finished run leaves two files
+    assert (run / "weights" / "last.pt").stat().st_ino != (run / "weights" / "best.pt").stat().st_ino
 
 
 def test_unknown_option_is_a_user_error():
