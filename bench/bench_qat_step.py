@@ -124,11 +124,28 @@ def compiled_fake_quant_mismatches(device: torch.device, backend: str | None) ->
     return out
 
 
+def _both_ways(fn, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(output, gradient of ``x``) of ``fn`` with the fused kernels, then without them."""
+    from models import fused_ops
+
+    results = []
+    for fused in (True, False):
+        leaf = x.detach().clone().requires_grad_()
+        with fused_ops.enabled(fused):
+            y = fn(leaf)
+            y.backward(torch.ones_like(y) * 0.37)
+        results.append((y.detach(), leaf.grad))
+    return results
+
+
 def fused_mismatches(device: torch.device) -> dict:
     """Elements where the fused kernels differ from the PyTorch ops they replace (values, gradients),
-    per op, dtype and layout; the kernels are used on CUDA only, so on a CPU there is nothing to check."""
+    per op, dtype and layout, and the distillation error's largest relative difference (its sums are
+    taken in another order, so float32 rounding is expected); the kernels are used on CUDA only, so
+    on a CPU there is nothing to check."""
     from models import fused_ops
     from models.fake_quant import fake_quant_int8
+    from utils.quantization.distill import relative_error
 
     if device.type != "cuda" or not fused_ops.usable(torch.zeros(1, device=device)):
         return {}
@@ -138,16 +155,13 @@ def fused_mismatches(device: torch.device) -> dict:
     def bits(t: torch.Tensor) -> torch.Tensor:  # -0.0 and 0.0 differ, NaNs compare
         return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
 
-    def both(fn, x):
-        results = []
-        for fused in (True, False):
-            leaf = x.detach().clone().requires_grad_()
-            with fused_ops.enabled(fused):
-                y = fn(leaf)
-                y.backward(torch.ones_like(y) * 0.37)
-            results.append((y.detach(), leaf.grad))
-        (y1, g1), (y2, g2) = results
+    def differing(fn, x) -> int:
+        (y1, g1), (y2, g2) = _both_ways(fn, x)
         return int((bits(y1) != bits(y2)).sum() + (bits(g1) != bits(g2)).sum())
+
+    def relative_difference(fn, x) -> float:
+        (y1, g1), (y2, g2) = _both_ways(fn, x)
+        return max(float((y1 - y2).abs() / y2.abs()), float((g1.float() - g2.float()).abs().max() / g2.abs().max()))
 
     for dtype in (torch.float32, torch.bfloat16):
         for layout in (torch.contiguous_format, torch.channels_last):
@@ -155,28 +169,14 @@ def fused_mismatches(device: torch.device) -> dict:
             tag = f"{str(dtype).split('.')[-1]}_{'nhwc' if layout == torch.channels_last else 'nchw'}"
             amax_t = x.float().abs().amax().detach() * 0.7
             amax_c = x.float().abs().amax(dim=(1, 2, 3), keepdim=True).detach() * 0.7
-            out[f"fake_quant_per_tensor_{tag}"] = both(lambda t: fake_quant_int8(t, amax_t), x)
-            out[f"fake_quant_per_channel_{tag}"] = both(lambda t: fake_quant_int8(t, amax_c), x)
-            out[f"average_blur_{tag}"] = both(fused_ops.average_blur, x)
-            out[f"distillation_max_relative_difference_{tag}"] = distillation_difference(x)
+            out[f"fake_quant_per_tensor_{tag}"] = differing(lambda t: fake_quant_int8(t, amax_t), x)
+            out[f"fake_quant_per_channel_{tag}"] = differing(lambda t: fake_quant_int8(t, amax_c), x)
+            out[f"average_blur_{tag}"] = differing(fused_ops.average_blur, x)
+            teacher = (x.float() + 0.1 * torch.randn(x.shape, generator=g).to(device)).to(dtype)
+            teacher = teacher.contiguous(memory_format=layout)
+            out[f"distillation_max_relative_difference_{tag}"] = relative_difference(
+                lambda s: relative_error(s, teacher), x)
     return out
-
-
-def distillation_difference(t: torch.Tensor) -> float:
-    """Largest relative difference, value or gradient, between the fused distillation error and the
-    PyTorch ops' (its sums are taken in another order, so float32 rounding is expected)."""
-    from models import fused_ops
-
-    s = (t.float() + 0.1 * torch.randn_like(t, dtype=torch.float32)).to(t.dtype)
-    results = []
-    for fused in (True, False):
-        leaf = s.detach().clone().requires_grad_()
-        with fused_ops.enabled(fused):
-            error = fused_ops.mean_squared_error(leaf, t) if fused else torch.sub(leaf, t.float()).square().mean()
-            error.backward()
-        results.append((error.detach(), leaf.grad.float()))
-    (e1, g1), (e2, g2) = results
-    return max(float((e1 - e2).abs() / e2.abs()), float((g1 - g2).abs().max() / g2.abs().max()))
 
 
 def main(argv=None) -> dict:
