@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
         report = json.loads((run / "report.json").read_text())
         best_file = run / "weights" / "qat_best.pt"
         if not best_file.is_file():
-            raise RuntimeError(f"{run}: the run wrote no qat_best.pt (no QAT epoch improved on nothing?)")
+            raise RuntimeError(f"{run}: the run wrote no qat_best.pt")
         to_best = best_file.stat().st_mtime - started
         built = extension_built(tmp / "caches" / "torch_extensions_dir")
         startup = to_best - report["seconds_to_qat_best"]

@@ -22,6 +22,7 @@ from utils.data.config import load_data_config, load_hyp
 from utils.data.synthetic import make_shapes_dataset
 from utils.loss_tal import build_loss
 from utils.paths import ROOT
+from utils.quantization import pipeline
 from utils.quantization.checkpoint import load_quantized
 from utils.quantization.distill import FeatureDistillation, relative_error, supervised_layers
 from utils.quantization.pipeline import make_loader
@@ -119,7 +120,9 @@ def test_quantize_then_eval_and_resume(shapes, tmp_path):
     assert all((w / f).is_file() for f in ("ptq.pt", "qat_last.pt", "qat_best.pt"))
     report = json.loads((run / "report.json").read_text())
     md = (run / "report.md").read_text()
-    assert "| Origin |" in md and "| PTQ (max) |" in md and f"| QAT (best, epoch {report['qat_best']['epoch']}) |" in md
+    # an untrained model scores 0 every epoch: none beats the start, which stays the best (epoch 0)
+    assert "| Origin |" in md and "| PTQ (max) |" in md and "| QAT (best: the PTQ model, no epoch beat it) |" in md
+    assert report["qat_best"]["epoch"] == 0
     assert report["skip_layers"] == [22] and [e["epoch"] for e in report["epochs"]] == [1, 2]
     assert report["reported_on"] == "val"  # the shapes yaml's test split is its val folder: nothing apart
     assert report["seconds_to_qat_best"] > 0 and report["seconds"]["ptq"] > 0 and "## Time" in md
@@ -177,10 +180,11 @@ def test_choices_on_val_rows_on_test_with_intervals_and_a_control(shapes, tmp_pa
     report = json.loads((run / "report.json").read_text())
     assert (report["selected_on"], report["reported_on"], report["reported"]["images"]) == ("val", "test", 8)
 
-    # the best epochs are chosen on val ...
-    for phase, history in (("qat_best", "epochs"), ("control_best", "control_epochs")):
+    # the best epochs are chosen on val, the model each fine-tune started from being its epoch 0 ...
+    for phase, start, history in (("qat_best", "ptq", "epochs"), ("control_best", "origin", "control_epochs")):
         assert [e["epoch"] for e in report[history]] == [1, 2]
-        best = max(report[history], key=lambda e: e["map50_95"])  # the first of equals, as the run keeps it
+        candidates = [{**report[start], "epoch": 0}, *report[history]]
+        best = max(candidates, key=lambda e: e["map50_95"])  # the first of equals, as the run keeps it
         assert report[phase]["epoch"] == best["epoch"] and report[phase]["map50_95"] == best["map50_95"]
     # ... and every row is the chosen model evaluated on test
     reported = report["reported"]
@@ -189,7 +193,7 @@ def test_choices_on_val_rows_on_test_with_intervals_and_a_control(shapes, tmp_pa
     assert reported["origin"]["map50_95"] > 0 and reported["qat_best"]["epoch"] == report["qat_best"]["epoch"]
 
     # the control: the FP32 model fine-tuned by the same recipe, no quantizers, no teacher
-    control = load_checkpoint(w / "control_best.pt")["model"]
+    control = load_checkpoint(w / "control_last.pt")["model"]
     assert not any(isinstance(m, TensorQuantizer) for m in control.modules())
     fp = attempt_load(weights, fuse=True).float()
     assert any(not torch.equal(a, b) for a, b in zip(control.state_dict().values(), fp.state_dict().values()))
@@ -208,7 +212,44 @@ def test_choices_on_val_rows_on_test_with_intervals_and_a_control(shapes, tmp_pa
         report["intervals"]["ptq_minus_origin"]["map50_95"]["ci95_high"]  # quantization moved mAP: a real spread
     md = (run / "report.md").read_text()
     assert "chosen on the **val** split, reported on the **test** split (8 images)" in md
-    assert "QAT - control" in md and "| Control (best, epoch" in md
+    assert "QAT - control" in md and "| Control (best" in md
+
+
+def _wrecking(train_one_epoch):
+    """The training engine, each epoch ending with every weight zeroed: a fine-tune that only hurts."""
+    def wrapped(model, *args, **kwargs):
+        stats = train_one_epoch(model, *args, **kwargs)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("weight"):
+                    p.zero_()
+        return stats
+    return wrapped
+
+
+def test_a_fine_tune_that_only_hurts_hands_back_its_start(tmp_path, monkeypatch):
+    """When no epoch beats the model the fine-tune started from, qat_best.pt is the PTQ model and
+    control_best.pt the FP32 one, the rows are theirs and the report says so."""
+    weights = save_float_checkpoint(lively_head(tiny_model()), tmp_path / "lively.pt")
+    data = _labelled_by(weights, tmp_path)
+    monkeypatch.setattr(pipeline, "train_one_epoch", _wrecking(pipeline.train_one_epoch))
+    run, weights = _quantize(data, tmp_path, "--epochs", "2", "--control", model=attempt_load(weights))
+    w = run / "weights"
+    report = json.loads((run / "report.json").read_text())
+    assert report["ptq"]["map50_95"] > 0 and report["origin"]["map50_95"] > 0
+    for phase, start, history in (("qat_best", "ptq", "epochs"), ("control_best", "origin", "control_epochs")):
+        assert all(e["map50_95"] < report[start]["map50_95"] for e in report[history])
+        assert report[phase] == {**{k: report[start][k] for k in report[phase] if k != "epoch"}, "epoch": 0}
+    best, ptq = load_checkpoint(w / "qat_best.pt")["quant"], load_checkpoint(w / "ptq.pt")["quant"]
+    assert best["state_dict"].keys() == ptq["state_dict"].keys()
+    assert all(torch.equal(best["state_dict"][k], ptq["state_dict"][k]) for k in ptq["state_dict"])
+    control = load_checkpoint(w / "control_best.pt")["model"].state_dict()
+    fp = attempt_load(weights, fuse=True).float().state_dict()
+    assert all(torch.equal(control[k], fp[k]) for k in fp)
+    assert report["reported"]["qat_best"]["map50_95"] == report["reported"]["ptq"]["map50_95"]
+    md = (run / "report.md").read_text()
+    assert "| QAT (best: the PTQ model, no epoch beat it) |" in md
+    assert "| Control (best: the FP32 model, no epoch beat it) |" in md
 
 
 def test_report_task_none_reports_on_the_selection_split(shapes, tmp_path):

@@ -108,7 +108,7 @@ def test_qat_resume_reproduces_the_uninterrupted_run(inputs, monkeypatch, caplog
     _assert_same_quantized(full, resumed)
 
     # one numbering everywhere (the log's "QAT epoch 2/2"), and each process's time on its own
-    assert [e["epoch"] for e in b["epochs"]] == [1, 2] and b["qat_best"]["epoch"] in (1, 2)
+    assert [e["epoch"] for e in b["epochs"]] == [1, 2] and b["qat_best"]["epoch"] in (0, 1, 2)
     assert [s["first_epoch"] for s in b["sessions"]] == [1, 2]
     md = (resumed / "report.md").read_text()
     assert "ran in 2 processes" in md and "process 2: loading" in md and "QAT epochs 2-2" in md

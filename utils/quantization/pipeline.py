@@ -295,12 +295,13 @@ class Phase:
     history: str  # report key of its per-epoch rows
     distill: bool  # the FP32 model supervises the features
     checkpoint: Callable[..., dict]
+    start: str  # report row of the model the fine-tune starts from: "epoch 0", a candidate for the best
 
 
-QAT = Phase("qat", "QAT", "epochs", True, make_checkpoint)
+QAT = Phase("qat", "QAT", "epochs", True, make_checkpoint, "ptq")
 # Same data, epochs, lr, seed and engine, no quantizers and no teacher: QAT - control is what
 # quantization itself costs, with the gain of fine-tuning a little longer taken out.
-CONTROL = Phase("control", "Control", "control_epochs", False, make_float_checkpoint)
+CONTROL = Phase("control", "Control", "control_epochs", False, make_float_checkpoint, "origin")
 
 
 @dataclass
@@ -340,8 +341,10 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                                                     else None)
     forward = maybe_compile(model, device, opt.compile)
     precision = make_precision(device, opt.amp)
-    best = state.best_fitness
     weights = save_dir / "weights"
+    best = state.best_fitness
+    if info.is_main and state.start_epoch == 0:
+        best = _start_as_best(opt, student, phase, report, weights, state)
     try:
         for epoch in range(state.start_epoch, opt.epochs):
             seed_everything(epoch_seed(opt.seed, epoch, info.rank))
@@ -388,6 +391,25 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     finally:
         if distill is not None:
             distill.remove()
+
+
+def _start_as_best(opt: argparse.Namespace, student: nn.Module, phase: Phase, report: dict, weights: Path,
+                   state: ResumeState) -> float:
+    """The model a fine-tune starts from is its epoch 0: ``<phase>_best.pt`` until an epoch scores higher
+    on the selection split, so fine-tuning never hands back a model worse there than the one it was given
+    (on a small dataset a few epochs can lower the score). Returns the score to beat (-1 when the start
+    was not evaluated, as with --no-eval-ptq: then the first epoch is the best so far)."""
+    start = report.get(phase.start)
+    if not start:
+        return state.best_fitness
+    best = score(start)
+    report[f"{phase.name}_best"] = {**headline(start), "epoch": 0}
+    report[f"seconds_to_{phase.name}_best"] = time.perf_counter() - state.started
+    if phase is QAT:
+        report["qat_best_session"] = 1
+    save_checkpoint(phase.checkpoint(student, best_fitness=best, opt=vars(opt), report=report),
+                    weights / f"{phase.name}_best.pt")
+    return best
 
 
 # ----------------------------------------------------------------------------------------------

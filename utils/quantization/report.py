@@ -52,9 +52,15 @@ def new_report(weights: str, data: str, selected_on: str, reported_on: str | Non
             "origin": None, "ptq": None, "calibration": [], "skip_layers": [], "qat_best": None, "epochs": []}
 
 
+# A fine-tune's epoch 0 is the model it started from (kept as the best when no epoch beat it).
+STARTS = {"qat_best": "the PTQ model", "control_best": "the FP32 model"}
+
+
 def _label(key: str, label: str, m: dict) -> str:
     if key == "ptq" and m.get("method"):
         return f"PTQ ({m['method']})"
+    if m.get("epoch") == 0 and key in STARTS:
+        return f"{label[:-1]}: {STARTS[key]}, no epoch beat it)"
     return f"{label[:-1]}, epoch {m['epoch']})" if "epoch" in m else label
 
 
