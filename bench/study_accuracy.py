@@ -4,7 +4,8 @@ every delta with a 95% interval (GPU; the lead runs it on the device).
 Each model is trained from scratch on BCCD (gelan-t, -s, -m, -c, -e, and yolov9-s with its auxiliary
 branch, converted by tools/reparameterize.py into gelan-s form) and checked for convergence; then
 ``qat.py quantize --calib-method auto --control`` chooses on BCCD val and reports every row on BCCD
-test with paired bootstrap intervals; the QAT model is exported, run on ONNX Runtime, and scored
+test with paired bootstrap intervals (with several --qat-lrs, once per learning rate, val choosing the
+rate as it chooses the epoch); the QAT model is exported, run on ONNX Runtime, and scored
 without labels against its FP32 model on the BCCD test images and on COCO128's 256 images.
 
     python bench/study_accuracy.py prepare --imgsz 320      # here, once: .data/ to carry to the device
@@ -129,6 +130,7 @@ class Plan:
     batch: int = 32
     qat_batch: int = 16
     qat_epochs: int = 5
+    qat_lrs: list = field(default_factory=lambda: [1e-4])  # fine-tune learning rates tried; val chooses
     qat_iters: int = 200
     calib_batches: int = 16
     workers: int = 4
@@ -304,24 +306,39 @@ def _record(plan: Plan, name: str, value: float, unit: str, model: str, dataset:
 
 
 def job_quantize(plan: Plan, model: str) -> None:
+    """``qat.py quantize --control`` once per learning rate of the plan; the run whose best QAT model
+    scores highest on val (where its epoch was chosen too) gives the records, its control having
+    been fine-tuned at the same rate."""
     import qat
+    from utils.quantization.report import score
 
     weights = fp32_weights(plan, model)
-    run = qat.main(["quantize", "--weights", str(weights), "--data", plan.data, "--imgsz", str(plan.imgsz),
-                    "--batch-size", str(plan.qat_batch), "--epochs", str(plan.qat_epochs), "--iters",
-                    str(plan.qat_iters), "--calib-method", "auto", "--calib-batches", str(plan.calib_batches),
-                    "--control", "--device", plan.device, "--workers", str(plan.workers),
-                    "--project", str(plan.run_dir(model)), "--name", "qat", "--exist-ok"])
-    report = json.loads((run / "report.json").read_text())
-    write_quantize_records(plan, model, report, run)
+    runs = []
+    for lr in plan.qat_lrs:
+        run = qat.main(["quantize", "--weights", str(weights), "--data", plan.data, "--imgsz", str(plan.imgsz),
+                        "--batch-size", str(plan.qat_batch), "--epochs", str(plan.qat_epochs), "--iters",
+                        str(plan.qat_iters), "--lr", f"{lr:g}", "--calib-method", "auto", "--calib-batches",
+                        str(plan.calib_batches), "--control", "--device", plan.device, "--workers", str(plan.workers),
+                        "--project", str(plan.run_dir(model)), "--name", qat_run_name(plan, lr), "--exist-ok"])
+        runs.append((lr, run, json.loads((run / "report.json").read_text())))
+    lr, run, report = max(runs, key=lambda r: score(r[2]["qat_best"]))  # the first of equals
+    candidates = [{"lr": x, "run": str(r), "val_qat_best_map50_95": rep["qat_best"]["map50_95"],
+                   "val_qat_best_epoch": rep["qat_best"]["epoch"], "chosen": x == lr} for x, r, rep in runs]
+    write_quantize_records(plan, model, report, run, {"lr": lr, "lr_candidates": candidates})
     ort_and_agreement(plan, model, weights, run / "weights" / "qat_best.pt")
 
 
-def write_quantize_records(plan: Plan, model: str, report: dict, run: Path) -> None:
-    """PTQ - FP32, QAT - FP32 and QAT - control on the report split, with their intervals."""
+def qat_run_name(plan: Plan, lr: float) -> str:
+    """The run folder of one learning rate: ``qat``, or ``qat-lr<lr>`` when the plan tries several."""
+    return "qat" if len(plan.qat_lrs) == 1 else f"qat-lr{lr:g}"
+
+
+def write_quantize_records(plan: Plan, model: str, report: dict, run: Path, recipe: dict) -> None:
+    """PTQ - FP32, QAT - FP32 and QAT - control on the report split, with their intervals; ``recipe``
+    (the learning rate val chose, and every one tried) goes into each record's extra."""
     reported, intervals = report["reported"], report["intervals"]
     common = {"selected_on": report["selected_on"], "reported_on": reported["split"], "images": reported["images"],
-              "imgsz": plan.imgsz, "bootstrap": report["bootstrap"], "run": str(run)}
+              "imgsz": plan.imgsz, "bootstrap": report["bootstrap"], "run": str(run), **recipe}
     fp32 = reported["origin"]["map50_95"]
     dataset = f"{DATASET} {reported['split']}"
     ptq = intervals["ptq_minus_origin"]["map50_95"]
@@ -465,6 +482,7 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, list[str], list[str]]:
         data = prepare(data_dir, 64, subset={"train": 8, "val": 4, "test": 4, "coco": 4})
         plan = Plan(str(root), str(data), _unlabelled(data_dir), str(args.results or root / "results"), imgsz=64,
                     epochs={m: 1 for m in models}, batch=4, qat_batch=4, qat_epochs=1, qat_iters=1, calib_batches=1,
+                    qat_lrs=_learning_rates(args.qat_lrs),
                     workers=0, threads=1, device="cpu", reference_conf=0.0)  # 1-epoch models score ~0
         return plan, models, ["cpu"]
     data_dir = Path(args.data_dir)
@@ -480,9 +498,20 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, list[str], list[str]]:
     cores = os.cpu_count() or 8
     plan = Plan(str(args.root or ROOT / "runs/study"), str(data), _unlabelled(data_dir),
                 str(args.results or ROOT / "bench/results"), imgsz=args.imgsz, epochs=epochs,
-                qat_epochs=args.qat_epochs, workers=max(1, cores // jobs_at_once - 1),
+                qat_epochs=args.qat_epochs, qat_lrs=_learning_rates(args.qat_lrs),
+                workers=max(1, cores // jobs_at_once - 1),
                 threads=max(1, cores // jobs_at_once), fp32_dir=args.fp32_dir or "")
     return plan, models, gpus
+
+
+def _learning_rates(text: str) -> list[float]:
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise UserError(f"--qat-lrs {text!r}: give positive learning rates separated by commas, e.g. 1e-4,1e-5")
+    return lrs
 
 
 def _unlabelled(data_dir: Path) -> dict:
@@ -515,6 +544,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
         s.add_argument("--epochs", type=int, default=100, help="FP32 epochs (stage A)")
         s.add_argument("--epochs-for", default="", help="per-model epochs, e.g. gelan-e:80,gelan-t:120")
         s.add_argument("--qat-epochs", type=int, default=5)
+        s.add_argument("--qat-lrs", default="1e-4", help="fine-tune learning rates to try, e.g. 1e-4,1e-5: val "
+                       "chooses among them (each run's best epoch chosen on val too)")
         s.add_argument("--train-minutes", type=float, default=5.5, help="stage A's time limit")
         s.add_argument("--quantize-minutes", type=float, default=3.5, help="stage B's time limit")
         s.add_argument("--data-dir", default=str(ROOT / ".data"), help="what `prepare` wrote")
