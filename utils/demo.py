@@ -109,6 +109,14 @@ def _quantize_options(opt: argparse.Namespace, weights: Path, data: Path, projec
                        "--name", "qat", "--exist-ok"])
 
 
+def start_note(qat_best: dict | None) -> str:
+    """Why the QAT row can equal the PTQ row: the fine-tune's epoch 0 is the PTQ model itself."""
+    if not qat_best or qat_best.get("epoch") != 0:
+        return ""
+    return ("\nQAT (best) is the PTQ model itself: no QAT epoch scored higher on the validation split, and "
+            "qat.py keeps the model a fine-tune started from unless one does.\n")
+
+
 def table(rows: dict[str, dict | None]) -> str:
     """Markdown table of AP50-95, AP50, P, R per model (a dash where a step did not run); a
     segmentation model's rows come in pairs, boxes then masks."""
@@ -150,7 +158,7 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     data = make_shapes_dataset(save_dir / "data", n_train=opt.images, n_val=max(opt.images // 4, 1),
                                imgsz=opt.imgsz, seed=opt.seed, masks=opt.task == "segment")
     rows, written, _ = run_workflow(CFGS[opt.task], data, opt, save_dir, device, recipe=recipe)
-    md = table(rows) + SAME_INPUT_NOTE
+    md = table(rows) + SAME_INPUT_NOTE + start_note(rows["QAT (best)"])
     seconds = time.perf_counter() - t0
     (save_dir / "demo.md").write_text(f"# qat.py demo --task {opt.task} ({seconds:.0f} s, imgsz {opt.imgsz})\n\n{md}")
     (save_dir / "demo.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "imgsz": opt.imgsz,
