@@ -606,7 +606,8 @@ def run_eval(opt: argparse.Namespace) -> EvalResult | Agreement:
         check_imgsz(opt.imgsz, stride)
         reference = load_float_model(opt.reference, device, opt.unsafe_load)
         if int(reference.nc) != int(model.nc):
-            raise UserError(f"{opt.reference}: the reference has {reference.nc} classes but {opt.weights} has {model.nc}")
+            raise UserError(f"{opt.reference}: the reference has {reference.nc} classes but {opt.weights} has "
+                            f"{model.nc}")
         check_reference_task(model_task(model), reference, opt.weights, opt.reference)
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     result = None
