@@ -1,9 +1,10 @@
 """QAT recipes side by side on one trained FP32 model (issue 13: why QAT did no better than PTQ).
 
-Each variant (learning rate, distillation weight, epochs) is a whole ``qat.py quantize --control``
-run: its best epoch chosen on val (the PTQ start counting as epoch 0), every row reported on test
-with 95% paired bootstrap intervals. The table shows each variant's val path, which variant val
-would pick, and what test says of each, so a recipe is judged on images that chose nothing.
+Each variant (learning rate, distillation weight, epochs, optionally warm-up epochs) is a whole
+``qat.py quantize --control`` run: its best epoch chosen on val (the PTQ start counting as epoch 0),
+every row reported on test with 95% paired bootstrap intervals. The table shows each variant's
+val path, which variant val would pick, and what test says of each, so a recipe is judged on
+images that chose nothing.
 
 On a CPU, with the demo's model (gelan-demo, trained by ``qat.py demo`` in about two minutes) and
 the demo's shapes (same seed, so the same train and val images) plus a test split of their own:
@@ -31,26 +32,39 @@ from utils.errors import UserError, run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
 
 
-def parse_variants(text: str) -> list[tuple[float, float, int]]:
-    """``lr:distill_weight:epochs,...`` -> [(lr, weight, epochs), ...]."""
+def parse_variants(text: str) -> list[tuple[float, float, int, float]]:
+    """``lr:distill_weight:epochs[:warmup_epochs],...`` -> [(lr, weight, epochs, warmup), ...]."""
     variants = []
     for item in filter(None, (x.strip() for x in text.split(","))):
+        fields = item.split(":")
         try:
-            lr, weight, epochs = item.split(":")
-            variant = (float(lr), float(weight), int(epochs))
-        except ValueError:
+            warmup = float(fields[3]) if len(fields) == 4 else 0.0
+            variant = (float(fields[0]), float(fields[1]), int(fields[2]), warmup)
+        except (ValueError, IndexError):
             variant = None
-        if variant is None or not variant[0] > 0 or variant[1] < 0 or variant[2] < 1:
-            raise UserError(f"--variants {item!r}: give lr:distill_weight:epochs, e.g. 1e-4:1:3 "
-                            "(lr > 0, weight >= 0, epochs >= 1)")
+        if variant is None or len(fields) > 4 or not variant[0] > 0 or variant[1] < 0 or variant[2] < 1 \
+                or variant[3] < 0:
+            raise UserError(f"--variants {item!r}: give lr:distill_weight:epochs[:warmup_epochs], e.g. 1e-4:1:3 "
+                            "or 1e-4:1:3:1 (lr > 0, weight >= 0, epochs >= 1, warm-up >= 0)")
         variants.append(variant)
     if not variants:
         raise UserError("--variants: name at least one lr:distill_weight:epochs")
     return variants
 
 
-def variant_name(lr: float, weight: float, epochs: int) -> str:
-    return f"lr{lr:g}-dw{weight:g}-ep{epochs}"
+def variant_name(lr: float, weight: float, epochs: int, warmup: float = 0.0) -> str:
+    return f"lr{lr:g}-dw{weight:g}-ep{epochs}" + (f"-wu{warmup:g}" if warmup else "")
+
+
+def hyp_with_warmup(warmup: float, folder: Path) -> Path:
+    """data/hyps/hyp.qat.yaml with the learning rate ramped up over ``warmup`` epochs."""
+    import yaml
+
+    hyp = yaml.safe_load((ROOT / "data/hyps/hyp.qat.yaml").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"hyp.qat.warmup{warmup:g}.yaml"
+    path.write_text(yaml.safe_dump({**hyp, "warmup_epochs": warmup}, sort_keys=False))
+    return path
 
 
 def demo_shapes(out: Path, n_test: int) -> tuple[Path, int, int]:
@@ -73,20 +87,22 @@ def _demo_model() -> str:
     return Path(CFGS["detect"]).stem
 
 
-def run_variant(args: argparse.Namespace, data: Path, lr: float, weight: float, epochs: int) -> dict:
+def run_variant(args: argparse.Namespace, data: Path, lr: float, weight: float, epochs: int, warmup: float) -> dict:
     import qat
 
-    name = variant_name(lr, weight, epochs)
+    name = variant_name(lr, weight, epochs, warmup)
+    hyp = ["--hyp", str(hyp_with_warmup(warmup, Path(args.project)))] if warmup else []
     t = time.perf_counter()
     run = qat.main(["quantize", "--weights", args.weights, "--data", str(data), "--imgsz", str(args.imgsz),
                     "--batch-size", str(args.batch_size), "--device", args.device, "--workers", str(args.workers),
                     "--epochs", str(epochs), "--iters", str(args.iters), "--calib-batches", str(args.calib_batches),
                     "--calib-method", args.calib_method, "--lr", f"{lr:g}", "--distill-weight", f"{weight:g}",
                     "--control", "--seed", str(args.seed), "--project", str(args.project), "--name", name,
-                    "--exist-ok"])
+                    "--exist-ok", *hyp])
     report = json.loads((run / "report.json").read_text())
     intervals = {k: v["map50_95"] for k, v in report["intervals"].items()}
-    return {"variant": name, "lr": lr, "distill_weight": weight, "epochs": epochs, "run": str(run),
+    return {"variant": name, "lr": lr, "distill_weight": weight, "epochs": epochs, "warmup_epochs": warmup,
+            "run": str(run),
             "seconds": time.perf_counter() - t, "selected_on": report["selected_on"],
             "reported_on": report["reported"]["split"], "test_images": report["reported"]["images"],
             "val_origin": report["origin"]["map50_95"], "val_ptq": report["ptq"]["map50_95"],
@@ -122,7 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--weights", required=True, help="trained FP32 checkpoint")
     p.add_argument("--data", default="", help="data yaml with val and test splits (or --shapes)")
     p.add_argument("--shapes", type=int, default=0, help="draw the demo's shapes with this many test images")
-    p.add_argument("--variants", default="1e-4:1:3", help="lr:distill_weight:epochs, comma separated")
+    p.add_argument("--variants", default="1e-4:1:3",
+                   help="lr:distill_weight:epochs[:warmup_epochs], comma separated")
     p.add_argument("--model", default="", help="name in the records (default: gelan-demo with --shapes, else the "
                    "checkpoint's file name)")
     p.add_argument("--imgsz", type=int, default=None, help="default: the demo's with --shapes")

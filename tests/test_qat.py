@@ -93,6 +93,20 @@ def test_distillation_stays_bounded(shapes):
     assert 0 < max(errors) < 1e-2 and max(errors) < 10 * errors[0], errors
 
 
+def test_qat_warmup_ramps_the_rate_only_when_the_hyp_asks():
+    """hyp.qat.yaml has none; a recipe with warmup_epochs ramps every group from 0 to the rate."""
+    q, _ = _student_and_teacher()
+    hyp = load_hyp(HYP)
+    optimizer = build_optimizer(q, "SGD", 1e-4, 0.9, 5e-4)
+    assert hyp["warmup_epochs"] == 0 and pipeline._warmup(hyp, optimizer, 1e-4, 10) is None
+    warmup = pipeline._warmup({**hyp, "warmup_epochs": 1.5}, optimizer, 1e-4, 10)
+    assert warmup.iters == 15
+    warmup.apply(optimizer, 0, 1.0)
+    assert all(g["lr"] == 0.0 for g in optimizer.param_groups)  # warmup_bias_lr 0: biases start at 0 too
+    warmup.apply(optimizer, 15, 0.5)
+    assert all(g["lr"] == pytest.approx(0.5e-4) for g in optimizer.param_groups)
+
+
 def test_relative_error_is_scale_free():
     t = torch.randn(2, 8, 4, 4)
     s = t + 0.01 * torch.randn_like(t)

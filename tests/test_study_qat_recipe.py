@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from bench.study_qat_recipe import main, parse_variants, variant_name
 from tests.qat_helpers import one_thread, save_float_checkpoint, tiny_model
@@ -12,9 +13,9 @@ from utils.errors import UserError
 
 
 def test_variants_are_parsed_strictly():
-    assert parse_variants("1e-4:1:3, 1e-3:0:10") == [(1e-4, 1.0, 3), (1e-3, 0.0, 10)]
-    assert variant_name(1e-4, 0.0, 3) == "lr0.0001-dw0-ep3"
-    for bad in ("", "1e-4:1", "0:1:3", "1e-4:-1:3", "1e-4:1:0", "x:1:3"):
+    assert parse_variants("1e-4:1:3, 1e-3:0:10:0.5") == [(1e-4, 1.0, 3, 0.0), (1e-3, 0.0, 10, 0.5)]
+    assert variant_name(1e-4, 0.0, 3) == "lr0.0001-dw0-ep3" and variant_name(1e-4, 1, 3, 1) == "lr0.0001-dw1-ep3-wu1"
+    for bad in ("", "1e-4:1", "0:1:3", "1e-4:-1:3", "1e-4:1:0", "x:1:3", "1e-4:1:3:-1", "1e-4:1:3:1:1"):
         with pytest.raises(UserError, match="--variants"):
             parse_variants(bad)
 
@@ -24,14 +25,16 @@ def test_one_variant_end_to_end(tmp_path):
     weights = save_float_checkpoint(tiny_model(), tmp_path / "tiny.pt")
     with one_thread():
         rows = main(["--weights", str(weights), "--data", str(data), "--imgsz", "64", "--batch-size", "4",
-                     "--variants", "1e-4:1:1", "--iters", "1", "--calib-method", "max", "--calib-batches", "1",
+                     "--variants", "1e-4:1:1:1", "--iters", "1", "--calib-method", "max", "--calib-batches", "1",
                      "--workers", "0", "--project", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "out")])
     (row,) = rows
+    hyp = yaml.safe_load((tmp_path / "runs" / "hyp.qat.warmup1.yaml").read_text())
+    assert hyp["warmup_epochs"] == 1 and hyp["lr0"] == 1e-4  # the recipe's own file, warm-up added
     assert (row["selected_on"], row["reported_on"], row["test_images"]) == ("val", "test", 4)
     assert len(row["val_qat_epochs"]) == len(row["val_control_epochs"]) == 1
     assert set(row["test"]) == {"ptq_minus_origin", "qat_minus_origin", "control_minus_origin", "qat_minus_control"}
-    record = json.loads((tmp_path / "out" / "qat_recipe_delta_map50_95_tiny_lr0.0001-dw1-ep1.json").read_text())
+    record = json.loads((tmp_path / "out" / "qat_recipe_delta_map50_95_tiny_lr0.0001-dw1-ep1-wu1.json").read_text())
     assert record["value"] == row["test"]["qat_minus_origin"]["value"] and record["extra"]["chosen_on_val"]
-    assert "| lr0.0001-dw1-ep1 |" in (tmp_path / "out" / "tiny.md").read_text()
+    assert "| lr0.0001-dw1-ep1-wu1 |" in (tmp_path / "out" / "tiny.md").read_text()
     with pytest.raises(UserError, match="name the data"):
         main(["--weights", str(weights), "--results-dir", str(tmp_path / "out")])

@@ -65,7 +65,7 @@ from utils.training.acceleration import channels_last, maybe_compile
 from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
 from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
-from utils.training.optim import build_optimizer, lr_lambda
+from utils.training.optim import Warmup, build_optimizer, lr_lambda
 
 # What a resume cannot change: the teacher, the calibration and the evaluation that the report's
 # Origin / PTQ rows were measured with, and the optimizer whose state the checkpoint holds.
@@ -330,6 +330,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     lf = lr_lambda(opt.epochs, hyp["lrf"], cosine=True)
+    warmup = _warmup(hyp, optimizer, lr0, len(loader))
     loss_fn = build_loss(student, hyp)
     distill = None
     if phase.distill and opt.distill_weight > 0 and opt.supervision_stride > 0:
@@ -353,7 +354,8 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                 g["lr"] = lr0 * lf(epoch)
             stats = train_one_epoch(model, loader, loss_fn, optimizer, device=device, epoch=epoch, epochs=opt.epochs,
                                     precision=precision, max_iters=opt.iters, extra_loss_fn=distill,
-                                    world_size=info.world_size, progress=info.is_main, forward=forward)
+                                    warmup=warmup, lr_factor=lf(epoch), world_size=info.world_size,
+                                    progress=info.is_main, forward=forward)
             if not info.is_main:
                 continue
             row = {"epoch": epoch + 1, **dict(zip(loss_names, stats.loss)),
@@ -391,6 +393,17 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     finally:
         if distill is not None:
             distill.remove()
+
+
+def _warmup(hyp: dict, optimizer: torch.optim.Optimizer, lr0: float, batches: int) -> Warmup | None:
+    """The rate ramped up over the first ``warmup_epochs`` (hyp.qat.yaml: none), for recipes that try
+    it: QAT's first steps at the full rate pull the model below its PTQ start (BENCHMARKS.md)."""
+    if hyp.get("warmup_epochs", 0) <= 0:
+        return None
+    for g in optimizer.param_groups:
+        g["initial_lr"] = lr0
+    return Warmup(round(hyp["warmup_epochs"] * batches), hyp["warmup_bias_lr"], hyp["warmup_momentum"],
+                  hyp["momentum"])
 
 
 def _start_as_best(opt: argparse.Namespace, student: nn.Module, phase: Phase, report: dict, weights: Path,
