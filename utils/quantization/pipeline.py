@@ -397,7 +397,8 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
 
 def _warmup(hyp: dict, optimizer: torch.optim.Optimizer, lr0: float, batches: int) -> Warmup | None:
     """The rate ramped up over the first ``warmup_epochs`` (hyp.qat.yaml: none), for recipes that try
-    it: QAT's first steps at the full rate pull the model below its PTQ start (BENCHMARKS.md)."""
+    it: QAT's first steps pull the model below its PTQ start, which a warm-up did not prevent on the
+    demo model (BENCHMARKS.md, the QAT recipe study)."""
     if hyp.get("warmup_epochs", 0) <= 0:
         return None
     for g in optimizer.param_groups:
