@@ -254,6 +254,7 @@ def test_a_fine_tune_that_only_hurts_hands_back_its_start(tmp_path, monkeypatch)
     for phase, start, history in (("qat_best", "ptq", "epochs"), ("control_best", "origin", "control_epochs")):
         assert all(e["map50_95"] < report[start]["map50_95"] for e in report[history])
         assert report[phase] == {**{k: report[start][k] for k in report[phase] if k != "epoch"}, "epoch": 0}
+    assert (w / "qat_best.pt").samefile(w / "ptq.pt")  # the PTQ checkpoint under a second name
     best, ptq = load_checkpoint(w / "qat_best.pt")["quant"], load_checkpoint(w / "ptq.pt")["quant"]
     assert best["state_dict"].keys() == ptq["state_dict"].keys()
     assert all(torch.equal(best["state_dict"][k], ptq["state_dict"][k]) for k in ptq["state_dict"])

@@ -38,7 +38,7 @@ from models.quantize import (
     quant_state,
     set_trainable,
 )
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp, require_split
 from utils.data.dataset import check_task, create_dataloader, model_task, set_epoch
 from utils.errors import UserError
@@ -296,12 +296,13 @@ class Phase:
     distill: bool  # the FP32 model supervises the features
     checkpoint: Callable[..., dict]
     start: str  # report row of the model the fine-tune starts from: "epoch 0", a candidate for the best
+    start_file: str | None  # that model's checkpoint in weights/, when the run already wrote it
 
 
-QAT = Phase("qat", "QAT", "epochs", True, make_checkpoint, "ptq")
+QAT = Phase("qat", "QAT", "epochs", True, make_checkpoint, "ptq", "ptq.pt")
 # Same data, epochs, lr, seed and engine, no quantizers and no teacher: QAT - control is what
 # quantization itself costs, with the gain of fine-tuning a little longer taken out.
-CONTROL = Phase("control", "Control", "control_epochs", False, make_float_checkpoint, "origin")
+CONTROL = Phase("control", "Control", "control_epochs", False, make_float_checkpoint, "origin", None)
 
 
 @dataclass
@@ -421,8 +422,11 @@ def _start_as_best(opt: argparse.Namespace, student: nn.Module, phase: Phase, re
     report[f"seconds_to_{phase.name}_best"] = time.perf_counter() - state.started
     if phase is QAT:
         report["qat_best_session"] = 1
-    save_checkpoint(phase.checkpoint(student, best_fitness=best, opt=vars(opt), report=report),
-                    weights / f"{phase.name}_best.pt")
+    path = weights / f"{phase.name}_best.pt"
+    if phase.start_file:  # ptq.pt holds this very model: a second name for it, not a second write
+        link_checkpoint(weights / phase.start_file, path)
+    else:
+        save_checkpoint(phase.checkpoint(student, best_fitness=best, opt=vars(opt), report=report), path)
     return best
 
 
