@@ -166,12 +166,14 @@ def _with_test_split(shapes, tmp_path):
     return path
 
 
-def _labelled_by(weights, tmp_path):
-    """A fresh shapes dataset (test split apart) whose labels are ``weights``' own confident boxes, so
-    that an untrained model scores a real mAP there and quantization moves it."""
+def _labelled_by(weights, tmp_path, make=None):
+    """A fresh shapes dataset (``make()``'s, under tmp_path/own; test split apart) whose labels are
+    ``weights``' own confident boxes, so that an untrained model scores a real mAP there and
+    quantization moves it."""
     from utils.deployment.predict import run as detect
 
-    data = _with_test_split(make_shapes_dataset(tmp_path / "own", n_train=8, n_val=4, imgsz=IMGSZ), tmp_path)
+    shapes = make() if make else make_shapes_dataset(tmp_path / "own", n_train=8, n_val=4, imgsz=IMGSZ)
+    data = _with_test_split(shapes, tmp_path)
     model = attempt_load(weights, fuse=True).float()
     for split in ("train", "val"):
         out = detect(source=tmp_path / "own" / "images" / split, imgsz=IMGSZ, conf_thres=0.6, save_txt=True,
@@ -179,6 +181,30 @@ def _labelled_by(weights, tmp_path):
         for f in (out / "labels").glob("*.txt"):
             f.replace(tmp_path / "own" / "labels" / split / f.name)
     return data
+
+
+def test_one_class_non_square_val_with_a_warmup(tmp_path):
+    """The edges a custom detector brings: one class, val images that are not square (rectangular
+    batches), and a recipe with a warm-up; the best of the start and the epochs is still the one kept."""
+    import cv2
+
+    weights = save_float_checkpoint(lively_head(tiny_model(nc=1)), tmp_path / "one.pt")
+    shapes = make_shapes_dataset(tmp_path / "own", n_train=8, n_val=4, imgsz=IMGSZ)
+    for f in (tmp_path / "own" / "images" / "val").iterdir():  # 64x64 -> 64 wide, 40 high
+        cv2.imwrite(str(f), cv2.resize(cv2.imread(str(f)), (IMGSZ, 40)))
+    data = yaml.safe_load(shapes.read_text())
+    shapes.write_text(yaml.safe_dump({**data, "names": data["names"][:1], "nc": 1}))
+    data = _labelled_by(weights, tmp_path, make=lambda: shapes)
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text(yaml.safe_dump({**load_hyp(HYP), "warmup_epochs": 1.0}))
+    run, _ = _quantize(data, tmp_path, "--epochs", "2", "--control", "--hyp", str(hyp), model=attempt_load(weights))
+    report = json.loads((run / "report.json").read_text())
+    assert report["origin"]["map50_95"] > 0 and report["reported"]["images"] == 8
+    for phase, start, history in (("qat_best", "ptq", "epochs"), ("control_best", "origin", "control_epochs")):
+        best = max([{**report[start], "epoch": 0}, *report[history]], key=lambda e: e["map50_95"])
+        assert report[phase]["epoch"] == best["epoch"]
+    result = _eval(run / "weights" / "qat_best.pt", data, tmp_path, "val")
+    assert result.map50_95 == report["qat_best"]["map50_95"]
 
 
 def _eval(weights, data, tmp_path, task):
