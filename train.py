@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="unpickle --weights without the class allowlist (trusted files only)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (CUDA; pays off after a minute of compiling)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the forward and backward passes from CUDA graphs (one GPU; not with --compile)")
     return parse_flags(p, argv)
 
 

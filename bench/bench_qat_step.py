@@ -9,16 +9,18 @@ Both steps are the ones train.py and qat.py take: ``utils.training.engine.train_
 repeated real batch, bf16 autocast, channels-last tensors on CUDA, cuDNN's autotuner on, no EMA.
 FP32 is the unfused model with BatchNorm, as train.py trains it; QAT is the fused, max-calibrated,
 fake-quantized student plus the FP32 teacher's forward pass for feature distillation of every
-layer (qat.py's defaults). Each pair is timed eagerly and compiled (``torch.compile``, what
-``--compile`` runs), alternating FP32 and QAT rounds and keeping each one's best round. The
-record's value is the compiled ratio (the eager one with --no-compile); both pairs of step times,
-the compile times and a check that compiled fake quantization gives the eager values bit for bit
-are in its ``extra``. On CUDA the eager pair is also timed without models/fused_ops.py's kernels
-(``eager_unfused_*``, alternating with the fused rounds), and the kernels are checked against the
-PyTorch ops they replace, values and gradients (``eager_fused_mismatches_vs_pytorch_ops``). The
-models are randomly initialised: a step's time does not depend on the values of the weights. Most
-of its time is compiling (not yet measured on a GPU); the eager record is written before compiling
-starts, so a run stopped while compiling still leaves it.
+layer (qat.py's defaults). Each pair is timed eagerly, with CUDA graphs (on a GPU: what
+``--cuda-graphs`` runs) and compiled (``torch.compile``, what ``--compile`` runs), alternating FP32
+and QAT rounds and keeping each one's best round. The record's value is the CUDA-graph ratio where
+it was measured, else the compiled one, else the eager one; every pair of step times is in its
+``extra``, with the relative difference of a graphed step's loss and gradients from an eager
+step's (beside two eager steps' difference, the noise floor) and a check that compiled fake
+quantization gives the eager values bit for bit. On CUDA the eager pair is also timed without
+models/fused_ops.py's kernels (``eager_unfused_*``, alternating with the fused rounds), and the
+kernels are checked against the PyTorch ops they replace, values and gradients
+(``eager_fused_mismatches_vs_pytorch_ops``). The models are randomly initialised: a step's time does
+not depend on the values of the weights. The record is written after each mode, so a run stopped
+while compiling (it never finished on an H200 in 480 s) still leaves the figures before it.
 
 Toy run on a CPU (tracing only: ``aot_eager`` runs the compiled graphs without generating code):
 
@@ -66,20 +68,27 @@ def build_models(cfg: str, data_yaml: str, imgsz: int, batch_size: int, workers:
             "hyp": hyp}
 
 
-def make_steps(built: dict, device: torch.device, compile: bool, backend: str | None) -> dict:
-    """name -> (model, forward, loss, optimizer, extra loss) for the FP32 and the QAT step."""
+def make_steps(built: dict, device: torch.device, mode: str, backend: str | None = None) -> dict:
+    """name -> (model, forward, loss, optimizer, extra loss) for the FP32 and the QAT step, run ``mode``
+    ("eager", "graphed": CUDA graphs, "compiled": torch.compile), as train.py and qat.py run them."""
     from utils.quantization.distill import FeatureDistillation, supervised_layers
     from utils.training.acceleration import maybe_compile
+    from utils.training.cuda_graphs import maybe_graph
     from utils.training.loss import build_loss
     from utils.training.optim import build_optimizer
 
     hyp, fp, student = built["hyp"], built["fp32"], built["student"]
+    compile, graphs = mode == "compiled", mode == "graphed"
     distill = FeatureDistillation(student, built["teacher"], supervised_layers(len(student.model), 1),
-                                  compile=compile, backend=backend)
+                                  compile=compile, backend=backend, graphs=graphs)
+
+    def forward(model):
+        return maybe_graph(maybe_compile(model, device, compile, backend=backend), device, graphs)
+
     return {
-        "fp32": (fp, maybe_compile(fp, device, compile, backend=backend), build_loss(fp, hyp),
+        "fp32": (fp, forward(fp), build_loss(fp, hyp),
                  build_optimizer(fp, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"]), None),
-        "qat": (student, maybe_compile(student, device, compile, backend=backend), build_loss(student, hyp),
+        "qat": (student, forward(student), build_loss(student, hyp),
                 build_optimizer(student, "SGD", QAT_LR, hyp["momentum"], hyp["weight_decay"]), distill),
     }
 
@@ -179,6 +188,51 @@ def fused_mismatches(device: torch.device) -> dict:
     return out
 
 
+def _step_gradients(steps: dict, name: str, batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and every parameter's gradient (one flat float32 vector) of one step of ``steps[name]``,
+    without the optimizer step, so that the weights stay as they were."""
+    from utils.training.acceleration import memory_format
+    from utils.training.engine import make_precision
+
+    model, forward, loss_fn, _, extra = steps[name]
+    precision = make_precision(device, "bf16")
+    imgs = batch[0].to(device).contiguous(memory_format=memory_format(model)).float().div_(255)
+    targets = batch[1].to(device)
+    model.train().zero_grad(set_to_none=True)
+    with precision.autocast(device):
+        preds = forward(imgs)
+        loss, _ = loss_fn(preds, targets)
+        if extra is not None:
+            loss = loss + extra(imgs, preds, targets) * imgs.shape[0]
+    loss.backward()
+    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return loss.detach().float(), grads
+
+
+def graphed_vs_eager(built: dict, device: torch.device) -> dict:
+    """Relative differences of a graphed step's loss and gradients from an eager step's, same weights and
+    batch, beside two eager steps' (cuDNN's backward kernels are not bit-reproducible: that is the floor).
+    The graphed step is the second replay, after the recording."""
+    def difference(a: tuple, b: tuple) -> dict:
+        return {"loss": float((a[0] - b[0]).abs() / b[0].abs()),
+                "gradients": float((a[1] - b[1]).norm() / b[1].norm())}
+
+    out = {}
+    for name in ("fp32", "qat"):
+        runs = {}
+        for mode in ("eager", "graphed"):
+            steps = make_steps(built, device, mode)
+            first = _step_gradients(steps, name, built["batch"], device)
+            runs[mode] = _step_gradients(steps, name, built["batch"], device)
+            if mode == "eager":
+                runs["eager_first"] = first
+            steps["qat"][4].remove()
+        out[f"{name}_graphed_vs_eager"] = difference(runs["graphed"], runs["eager"])
+        out[f"{name}_eager_vs_eager"] = difference(runs["eager_first"], runs["eager"])
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default="gelan-s.yaml")
@@ -191,7 +245,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2, help="timed rounds per model (after one warm-up round)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="0")
-    p.add_argument("--no-compile", action="store_true", help="eager steps only")
+    p.add_argument("--no-compile", action="store_true", help="no compiled steps")
+    p.add_argument("--no-graphs", action="store_true", help="no CUDA-graph steps (on a GPU they are timed by default)")
     p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; aot_eager: a CPU dry run)")
     p.add_argument("--results-dir", default=None, help="default bench/results")
     args = p.parse_args(argv)
@@ -203,8 +258,10 @@ def main(argv=None) -> dict:
     model = args.model or Path(args.cfg).stem
     built = build_models(args.cfg, args.data, args.imgsz, args.batch_size, args.workers, device)
     results: dict = {}
-    for mode in ("eager",) if args.no_compile else ("eager", "compiled"):
-        steps = make_steps(built, device, mode == "compiled", args.backend)
+    graphs = device.type == "cuda" and not args.no_graphs
+    modes = ["eager"] + ["graphed"] * graphs + ["compiled"] * (not args.no_compile)
+    for mode in modes:
+        steps = make_steps(built, device, mode, args.backend)
         results[mode] = time_steps(steps, built["batch"], device, args.iters, args.repeats,
                                    both_ways=mode == "eager" and device.type == "cuda")
         steps["qat"][4].remove()
@@ -215,21 +272,34 @@ def main(argv=None) -> dict:
         if mode == "eager":
             results[mode]["fused_mismatches"] = fused_mismatches(device)
             print(f"fused kernels vs PyTorch ops, differing elements: {results[mode]['fused_mismatches']}", flush=True)
+        if mode == "graphed":
+            results[mode]["graph_differences"] = graphed_vs_eager(built, device)
+            print(f"graphed vs eager step, relative differences: {results[mode]['graph_differences']}", flush=True)
         if mode == "compiled":
             results[mode]["fake_quant_mismatches"] = compiled_fake_quant_mismatches(device, args.backend)
-        # written after each mode, so a run stopped while compiling still leaves the eager figure
-        path = write_record(f"qat_step_time_ratio_{model}", ms["qat"] / ms["fp32"], "x", model, args.dataset,
-                            extra=record_extra(args, device, results), results_dir=args.results_dir)
+        # written after each mode, so a run stopped while compiling still leaves the figures before it
+        head = headline(results)
+        seconds = results[head]["step_seconds"]
+        path = write_record(f"qat_step_time_ratio_{model}", seconds["qat"] / seconds["fp32"], "x", model,
+                            args.dataset, extra=record_extra(args, device, results), results_dir=args.results_dir)
         print(f"wrote {path}", flush=True)
     return results
 
 
+def headline(results: dict) -> str:
+    """The mode the record's value is: CUDA graphs where measured (the fastest way that finishes), else
+    the compiled steps, else the eager ones."""
+    return next(m for m in ("graphed", "compiled", "eager") if m in results)
+
+
 def record_extra(args: argparse.Namespace, device: torch.device, results: dict) -> dict:
-    """Both step times of the headline (last) mode, and every mode's figures."""
-    mode = list(results)[-1]
+    """Both step times of the headline mode, and every mode's figures."""
+    mode = headline(results)
+    names = {"compiled": f"compiled (torch.compile, {args.backend or 'inductor'})",
+             "graphed": "CUDA graphs (forward and backward; teacher forward)", "eager": "eager"}
     extra = {"batch": args.batch_size, "imgsz": args.imgsz, "autocast": results[mode]["autocast"],
              "timing": f"best of {args.repeats} rounds of {args.iters} steps, FP32 and QAT alternating",
-             "step": f"compiled (torch.compile, {args.backend or 'inductor'})" if mode == "compiled" else "eager",
+             "step": names[mode],
              "fp32_step_ms": 1e3 * results[mode]["step_seconds"]["fp32"],
              "qat_step_ms": 1e3 * results[mode]["step_seconds"]["qat"],
              "memory_format": "channels_last" if device.type == "cuda" else "contiguous", "torch": torch.__version__,
@@ -246,6 +316,8 @@ def record_extra(args: argparse.Namespace, device: torch.device, results: dict) 
                           f"{name}_unfused_qat_step_ms": 1e3 * seconds["qat_unfused"],
                           f"{name}_unfused_ratio": seconds["qat_unfused"] / seconds["fp32_unfused"],
                           f"{name}_fused_mismatches_vs_pytorch_ops": r.get("fused_mismatches", {})})
+        if "graph_differences" in r:
+            extra[f"{name}_relative_differences"] = r["graph_differences"]
         if "fake_quant_mismatches" in r:
             extra[f"{name}_fake_quant_mismatches_vs_eager"] = r["fake_quant_mismatches"]
     return extra

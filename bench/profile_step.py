@@ -17,7 +17,6 @@ import argparse
 import sys
 import time
 from collections import defaultdict
-from copy import deepcopy
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +38,8 @@ def build_runs(args: argparse.Namespace, device: torch.device) -> dict:
     built = build_models(args.cfg, args.data, args.imgsz, args.batch_size, args.workers, device)
     imgs, targets, *_ = built["batch"]
     imgs = imgs.to(device).contiguous(memory_format=memory_format(built["fp32"])).float() / 255
-    return {"batch": (imgs, targets.to(device)), "runs": make_steps(built, device, args.compile, None)}
+    runs = make_steps(built, device, "compiled" if args.compile else "eager")
+    return {"batch": (imgs, targets.to(device)), "runs": runs}
 
 
 def step(run: tuple, batch: tuple, device: torch.device, clock: dict | None) -> None:

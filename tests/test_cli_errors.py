@@ -105,6 +105,8 @@ CASES = [
     ("val.py", "--weights {w3} --data {bad_yaml}", "bad.yaml"),
     ("qat.py", "quantize --weights {w3} --data {data80} --imgsz 64 --workers 0", "classes"),
     ("qat.py", "quantize --weights {garbage} --data {data3}", "garbage.pt"),
+    ("qat.py", "quantize --weights {w3} --data {data3} --compile --cuda-graphs", "--compile and --cuda-graphs"),
+    ("train.py", "--cfg models/demo/gelan-demo.yaml --data {data3} --compile --cuda-graphs", "--cuda-graphs"),
     ("qat.py", "sensitive --weights {w3} --data {data80} --imgsz 64", "classes"),
     ("qat.py", "eval --weights {missing} --data {data3}", "missing.pt"),
     ("qat.py", "eval --weights {w3} --data {data3}", "nc3.pt"),

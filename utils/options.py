@@ -54,6 +54,10 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "lr": (lambda v: v > 0, "above 0"),
     "reference_conf": (lambda v: 0 <= v <= 1, "between 0 and 1"),
 }
+# pairs of switches that cannot be on together -> why
+EXCLUSIVE: dict[tuple[str, str], str] = {
+    ("compile", "cuda_graphs"): "choose one: each takes over the training step",
+}
 
 
 def flag(dest: str) -> str:
@@ -83,6 +87,9 @@ def check_flags(values: Mapping, minimums: Mapping[str, int] | None = None) -> N
             raise UserError(f"{flag(key)} {value}: must be {RANGES[key][1]}")
     if values.get("imgsz") is not None:
         check_imgsz(values["imgsz"])
+    for (a, b), why in EXCLUSIVE.items():
+        if values.get(a) and values.get(b):
+            raise UserError(f"{flag(a)} and {flag(b)}: {why}")
     for key in ("batch_sizes", "classes"):
         items = values.get(key)
         lowest = 1 if key == "batch_sizes" else 0

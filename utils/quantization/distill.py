@@ -21,6 +21,7 @@ from models import fused_ops
 from models.quantize_rules import flat_tensors
 from utils.torch_utils import de_parallel
 from utils.training.acceleration import channels_last, maybe_compile, memory_format
+from utils.training.cuda_graphs import maybe_graph_inference
 
 EPS = 1e-8
 
@@ -86,11 +87,12 @@ class FeatureDistillation:
 
     The teacher runs without autograd, in the caller's autocast precision; its side of every error
     (the float32 feature and its energy) is computed there too. With ``compile`` (CUDA) the teacher
-    pass and the error terms are each compiled into a few fused kernels.
+    pass and the error terms are each compiled into a few fused kernels; with ``graphs`` (CUDA) the
+    teacher's pass is replayed from a CUDA graph (``utils.training.cuda_graphs``).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], weight: float = 1.0,
-                 compile: bool = False, backend: str | None = None):
+                 compile: bool = False, backend: str | None = None, graphs: bool = False):
         device = next(teacher.parameters()).device
         masks = mask_outputs(student)
         self.teacher = _truncated(teacher, len(teacher.model) - 1 if masks else max(layers), device)
@@ -104,7 +106,8 @@ class FeatureDistillation:
         self._hooks += [self.teacher.get_submodule(n).register_forward_hook(self._keep(self._teacher_out, n))
                         for n in self.sites]
         self._layout = memory_format(self.teacher)
-        self._references = maybe_compile(self._teacher_references, device, compile, backend=backend)
+        self._references = maybe_graph_inference(
+            maybe_compile(self._teacher_references, device, compile, backend=backend), device, graphs)
         self._error = maybe_compile(_mean_relative_error, device, compile, backend=backend)
         self._err_sum: torch.Tensor | float = 0.0  # summed on the device: no host sync per step
         self._err_count = 0

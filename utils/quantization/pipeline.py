@@ -62,6 +62,7 @@ from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, qu
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import de_parallel, select_device
 from utils.training.acceleration import channels_last, maybe_compile
+from utils.training.cuda_graphs import maybe_graph
 from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
 from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
@@ -324,7 +325,8 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
     loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
-                         seed=opt.seed, rank=info.rank, drop_last=opt.compile, model=student, weights=opt.weights)
+                         seed=opt.seed, rank=info.rank, drop_last=opt.compile or opt.cuda_graphs, model=student,
+                         weights=opt.weights)
     loss_names = ("box", "seg", "cls", "dfl") if model_task(student) == "segment" else ("box", "cls", "dfl")
     lr0 = opt.lr if opt.lr is not None else hyp["lr0"]
     optimizer = build_optimizer(student, opt.optimizer, lr0, hyp["momentum"], hyp["weight_decay"])
@@ -336,12 +338,13 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     distill = None
     if phase.distill and opt.distill_weight > 0 and opt.supervision_stride > 0:
         layers = supervised_layers(len(student.model), opt.supervision_stride)
-        distill = FeatureDistillation(student, teacher, layers, opt.distill_weight, compile=opt.compile)
+        distill = FeatureDistillation(student, teacher, layers, opt.distill_weight, compile=opt.compile,
+                                      graphs=opt.cuda_graphs)
     model = student
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
-    forward = maybe_compile(model, device, opt.compile)
+    forward = maybe_graph(maybe_compile(model, device, opt.compile), device, opt.cuda_graphs)
     precision = make_precision(device, opt.amp)
     weights = save_dir / "weights"
     best = state.best_fitness

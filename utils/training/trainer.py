@@ -28,6 +28,7 @@ from utils.paths import ROOT, increment_path
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
 from utils.training.acceleration import channels_last, cpu_bf16, maybe_compile, multi_tensor_step
+from utils.training.cuda_graphs import maybe_graph
 from utils.training.distributed import DistInfo, broadcast_object, process_group
 from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
@@ -42,7 +43,8 @@ DEFAULTS: dict = dict(
     weights="", cfg="", data=str(ROOT / "data/coco.yaml"), hyp=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
     epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
     exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, hold_lr=0, patience=100,
-    sync_bn=False, amp="bf16", noval=False, cache="", compile=False, mask_ratio=4,
+    sync_bn=False, amp="bf16", noval=False, cache="", compile=False, cuda_graphs=False,
+    mask_ratio=4,
     # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
     # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
     nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
@@ -336,7 +338,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     train_loader, dataset = create_dataloader(
         require_split(data, "train"), imgsz, batch_per_rank, stride, hyp=hyp, augment=True, workers=opt.workers,
         shuffle=True, prefix="train: ", seed=opt.seed, close_mosaic=opt.close_mosaic > 0,
-        rank=info.local_rank, nc=nc, drop_last=opt.compile, task=task, mask_ratio=opt.mask_ratio)
+        rank=info.local_rank, nc=nc, drop_last=opt.compile or opt.cuda_graphs, task=task, mask_ratio=opt.mask_ratio)
     check_task(dataset, str(model_name), task)
     loss_fn = build_loss(model)
     evaluator = None
@@ -354,7 +356,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = maybe_compile(model, device, opt.compile)
+    forward = maybe_graph(maybe_compile(model, device, opt.compile), device, opt.cuda_graphs)
 
     if save_dir is None:
         made = increment_path(Path(opt.project) / opt.name, opt.exist_ok) if info.is_main else None
