@@ -325,8 +325,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
     loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
-                         seed=opt.seed, rank=info.rank, drop_last=opt.compile or opt.cuda_graphs, model=student,
-                         weights=opt.weights)
+                         seed=opt.seed, rank=info.rank, drop_last=opt.compile, model=student, weights=opt.weights)
     loss_names = ("box", "seg", "cls", "dfl") if model_task(student) == "segment" else ("box", "cls", "dfl")
     lr0 = opt.lr if opt.lr is not None else hyp["lr0"]
     optimizer = build_optimizer(student, opt.optimizer, lr0, hyp["momentum"], hyp["weight_decay"])

@@ -7,7 +7,8 @@ and replays them with one launch, so neither step waits on Python any more. What
 do, and what is done about it here:
 
 - Shapes are fixed: the graph is recorded for the first batch; a batch of another shape (the
-  last, smaller one; multi-scale training) runs eagerly.
+  last, smaller one; multi-scale training) runs eagerly, so the data, and the numbers, are those of
+  an eager run.
 - Python in the pass runs only while recording: the forward hooks of submodules (the
   distillation's taps) would keep stale tensors. So the output of every submodule hooked when
   the graph is recorded (the first call) is also an output of the graphed pass, and its hooks are
@@ -190,6 +191,10 @@ class GraphedTraining:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+        # keep the static tensors, not the recorded autograd graph: its nodes (a parameter's gradient
+        # accumulator among them) belong to the recording stream, and autograd would sync on them later
+        leaves = [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        outputs = tensors(leaves)
         LOGGER.info(f"CUDA graphs recorded for batches of shape {tuple(sample.shape)} "
                     f"({len(outputs)} outputs, {len(tapped)} hooked layers)")
         return _Recording(tuple(sample.shape), layout, inputs, forward, backward, leaves, outputs, spec, n_module,

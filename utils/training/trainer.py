@@ -338,7 +338,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     train_loader, dataset = create_dataloader(
         require_split(data, "train"), imgsz, batch_per_rank, stride, hyp=hyp, augment=True, workers=opt.workers,
         shuffle=True, prefix="train: ", seed=opt.seed, close_mosaic=opt.close_mosaic > 0,
-        rank=info.local_rank, nc=nc, drop_last=opt.compile or opt.cuda_graphs, task=task, mask_ratio=opt.mask_ratio)
+        rank=info.local_rank, nc=nc, drop_last=opt.compile, task=task, mask_ratio=opt.mask_ratio)
     check_task(dataset, str(model_name), task)
     loss_fn = build_loss(model)
     evaluator = None
