@@ -131,7 +131,7 @@ def test_graphed_inference_replays_the_function_and_runs_other_shapes_itself():
     assert graphed.recorded[0] == (2, 3, IMGSZ, IMGSZ)
 
 
-def _pass_gradients(forward, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pass_gradients(forward, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Sum of squares of every output tensor, and the parameters' gradients, after one pass."""
     model.zero_grad(set_to_none=True)
     with make_precision(x.device, "bf16").autocast(x.device):
@@ -139,7 +139,13 @@ def _pass_gradients(forward, model: torch.nn.Module, x: torch.Tensor) -> tuple[t
     leaves = torch.utils._pytree.tree_leaves(outs)
     loss = sum(t.float().square().mean() for t in leaves if isinstance(t, torch.Tensor))
     loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).flatten().float() for k in a])
+    return float(diff.norm() / torch.cat([b[k].flatten().float() for k in b]).norm())
 
 
 @pytest.mark.gpu
@@ -158,9 +164,13 @@ def test_every_head_gives_eager_gradients_when_graphed(cfg, quantized):
     model = channels_last(model.train(), device)
     x = torch.rand(2, 3, IMGSZ, 96, device=device).contiguous(memory_format=torch.channels_last)
     eager = _pass_gradients(model, model, x)
+    again = _pass_gradients(model, model, x)
     graphed = GraphedTraining(model)
     _pass_gradients(graphed, model, x)  # records, then replays
     replayed = _pass_gradients(graphed, model, x)
     assert graphed.recording is not None
     torch.testing.assert_close(replayed[0], eager[0], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(replayed[1], eager[1], rtol=1e-3, atol=1e-5)
+    # every parameter gets its gradient; cuDNN's backward kernels are not bit-reproducible, so the
+    # whole gradient is compared, beside two eager passes' difference
+    difference, floor = _relative_difference(replayed[1], eager[1]), _relative_difference(again[1], eager[1])
+    assert difference < 1e-3, f"graphed vs eager {difference:.2e} (eager vs eager {floor:.2e})"

@@ -73,10 +73,21 @@ def test_fake_quant_per_channel_matches_the_pytorch_ops(dtype):
         assert torch.equal(bits(y), bits(want_y)) and torch.equal(inside, weights.abs() <= amax)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_fake_quant_of_a_strided_activation_matches_the_pytorch_ops(dtype):
+    torch.manual_seed(3)
+    x = (torch.randn(2, 8, 5, 6) * 3).to(dtype)
+    amax = torch.tensor(2.5)
+    for strided in (x[:, ::2], x.contiguous(memory_format=torch.channels_last)[:, 2:6], x.chunk(2, 1)[1]):
+        y, inside = fused_ops.fake_quant_int8(strided, amax, False, save_inside=True)
+        want_y, _ = reference(strided, amax, False)
+        assert torch.equal(bits(y), bits(want_y)) and torch.equal(inside, strided.abs() <= amax)
+
+
 def test_fake_quant_declines_what_it_has_no_kernel_for():
     x = torch.randn(2, 8, 4, 4)
-    assert fused_ops.fake_quant_int8(x[:, ::2], torch.tensor(1.0), False, True) is None  # not dense
     assert fused_ops.fake_quant_int8(x, torch.ones(8, 1, 1, 1), False, True) is None  # range per dim 1
+    assert fused_ops.fake_quant_int8(x.transpose(0, 1), torch.ones(8), False, True) is None  # per channel, strided
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))

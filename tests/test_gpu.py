@@ -6,14 +6,17 @@ case also needs two.
 """
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from copy import deepcopy
 
 import pytest
 import torch
 
 from models.quantize import amax_state, calibrate, prepare, set_trainable
-from tests.qat_helpers import check_torchrun_quantize, tiny_model
+from tests.qat_helpers import check_torchrun_quantize, save_float_checkpoint, tiny_model
 from utils.data.config import load_data_config, load_hyp
 from utils.data.synthetic import make_shapes_dataset
 from utils.paths import ROOT
@@ -57,3 +60,20 @@ def test_quantize_under_torchrun_over_nccl(shapes, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA GPUs")
     check_torchrun_quantize(shapes, tmp_path, "0,1", IMGSZ)
+
+
+def test_quantize_with_cuda_graphs_replays_the_steps_and_warns_of_nothing(shapes, tmp_path):
+    """``qat.py quantize --cuda-graphs`` end to end: the steps run from graphs (the log says so), the
+    epochs are reported, and neither autograd nor the graphs print a warning."""
+    weights = save_float_checkpoint(tiny_model(), tmp_path / "fp.pt")
+    cmd = [sys.executable, "qat.py", "quantize", "--weights", str(weights), "--data", str(shapes), "--imgsz",
+           str(IMGSZ), "--batch-size", "4", "--device", "0", "--workers", "0", "--calib-batches", "2", "--epochs",
+           "2", "--iters", "3", "--cuda-graphs", "--project", str(tmp_path / "runs"), "--name", "graphs"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "CUDA graphs recorded for batches of shape (4, 3, 64, 64)" in log
+    warnings = [line for line in log.splitlines() if "Warning" in line and "modelopt/torch/__init__" not in line]
+    assert not warnings, warnings  # (Model Optimizer's own import notice about transformers aside)
+    report = json.loads((tmp_path / "runs" / "graphs" / "report.json").read_text())
+    assert [e["epoch"] for e in report["epochs"]] == [1, 2]

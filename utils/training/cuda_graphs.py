@@ -24,6 +24,7 @@ cast would be freed when the autocast block ends while the graph still reads it)
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -178,16 +179,25 @@ class GraphedTraining:
                 outs = tensors(run()[0])
                 differentiate(outs, [torch.ones_like(o) for o in outs])
 
-        _on_side_stream(device, warm_up)
-        torch.cuda.synchronize(device)
-        pool = torch.cuda.graph_pool_handle()
-        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(forward, pool=pool, capture_error_mode=CAPTURE_MODE):
-            leaves, spec, n_module, tapped = run()
-        outputs = tensors(leaves)
-        output_grads = [torch.empty_like(o) if o.requires_grad else None for o in outputs]
-        with torch.cuda.graph(backward, pool=pool, capture_error_mode=CAPTURE_MODE):
-            param_grads = differentiate(outputs, output_grads)
+        # the taps' own hooks see real passes only: one that kept a recording pass's tensors would keep
+        # its autograd graph alive, and with it gradient accumulators that belong to the recording stream
+        suspended = [(m, m._forward_hooks) for m in taps]
+        for m in taps:
+            m._forward_hooks = OrderedDict()
+        try:
+            _on_side_stream(device, warm_up)
+            torch.cuda.synchronize(device)
+            pool = torch.cuda.graph_pool_handle()
+            forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(forward, pool=pool, capture_error_mode=CAPTURE_MODE):
+                leaves, spec, n_module, tapped = run()
+            outputs = tensors(leaves)
+            output_grads = [torch.empty_like(o) if o.requires_grad else None for o in outputs]
+            with torch.cuda.graph(backward, pool=pool, capture_error_mode=CAPTURE_MODE):
+                param_grads = differentiate(outputs, output_grads)
+        finally:
+            for m, hooks in suspended:
+                m._forward_hooks = hooks
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
