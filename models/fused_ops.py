@@ -91,7 +91,8 @@ def fake_quant_int8(x: torch.Tensor, amax: torch.Tensor, narrow_range: bool, sav
     ``amax`` is a 0-d tensor (per tensor) or one value per index of ``x``'s first dimension. A strided
     activation (a channel slice of a channels-last tensor: RepNCSPELAN4's and ADown's ``chunk``) is
     copied dense first: one pass, where the PyTorch ops would take eight over strided memory (42
-    quantizers a step of gelan-c, ~15 ms of an H200's time at batch 16 before this)."""
+    quantizers a step of gelan-c in the H200 profile; its QAT step with CUDA graphs went from 91.5
+    to 83.8 ms, across two runs)."""
     per_channel = amax.dim() > 0
     if amax.dtype not in DTYPES:
         return None
