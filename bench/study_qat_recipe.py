@@ -32,28 +32,29 @@ from utils.errors import UserError, run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
 
 
-def parse_variants(text: str) -> list[tuple[float, float, int, float]]:
-    """``lr:distill_weight:epochs[:warmup_epochs],...`` -> [(lr, weight, epochs, warmup), ...]."""
+def parse_variants(text: str) -> list[tuple[float, float, int, float, float]]:
+    """``lr:distill_weight:epochs[:warmup_epochs[:ema_decay]],...`` -> [(lr, weight, epochs, warmup, ema), ...]."""
     variants = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         fields = item.split(":")
         try:
-            warmup = float(fields[3]) if len(fields) == 4 else 0.0
-            variant = (float(fields[0]), float(fields[1]), int(fields[2]), warmup)
+            optional = [float(f) for f in fields[3:5]] + [0.0] * (5 - max(len(fields), 3))
+            variant = (float(fields[0]), float(fields[1]), int(fields[2]), *optional)
         except (ValueError, IndexError):
             variant = None
-        if variant is None or len(fields) > 4 or not variant[0] > 0 or variant[1] < 0 or variant[2] < 1 \
-                or variant[3] < 0:
-            raise UserError(f"--variants {item!r}: give lr:distill_weight:epochs[:warmup_epochs], e.g. 1e-4:1:3 "
-                            "or 1e-4:1:3:1 (lr > 0, weight >= 0, epochs >= 1, warm-up >= 0)")
+        if variant is None or len(fields) > 5 or not variant[0] > 0 or variant[1] < 0 or variant[2] < 1 \
+                or variant[3] < 0 or not 0 <= variant[4] < 1:
+            raise UserError(f"--variants {item!r}: give lr:distill_weight:epochs[:warmup_epochs[:ema_decay]], e.g. "
+                            "1e-4:1:3, 1e-4:1:3:1 or 1e-4:1:3:0:0.9 (lr > 0, weight >= 0, epochs >= 1, warm-up >= 0, "
+                            "0 <= decay < 1)")
         variants.append(variant)
     if not variants:
         raise UserError("--variants: name at least one lr:distill_weight:epochs")
     return variants
 
 
-def variant_name(lr: float, weight: float, epochs: int, warmup: float = 0.0) -> str:
-    return f"lr{lr:g}-dw{weight:g}-ep{epochs}" + (f"-wu{warmup:g}" if warmup else "")
+def variant_name(lr: float, weight: float, epochs: int, warmup: float = 0.0, ema: float = 0.0) -> str:
+    return f"lr{lr:g}-dw{weight:g}-ep{epochs}" + (f"-wu{warmup:g}" if warmup else "") + (f"-ema{ema:g}" if ema else "")
 
 
 def hyp_with_warmup(warmup: float, folder: Path) -> Path:
@@ -87,10 +88,11 @@ def _demo_model() -> str:
     return Path(CFGS["detect"]).stem
 
 
-def run_variant(args: argparse.Namespace, data: Path, lr: float, weight: float, epochs: int, warmup: float) -> dict:
+def run_variant(args: argparse.Namespace, data: Path, lr: float, weight: float, epochs: int, warmup: float,
+                ema: float) -> dict:
     import qat
 
-    name = variant_name(lr, weight, epochs, warmup)
+    name = variant_name(lr, weight, epochs, warmup, ema)
     hyp = ["--hyp", str(hyp_with_warmup(warmup, Path(args.project)))] if warmup else []
     t = time.perf_counter()
     run = qat.main(["quantize", "--weights", args.weights, "--data", str(data), "--imgsz", str(args.imgsz),
@@ -98,10 +100,11 @@ def run_variant(args: argparse.Namespace, data: Path, lr: float, weight: float, 
                     "--epochs", str(epochs), "--iters", str(args.iters), "--calib-batches", str(args.calib_batches),
                     "--calib-method", args.calib_method, "--lr", f"{lr:g}", "--distill-weight", f"{weight:g}",
                     "--control", "--seed", str(args.seed), "--project", str(args.project), "--name", name,
-                    "--exist-ok", *hyp])
+                    "--ema-decay", f"{ema:g}", "--exist-ok", *hyp])
     report = json.loads((run / "report.json").read_text())
     intervals = {k: v["map50_95"] for k, v in report["intervals"].items()}
     return {"variant": name, "lr": lr, "distill_weight": weight, "epochs": epochs, "warmup_epochs": warmup,
+            "ema_decay": ema,
             "run": str(run),
             "seconds": time.perf_counter() - t, "selected_on": report["selected_on"],
             "reported_on": report["reported"]["split"], "test_images": report["reported"]["images"],
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data", default="", help="data yaml with val and test splits (or --shapes)")
     p.add_argument("--shapes", type=int, default=0, help="draw the demo's shapes with this many test images")
     p.add_argument("--variants", default="1e-4:1:3",
-                   help="lr:distill_weight:epochs[:warmup_epochs], comma separated")
+                   help="lr:distill_weight:epochs[:warmup_epochs[:ema_decay]], comma separated")
     p.add_argument("--model", default="", help="name in the records (default: gelan-demo with --shapes, else the "
                    "checkpoint's file name)")
     p.add_argument("--imgsz", type=int, default=None, help="default: the demo's with --shapes")

@@ -106,6 +106,7 @@ CASES = [
     ("qat.py", "quantize --weights {w3} --data {data80} --imgsz 64 --workers 0", "classes"),
     ("qat.py", "quantize --weights {garbage} --data {data3}", "garbage.pt"),
     ("qat.py", "quantize --weights {w3} --data {data3} --compile --cuda-graphs", "--compile and --cuda-graphs"),
+    ("qat.py", "quantize --weights {w3} --data {data3} --ema-decay 1", "--ema-decay 1.0: must be at least 0"),
     ("train.py", "--cfg models/demo/gelan-demo.yaml --data {data3} --compile --cuda-graphs", "--cuda-graphs"),
     ("qat.py", "sensitive --weights {w3} --data {data80} --imgsz 64", "classes"),
     ("qat.py", "eval --weights {missing} --data {data3}", "missing.pt"),

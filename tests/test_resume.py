@@ -48,10 +48,10 @@ def inputs(tmp_path_factory) -> dict:
     return {"tmp": tmp, "data": data, "weights": save_float_checkpoint(tiny_model(), tmp / "fp.pt")}
 
 
-def _quantize_args(inputs: dict, project: Path, name: str, workers: int) -> list[str]:
+def _quantize_args(inputs: dict, project: Path, name: str, workers: int, extra: tuple = ()) -> list[str]:
     return ["quantize", "--weights", str(inputs["weights"]), "--data", str(inputs["data"]), "--imgsz", str(IMGSZ),
             "--batch-size", "4", "--device", "cpu", "--workers", str(workers), "--calib-batches", "1",
-            "--epochs", "2", "--iters", "2", "--no-eval-origin", "--project", str(project), "--name", name]
+            "--epochs", "2", "--iters", "2", "--no-eval-origin", "--project", str(project), "--name", name, *extra]
 
 
 def _train_args(inputs: dict, project: Path, name: str, workers: int) -> list[str]:
@@ -71,9 +71,12 @@ def _assert_same_quantized(a: Path, b: Path) -> None:
         sx, sy = x["quant"]["state_dict"], y["quant"]["state_dict"]
         assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx), name
         assert x["epoch"] == y["epoch"] and x["best_fitness"] == y["best_fitness"], name
-    ox = load_checkpoint(a / "weights" / "qat_last.pt")["optimizer"]["state"]
-    oy = load_checkpoint(b / "weights" / "qat_last.pt")["optimizer"]["state"]
+    lx, ly = load_checkpoint(a / "weights" / "qat_last.pt"), load_checkpoint(b / "weights" / "qat_last.pt")
+    ox, oy = lx["optimizer"]["state"], ly["optimizer"]["state"]
     assert all(torch.equal(ox[i]["momentum_buffer"], oy[i]["momentum_buffer"]) for i in ox)
+    assert (lx.get("student") is None) == (ly.get("student") is None) and lx["updates"] == ly["updates"]
+    if lx.get("student") is not None:  # with --ema-decay: the trained weights beside their average
+        assert all(torch.equal(v, ly["student"][k]) for k, v in lx["student"].items())
 
 
 def _csv_rows(run: Path) -> list[dict]:
@@ -89,12 +92,13 @@ def _assert_same_trained(a: Path, b: Path) -> None:
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
-def test_qat_resume_reproduces_the_uninterrupted_run(inputs, monkeypatch, caplog):
-    project = inputs["tmp"] / "qat"
-    full = qat.main(_quantize_args(inputs, project, "full", workers=0))
+@pytest.mark.parametrize("ema", [(), ("--ema-decay", "0.9")], ids=["weights", "average"])
+def test_qat_resume_reproduces_the_uninterrupted_run(inputs, monkeypatch, caplog, ema):
+    project = inputs["tmp"] / f"qat-{len(ema)}"
+    full = qat.main(_quantize_args(inputs, project, "full", workers=0, extra=ema))
     monkeypatch.setattr(pipeline, "train_one_epoch", _interrupting(pipeline.train_one_epoch, 1))
     with pytest.raises(KeyboardInterrupt, match="--resume"):
-        qat.main(_quantize_args(inputs, project, "cut", workers=2))
+        qat.main(_quantize_args(inputs, project, "cut", workers=2, extra=ema))
     monkeypatch.undo()
     last = project / "cut" / "weights" / "qat_last.pt"
     assert load_checkpoint(last)["epoch"] == 0  # the interrupt kept epoch 1
@@ -113,6 +117,11 @@ def test_qat_resume_reproduces_the_uninterrupted_run(inputs, monkeypatch, caplog
     md = (resumed / "report.md").read_text()
     assert "ran in 2 processes" in md and "process 2: loading" in md and "QAT epochs 2-2" in md
     assert "ran in" not in (full / "report.md").read_text()
+    if ema:  # the shipped model is the average, which moved off the trained weights; best.pt ships it alone
+        last = load_checkpoint(resumed / "weights" / "qat_last.pt")
+        average, trained = last["quant"]["state_dict"], last["student"]
+        assert last["updates"] > 0 and any(not torch.equal(average[k], trained[k]) for k in trained)
+        assert load_checkpoint(resumed / "weights" / "qat_best.pt").get("student") is None
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:

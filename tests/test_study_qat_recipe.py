@@ -13,9 +13,12 @@ from utils.errors import UserError
 
 
 def test_variants_are_parsed_strictly():
-    assert parse_variants("1e-4:1:3, 1e-3:0:10:0.5") == [(1e-4, 1.0, 3, 0.0), (1e-3, 0.0, 10, 0.5)]
+    assert parse_variants("1e-4:1:3, 1e-3:0:10:0.5, 1e-4:1:3:0:0.9") == [
+        (1e-4, 1.0, 3, 0.0, 0.0), (1e-3, 0.0, 10, 0.5, 0.0), (1e-4, 1.0, 3, 0.0, 0.9)]
     assert variant_name(1e-4, 0.0, 3) == "lr0.0001-dw0-ep3" and variant_name(1e-4, 1, 3, 1) == "lr0.0001-dw1-ep3-wu1"
-    for bad in ("", "1e-4:1", "0:1:3", "1e-4:-1:3", "1e-4:1:0", "x:1:3", "1e-4:1:3:-1", "1e-4:1:3:1:1"):
+    assert variant_name(1e-4, 1, 3, 0, 0.9) == "lr0.0001-dw1-ep3-ema0.9"
+    for bad in ("", "1e-4:1", "0:1:3", "1e-4:-1:3", "1e-4:1:0", "x:1:3", "1e-4:1:3:-1", "1e-4:1:3:1:1",
+                "1e-4:1:3:0:-0.1", "1e-4:1:3:0:0.9:1"):
         with pytest.raises(UserError, match="--variants"):
             parse_variants(bad)
 

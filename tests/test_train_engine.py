@@ -74,6 +74,18 @@ def test_ema_ramps_its_decay_and_follows_the_model():
     assert not any(p.requires_grad for p in ema.ema.parameters())
 
 
+def test_ema_without_a_ramp_holds_its_decay_from_the_first_update():
+    """A fine-tune's average (qat.py quantize --ema-decay) clings to the trained start at once."""
+    net = small_net()
+    start = net[0].weight.detach().clone()
+    ema = ModelEMA(net, decay=0.9, tau=0)
+    assert ema.decay(1) == ema.decay(1000) == 0.9
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema.update(net)
+    assert torch.allclose(ema.ema[0].weight, start + 0.1)
+
+
 def test_ema_follows_batchnorm_statistics_and_tensors_swapped_between_updates():
     """The tensor pairs are looked up once: later in-place updates, a layout change (new parameter
     data) and a replaced buffer must all still reach the average."""

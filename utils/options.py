@@ -52,6 +52,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "percentile": (lambda v: 0 < v <= 100, "above 0 and at most 100"),
     "distill_weight": (lambda v: v >= 0, "at least 0"),
     "lr": (lambda v: v > 0, "above 0"),
+    "ema_decay": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "reference_conf": (lambda v: 0 <= v <= 1, "between 0 and 1"),
 }
 # pairs of switches that cannot be on together -> why

@@ -55,6 +55,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=200, help="batches per QAT epoch at most")
     p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the hyp's lr0)")
     p.add_argument("--optimizer", default="SGD", choices=OPTIMIZERS)
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="evaluate and ship a moving average of the fine-tuned weights, starting at the PTQ "
+                        "model, with this decay per step (e.g. 0.95; 0: the weights themselves)")
     p.add_argument("--amp", default="bf16", choices=AMP_MODES, help="mixed precision on CUDA (ignored on CPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the QAT step (CUDA; pays off after a minute or two of compiling)")

@@ -64,6 +64,7 @@ from utils.torch_utils import de_parallel, select_device
 from utils.training.acceleration import channels_last, maybe_compile
 from utils.training.cuda_graphs import maybe_graph
 from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
+from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
 from utils.training.optim import Warmup, build_optimizer, lr_lambda
@@ -314,6 +315,8 @@ class ResumeState:
     best_fitness: float = -1.0
     optimizer: dict | None = None
     started: float = 0.0  # perf_counter at the start of the command, for the time to qat_best.pt
+    student: dict | None = None  # with --ema-decay: the trained weights (the checkpoint's model is their average)
+    ema_updates: int = 0
 
 
 def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, data: dict, hyp: dict,
@@ -334,6 +337,13 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     lf = lr_lambda(opt.epochs, hyp["lrf"], cosine=True)
     warmup = _warmup(hyp, optimizer, lr0, len(loader))
     loss_fn = build_loss(student, hyp)
+    # The average starts at the model the fine-tune starts from (copied before the distillation hooks
+    # the student); on a resume that is the saved average, and the student takes back its own weights.
+    ema = ModelEMA(student, opt.ema_decay, tau=0, updates=state.ema_updates) \
+        if opt.ema_decay > 0 and info.is_main else None
+    if state.student is not None:
+        student.load_state_dict(state.student)
+    shipped = ema.ema if ema is not None else student
     distill = None
     if phase.distill and opt.distill_weight > 0 and opt.supervision_stride > 0:
         layers = supervised_layers(len(student.model), opt.supervision_stride)
@@ -358,7 +368,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
             stats = train_one_epoch(model, loader, loss_fn, optimizer, device=device, epoch=epoch, epochs=opt.epochs,
                                     precision=precision, max_iters=opt.iters, extra_loss_fn=distill,
                                     warmup=warmup, lr_factor=lf(epoch), world_size=info.world_size,
-                                    progress=info.is_main, forward=forward)
+                                    progress=info.is_main, forward=forward, ema=ema)
             if not info.is_main:
                 continue
             row = {"epoch": epoch + 1, **dict(zip(loss_names, stats.loss)),
@@ -368,7 +378,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
             fitness = 0.0
             if evaluate is not None:
                 t = time.perf_counter()
-                r = evaluate(student)
+                r = evaluate(shipped)
                 row.update(metrics(r), eval_seconds=time.perf_counter() - t)
                 fitness = score(row)
             report[phase.history].append(row)
@@ -379,11 +389,13 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
                 report[f"seconds_to_{phase.name}_best"] = time.perf_counter() - state.started
                 if phase is QAT:
                     report["qat_best_session"] = len(report["sessions"])
-            last_ckpt = phase.checkpoint(student, epoch=epoch, best_fitness=best, optimizer=optimizer, opt=vars(opt),
+            last_ckpt = phase.checkpoint(shipped, epoch=epoch, best_fitness=best, optimizer=optimizer, opt=vars(opt),
                                          report=report)
+            if ema is not None:
+                last_ckpt.update(updates=ema.updates, student=de_parallel(student).state_dict())
             save_checkpoint(last_ckpt, weights / f"{phase.name}_last.pt")
             if improved:
-                save_checkpoint({**last_ckpt, "optimizer": None}, weights / f"{phase.name}_best.pt")
+                save_checkpoint({**last_ckpt, "optimizer": None, "student": None}, weights / f"{phase.name}_best.pt")
             write_report(report, save_dir)
             LOGGER.info(f"{phase.label} epoch {epoch + 1}/{opt.epochs}: mAP50-95 "
                         f"{row.get('map50_95', float('nan')):.4f}, distillation error {row['distill_error']:.2e}")
@@ -510,7 +522,8 @@ def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None,
     if ckpt is not None:
         report = {"selected_on": opt.task, "reported_on": reported_on, **ckpt["qat"]}  # older reports lack both
         student = build_quantized(ckpt["quant"], device)
-        state = ResumeState(ckpt["epoch"] + 1, float(ckpt["best_fitness"]), ckpt["optimizer"], t0)
+        state = ResumeState(ckpt["epoch"] + 1, float(ckpt["best_fitness"]), ckpt["optimizer"], t0,
+                            ckpt.get("student"), int(ckpt.get("updates") or 0))
         if state.start_epoch >= opt.epochs and not opt.control:
             raise UserError(f"{opt.resume}: all {opt.epochs} QAT epochs are done; nothing to resume")
     else:

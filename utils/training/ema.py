@@ -2,6 +2,8 @@
 
 The decay ramps up from 0 towards ``decay`` over the first few thousand updates (upstream's
 ``decay * (1 - exp(-updates / tau))``) so that the average does not cling to the random start.
+A fine-tune starts from a trained model, which the average should cling to: ``tau=0`` holds the
+decay at ``decay`` from the first update.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class ModelEMA:
 
     def decay(self, updates: int) -> float:
         """Weight of the old average after ``updates`` updates."""
+        if self.tau <= 0:
+            return self.decay_max
         return self.decay_max * (1 - math.exp(-updates / self.tau))
 
     @torch.no_grad()
