@@ -7,7 +7,8 @@ student plus the FP32 teacher's forward for distillation), on one repeated real 
 Each variant (FP32 / QAT, with cuDNN's autotuner off and on) is timed phase by phase with the GPU
 synchronised between phases: forward, loss (plus distillation), backward, optimizer. Then
 torch.profiler lists the top operators of one variant of each kind. The models and steps are
-bench/bench_qat_step.py's (channels-last on CUDA; ``--compile`` for the compiled steps). A
+bench/bench_qat_step.py's (channels-last on CUDA; ``--compile`` for the compiled steps,
+``--cuda-graphs`` for the replayed ones: the profiler lists the kernels inside the graphs). A
 diagnosis tool: the models are randomly initialised and it writes no record, only
 ``<out>/profile.md``.
 """
@@ -38,7 +39,7 @@ def build_runs(args: argparse.Namespace, device: torch.device) -> dict:
     built = build_models(args.cfg, args.data, args.imgsz, args.batch_size, args.workers, device)
     imgs, targets, *_ = built["batch"]
     imgs = imgs.to(device).contiguous(memory_format=memory_format(built["fp32"])).float() / 255
-    runs = make_steps(built, device, "compiled" if args.compile else "eager")
+    runs = make_steps(built, device, "compiled" if args.compile else "graphed" if args.cuda_graphs else "eager")
     return {"batch": (imgs, targets.to(device)), "runs": runs}
 
 
@@ -110,6 +111,7 @@ def main(argv=None) -> Path:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="0")
     p.add_argument("--compile", action="store_true", help="profile the torch.compile'd steps")
+    p.add_argument("--cuda-graphs", action="store_true", help="profile the steps replayed from CUDA graphs")
     p.add_argument("--out", default=str(ROOT / "runs/profile"))
     args = p.parse_args(argv)
 
