@@ -47,6 +47,7 @@ def step(run: tuple, batch: tuple, device: torch.device, clock: dict | None) -> 
     """One training step as ``utils.training.engine.train_one_epoch`` takes it; ``clock`` collects phase seconds."""
     model, forward, loss_fn, optimizer, distill = run
     imgs, targets = batch
+    model.train()  # as train_one_epoch does: a CUDA graph is recorded for a training pass only
     marks = [time.perf_counter()]
 
     def mark():
