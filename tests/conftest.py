@@ -18,9 +18,6 @@ if not Path("/proc/driver/nvidia").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
-
-from utils.deployment.backends import have_tensorrt
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -44,6 +41,13 @@ def _users_together(items: list) -> None:
 
 
 def pytest_collection_modifyitems(config, items):
+    # torch and the backends module are imported here and in the fixtures, not at the top: with
+    # -n 2 the controlling process loads this file too, and does so before it starts the workers
+    # (it never collects or runs a test), so a top-level import delayed every worker by ~3.5 s
+    import torch
+
+    from utils.deployment.backends import have_tensorrt
+
     _users_together(items)
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
     no_trt = pytest.mark.skip(reason="needs TensorRT (pip install tensorrt from NVIDIA's index); not installed here")
@@ -59,6 +63,8 @@ def pytest_collection_modifyitems(config, items):
 def _thread_count_kept():
     """A test that sets PyTorch's thread count (a tool's --threads, a bench job) sets it for the
     process: put it back, so no later test runs on another count than the one chosen above."""
+    import torch
+
     threads = torch.get_num_threads()
     yield
     if torch.get_num_threads() != threads:
@@ -73,6 +79,8 @@ def torchscript_graph_lint():
     Runtime against PyTorch); yields the real pass, which
     tests/test_export.py::test_torch_ir_lint_passes_and_skipping_it_changes_no_export runs on a QAT
     export, showing the bytes are the same either way."""
+    import torch
+
     real = torch._C._jit_pass_lint
     torch._C._jit_pass_lint = lambda graph: None
     yield real
