@@ -151,15 +151,16 @@ def _largest_relative_difference(a: dict, b: dict) -> tuple[float, str]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", ["gelan-tiny", "yolov9-tiny", "gelan-tiny-seg", "gelan-tiny-dseg", "yolov9-tiny-dseg"])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_every_head_gives_eager_gradients_when_graphed(cfg, quantized):
-    """Detection, dual, segmentation and dual segmentation heads, float and fake-quantized, on a
-    non-square input: whatever their outputs' nesting, the replayed pass gives every parameter its
+@pytest.mark.parametrize("nc", [1, 2])
+def test_every_head_gives_eager_gradients_when_graphed(cfg, quantized, nc):
+    """Detection, dual, segmentation and dual segmentation heads, float and fake-quantized, one
+    class and two, on a non-square input: whatever their outputs' nesting, the replayed pass gives every parameter its
     eager gradient. In float32: under bf16 autocast the recording may get other cuDNN backward
     algorithms than the eager pass (seen on an H200: the float segmentation models' early BatchNorm
     gradients moved by up to 8% in bf16 with channels-last tensors, 0 in float32)."""
     device = torch.device("cuda:0")
     torch.manual_seed(0)
-    model = Model(ASSETS / f"{cfg}.yaml", nc=2).to(device)
+    model = Model(ASSETS / f"{cfg}.yaml", nc=nc).to(device)
     if quantized:
         model = prepare(model.fuse())
         calibrate(model, [torch.rand(2, 3, IMGSZ, 96, device=device)])

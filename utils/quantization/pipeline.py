@@ -392,7 +392,7 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
             last_ckpt = phase.checkpoint(shipped, epoch=epoch, best_fitness=best, optimizer=optimizer, opt=vars(opt),
                                          report=report)
             if ema is not None:
-                last_ckpt.update(updates=ema.updates, student=de_parallel(student).state_dict())
+                last_ckpt.update(updates=ema.updates, student=student.state_dict())
             save_checkpoint(last_ckpt, weights / f"{phase.name}_last.pt")
             if improved:
                 save_checkpoint({**last_ckpt, "optimizer": None, "student": None}, weights / f"{phase.name}_best.pt")

@@ -64,6 +64,7 @@ class _Recording:
     shape: tuple[int, ...]
     layout: torch.memory_format
     inputs: torch.Tensor
+    params: list[torch.Tensor]  # the trainable parameters the graphs read and differentiate, in order
     forward: torch.cuda.CUDAGraph
     backward: torch.cuda.CUDAGraph
     leaves: list[Any]  # the module's output leaves, then every tapped submodule's (non-tensors as recorded)
@@ -134,8 +135,7 @@ class GraphedTraining:
         rec = self.recording
         if rec is None or tuple(x.shape) != rec.shape or not x.is_contiguous(memory_format=rec.layout):
             return self.module(x)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        out, taps = rec.rebuild(_Replay.apply(rec, x, *params))
+        out, taps = rec.rebuild(_Replay.apply(rec, x, *rec.params))
         for sub, tap_out in taps:  # the taps' hooks see this replay's outputs
             for hook in list(sub._forward_hooks.values()):
                 hook(sub, (), tap_out)
@@ -207,8 +207,8 @@ class GraphedTraining:
         outputs = tensors(leaves)
         LOGGER.info(f"CUDA graphs recorded for batches of shape {tuple(sample.shape)} "
                     f"({len(outputs)} outputs, {len(tapped)} hooked layers)")
-        return _Recording(tuple(sample.shape), layout, inputs, forward, backward, leaves, outputs, spec, n_module,
-                          tapped, output_grads, tuple(param_grads))
+        return _Recording(tuple(sample.shape), layout, inputs, params, forward, backward, leaves, outputs, spec,
+                          n_module, tapped, output_grads, tuple(param_grads))
 
 
 class GraphedInference:
