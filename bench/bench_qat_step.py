@@ -181,6 +181,10 @@ def fused_mismatches(device: torch.device) -> dict:
             out[f"fake_quant_per_tensor_{tag}"] = differing(lambda t: fake_quant_int8(t, amax_t), x)
             out[f"fake_quant_per_channel_{tag}"] = differing(lambda t: fake_quant_int8(t, amax_c), x)
             out[f"average_blur_{tag}"] = differing(fused_ops.average_blur, x)
+            # cat's backward hands the quantizer a channel slice of the (random) gradient: the strided kernel
+            r = torch.randn((16, 128, 40, 40), generator=g).to(device, dtype).contiguous(memory_format=layout)
+            out[f"straight_through_of_a_slice_{tag}"] = differing(
+                lambda t: torch.cat([fake_quant_int8(t, amax_t), t], 1) * r, x)
             teacher = (x.float() + 0.1 * torch.randn(x.shape, generator=g).to(device)).to(dtype)
             teacher = teacher.contiguous(memory_format=layout)
             out[f"distillation_max_relative_difference_{tag}"] = relative_difference(

@@ -61,7 +61,8 @@ class _FakeQuantInt8(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inside,) = ctx.saved_tensors
-        return torch.where(inside, grad, 0.0), None, None
+        fused = fused_ops.straight_through(grad, inside) if fused_ops.usable(grad) else None
+        return (torch.where(inside, grad, 0.0) if fused is None else fused), None, None
 
     @staticmethod
     @symbolic_helper.parse_args("v", "t", "b")

@@ -91,6 +91,32 @@ def test_fake_quant_declines_what_it_has_no_kernel_for():
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("mask_channels_last", (False, True))
+def test_straight_through_of_a_differently_laid_gradient_matches_where(dtype, mask_channels_last):
+    torch.manual_seed(4)
+    x = torch.randn(2, 6, 5, 7)
+    inside = (x.abs() <= 1.0).contiguous(memory_format=torch.channels_last if mask_channels_last else
+                                         torch.contiguous_format)
+    wide = torch.randn(2, 10, 5, 7).to(dtype)
+    gradients = (wide.contiguous(memory_format=torch.channels_last)[:, 2:8],  # cat's backward: a channel slice
+                 wide[:, 4:10],  # a slice of an NCHW gradient
+                 torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last if not
+                                                               mask_channels_last else torch.contiguous_format),
+                 torch.randn(1, 1, 1, 1).to(dtype).expand(2, 6, 5, 7))  # a mean's backward: one value, stride 0
+    for grad in gradients:
+        dx = fused_ops.straight_through(grad, inside)
+        want = torch.where(inside, grad, 0.0)
+        assert dx.dtype == dtype and dx.stride() == inside.stride()  # dense, as the mask lies
+        assert torch.equal(bits(dx), bits(want))
+
+
+def test_straight_through_leaves_alike_layouts_and_other_shapes_to_pytorch():
+    inside = torch.rand(2, 3, 4, 5) > 0.5
+    assert fused_ops.straight_through(torch.randn(2, 3, 4, 5), inside) is None  # same layout: where is vectorised
+    assert fused_ops.straight_through(torch.randn(6, 4), torch.rand(6, 4) > 0.5) is None
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("shape", ((2, 6, 5, 7), (1, 3, 2, 2), (1, 1, 9, 4)))
 @pytest.mark.parametrize("channels_last", (False, True))
 def test_blur_matches_avg_pool2d_both_ways(dtype, shape, channels_last):
