@@ -180,6 +180,7 @@ def fused_mismatches(device: torch.device) -> dict:
             amax_c = x.float().abs().amax(dim=(1, 2, 3), keepdim=True).detach() * 0.7
             out[f"fake_quant_per_tensor_{tag}"] = differing(lambda t: fake_quant_int8(t, amax_t), x)
             out[f"fake_quant_per_channel_{tag}"] = differing(lambda t: fake_quant_int8(t, amax_c), x)
+            out[f"fake_quant_of_a_slice_{tag}"] = differing(lambda t: fake_quant_int8(t[:, 8:40], amax_t), x)
             out[f"average_blur_{tag}"] = differing(fused_ops.average_blur, x)
             # cat's backward hands the quantizer a channel slice of the (random) gradient: the strided kernel
             r = torch.randn((16, 128, 40, 40), generator=g).to(device, dtype).contiguous(memory_format=layout)

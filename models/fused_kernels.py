@@ -36,12 +36,17 @@ def split_bhwc(offs, height, width, channels):
 
 
 @triton.jit
-def fake_quant(x_ptr, amax_ptr, y_ptr, inside_ptr, n, per_channel_size, LOW: tl.constexpr,
-               PER_CHANNEL: tl.constexpr, SAVE_INSIDE: tl.constexpr, BF16: tl.constexpr,
-               BLOCK: tl.constexpr):
+def fake_quant(x_ptr, amax_ptr, y_ptr, inside_ptr, n, per_channel_size, dim1, dim2, dim3, stride0, stride1,
+               stride2, stride3, LOW: tl.constexpr, PER_CHANNEL: tl.constexpr, SAVE_INSIDE: tl.constexpr,
+               BF16: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):
+    # y and inside are dense; a STRIDED x is read through its strides, given in the order of their layout
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    if STRIDED:
+        i0, i1, i2, i3 = split_bhwc(offs, dim1, dim2, dim3)
+        x = tl.load(x_ptr + i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3, mask=valid, other=0.0)
+    else:
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0)
     if PER_CHANNEL:
         amax_in = tl.load(amax_ptr + offs // per_channel_size, mask=valid, other=1.0)
     else:

@@ -78,9 +78,11 @@ def test_fake_quant_of_a_strided_activation_matches_the_pytorch_ops(dtype):
     torch.manual_seed(3)
     x = (torch.randn(2, 8, 5, 6) * 3).to(dtype)
     amax = torch.tensor(2.5)
-    for strided in (x[:, ::2], x.contiguous(memory_format=torch.channels_last)[:, 2:6], x.chunk(2, 1)[1]):
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    for strided in (x[:, ::2], nhwc[:, 2:6], x.chunk(2, 1)[1], nhwc.chunk(2, 1)[1], nhwc[:, 1:4, 2:3, 3:4]):
         y, inside = fused_ops.fake_quant_int8(strided, amax, False, save_inside=True)
         want_y, _ = reference(strided, amax, False)
+        assert fused_ops._dense(y) and inside.stride() == y.stride()  # read through the strides, written dense
         assert torch.equal(bits(y), bits(want_y)) and torch.equal(inside, strided.abs() <= amax)
 
 
