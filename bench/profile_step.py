@@ -56,6 +56,8 @@ def step(run: tuple, batch: tuple, device: torch.device, clock: dict | None) -> 
             marks.append(time.perf_counter())
 
     with torch.autocast("cuda", dtype=torch.bfloat16):
+        if distill is not None:
+            distill.start(imgs)  # the teacher beside the forward pass, as the engine runs it
         preds = forward(imgs)
         mark()
         loss, _ = loss_fn(preds, targets)

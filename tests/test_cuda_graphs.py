@@ -115,6 +115,32 @@ def test_graphed_float_steps_keep_batchnorm_as_eager_ones():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_teacher_started_beside_the_student_gives_the_inline_teachers_error(graphs):
+    device = torch.device("cuda:0")
+    teacher = channels_last(tiny_model().fuse().eval().to(device), device)
+    student = prepare(deepcopy(teacher))
+    calibrate(student, [torch.rand(2, 3, IMGSZ, IMGSZ, device=device)])
+    channels_last(set_trainable(student), device)
+    layers = supervised_layers(len(student.model), 1)
+    beside = FeatureDistillation(student, teacher, layers, graphs=graphs)
+    errors = []
+    for imgs, *_ in _batches(device, [4, 4, 2]):  # the last shape is not the recorded one
+        x = imgs.to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
+        with make_precision(device, "bf16").autocast(device):
+            beside.start(x)
+            assert beside._started is not None
+            errors.append(beside(x, student(x), None))
+    beside.remove()
+    inline = FeatureDistillation(student, teacher, layers, graphs=graphs)
+    for (imgs, *_), started in zip(_batches(device, [4, 4, 2]), errors):
+        x = imgs.to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
+        with make_precision(device, "bf16").autocast(device):
+            torch.testing.assert_close(inline(x, student(x), None), started, rtol=1e-5, atol=1e-7)
+    inline.remove()
+
+
+@pytest.mark.gpu
 def test_graphed_inference_replays_the_function_and_runs_other_shapes_itself():
     device = torch.device("cuda:0")
     model = tiny_model().fuse().eval().to(device).requires_grad_(False)

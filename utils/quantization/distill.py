@@ -88,7 +88,8 @@ class FeatureDistillation:
     The teacher runs without autograd, in the caller's autocast precision; its side of every error
     (the float32 feature and its energy) is computed there too. With ``compile`` (CUDA) the teacher
     pass and the error terms are each compiled into a few fused kernels; with ``graphs`` (CUDA) the
-    teacher's pass is replayed from a CUDA graph (``utils.training.cuda_graphs``).
+    teacher's pass is replayed from a CUDA graph (``utils.training.cuda_graphs``). The engine calls
+    ``start`` before the student's forward pass, so that on CUDA the teacher runs beside it.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], weight: float = 1.0,
@@ -111,6 +112,8 @@ class FeatureDistillation:
         self._error = maybe_compile(_mean_relative_error, device, compile, backend=backend)
         self._err_sum: torch.Tensor | float = 0.0  # summed on the device: no host sync per step
         self._err_count = 0
+        self._side_stream: torch.cuda.Stream | None = None
+        self._started: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @staticmethod
     def _keep(store: dict, name: str):
@@ -124,9 +127,31 @@ class FeatureDistillation:
         self._teacher_out.clear()
         return refs
 
-    def __call__(self, imgs: torch.Tensor, preds, targets) -> torch.Tensor:
-        with torch.no_grad():
+    def start(self, imgs: torch.Tensor) -> None:
+        """Launch the teacher's pass on ``imgs`` on a side CUDA stream, before the engine launches the
+        student's forward pass, so that the two run side by side where the GPU has room (the deep
+        layers' small kernels leave most of it idle); the call for these images waits for it. A no-op
+        off CUDA: the call then runs the teacher itself."""
+        if not imgs.is_cuda:
+            return
+        main = torch.cuda.current_stream(imgs.device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(imgs.device)
+        self._side_stream.wait_stream(main)  # the images, and the last step's reads of a replayed graph's outputs
+        with torch.cuda.stream(self._side_stream), torch.no_grad():
             references = self._references(imgs)
+        for pair in references:
+            for t in pair:
+                t.record_stream(main)  # made on the side stream, read on the main one: not reused before that
+        self._started = references
+
+    def __call__(self, imgs: torch.Tensor, preds, targets) -> torch.Tensor:
+        if self._started is not None:
+            torch.cuda.current_stream(imgs.device).wait_stream(self._side_stream)
+            references, self._started = self._started, None
+        else:
+            with torch.no_grad():
+                references = self._references(imgs)
         students = [s for n in self.sites for s in self._student_out.get(n, [])]
         self._student_out.clear()
         if not students or len(students) != len(references):

@@ -71,13 +71,15 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
     ``(masks, polygons)`` and their loss is called as ``loss_fn(preds, targets, masks)``.
     ``extra_loss_fn(imgs, preds, targets)``
     returns a batch-mean scalar that is added with the same batch scaling (e.g. a distillation term
-    whose teacher runs under ``torch.no_grad`` inside it). Gradients are accumulated over
+    whose teacher runs under ``torch.no_grad`` inside it); where it has a ``start(imgs)`` method, that is
+    called just before the forward pass (the teacher then runs beside it). Gradients are accumulated over
     ``accumulate`` batches (the warm-up may lower that early on); each epoch ends with a step so that
     epochs are self-contained and a resumed run repeats the same sequence of steps. ``forward`` runs
     the model's forward pass in its place (a compiled ``model``: ``utils.training.acceleration``).
     """
     precision = precision or make_precision(device, "off")
     forward = model if forward is None else forward
+    start_extra = getattr(extra_loss_fn, "start", None)
     layout = memory_format(model)
     model.train()
     nb = len(loader)
@@ -105,6 +107,8 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
             sync = contextlib.nullcontext() if (will_step or not ddp) else model.no_sync()
             with sync:
                 with precision.autocast(device):
+                    if start_extra is not None:
+                        start_extra(imgs)
                     preds = forward(imgs)
                     loss, items = loss_fn(preds, targets, *masks)
                     if extra_loss_fn is not None:
