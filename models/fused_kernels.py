@@ -73,13 +73,16 @@ def fake_quant(x_ptr, amax_ptr, y_ptr, inside_ptr, n, per_channel_size, dim1, di
 
 @triton.jit
 def straight_through(g_ptr, inside_ptr, dx_ptr, n, dim1, dim2, dim3, stride0, stride1, stride2, stride3,
-                     BLOCK: tl.constexpr):
-    # dx = g where inside else 0, written in the mask's (dense) layout; g is read through its own strides,
-    # given in the order of that layout's dimensions (a channel slice of a bigger gradient, another layout)
+                     STRIDED: tl.constexpr, BLOCK: tl.constexpr):
+    # dx = g where inside else 0, written in the mask's (dense) layout; a STRIDED g is read through its own
+    # strides, given in the order of that layout's dimensions (a channel slice of a bigger gradient)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    i0, i1, i2, i3 = split_bhwc(offs, dim1, dim2, dim3)
-    g = tl.load(g_ptr + i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3, mask=valid, other=0.0)
+    if STRIDED:
+        i0, i1, i2, i3 = split_bhwc(offs, dim1, dim2, dim3)
+        g = tl.load(g_ptr + i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3, mask=valid, other=0.0)
+    else:
+        g = tl.load(g_ptr + offs, mask=valid, other=0.0)
     keep = tl.load(inside_ptr + offs, mask=valid, other=0) != 0
     tl.store(dx_ptr + offs, tl.where(keep, g, tl.zeros_like(g)), mask=valid)
 

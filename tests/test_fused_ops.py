@@ -94,7 +94,7 @@ def test_fake_quant_declines_what_it_has_no_kernel_for():
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("mask_channels_last", (False, True))
-def test_straight_through_of_a_differently_laid_gradient_matches_where(dtype, mask_channels_last):
+def test_straight_through_matches_where_for_every_gradient_layout(dtype, mask_channels_last):
     torch.manual_seed(4)
     x = torch.randn(2, 6, 5, 7)
     inside = (x.abs() <= 1.0).contiguous(memory_format=torch.channels_last if mask_channels_last else
@@ -104,7 +104,9 @@ def test_straight_through_of_a_differently_laid_gradient_matches_where(dtype, ma
                  wide[:, 4:10],  # a slice of an NCHW gradient
                  torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last if not
                                                                mask_channels_last else torch.contiguous_format),
-                 torch.randn(1, 1, 1, 1).to(dtype).expand(2, 6, 5, 7))  # a mean's backward: one value, stride 0
+                 torch.randn(1, 1, 1, 1).to(dtype).expand(2, 6, 5, 7),  # a mean's backward: one value, stride 0
+                 torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last if
+                                                               mask_channels_last else torch.contiguous_format))
     for grad in gradients:
         dx = fused_ops.straight_through(grad, inside)
         want = torch.where(inside, grad, 0.0)
@@ -112,10 +114,9 @@ def test_straight_through_of_a_differently_laid_gradient_matches_where(dtype, ma
         assert torch.equal(bits(dx), bits(want))
 
 
-def test_straight_through_leaves_alike_layouts_and_other_shapes_to_pytorch():
-    inside = torch.rand(2, 3, 4, 5) > 0.5
-    assert fused_ops.straight_through(torch.randn(2, 3, 4, 5), inside) is None  # same layout: where is vectorised
+def test_straight_through_leaves_other_shapes_to_pytorch():
     assert fused_ops.straight_through(torch.randn(6, 4), torch.rand(6, 4) > 0.5) is None
+    assert fused_ops.straight_through(torch.randn(2, 3, 4, 5), torch.rand(2, 3, 4, 1) > 0.5) is None
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
