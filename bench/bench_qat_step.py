@@ -9,7 +9,8 @@ Both steps are the ones train.py and qat.py take: ``utils.training.engine.train_
 repeated real batch, bf16 autocast, channels-last tensors on CUDA, cuDNN's autotuner on, no EMA.
 FP32 is the unfused model with BatchNorm, as train.py trains it; QAT is the fused, max-calibrated,
 fake-quantized student plus the FP32 teacher's forward pass for feature distillation of every
-layer (qat.py's defaults). Each pair is timed eagerly, with CUDA graphs (on a GPU: what
+layer (qat.py's defaults); the same student's step without the teacher and the distillation
+(``--distill-weight 0``) is timed alongside, to show what the teacher costs. Each pair is timed eagerly, with CUDA graphs (on a GPU: what
 ``--cuda-graphs`` runs) and compiled (``torch.compile``, what ``--compile`` runs), alternating FP32
 and QAT rounds and keeping each one's best round. The record's value is the CUDA-graph ratio where
 it was measured, else the compiled one, else the eager one; every pair of step times is in its
@@ -79,6 +80,7 @@ def make_steps(built: dict, device: torch.device, mode: str, backend: str | None
 
     hyp, fp, student = built["hyp"], built["fp32"], built["student"]
     compile, graphs = mode == "compiled", mode == "graphed"
+    alone = deepcopy(student)  # before the distillation hooks the student: the QAT step without a teacher
     distill = FeatureDistillation(student, built["teacher"], supervised_layers(len(student.model), 1),
                                   compile=compile, backend=backend, graphs=graphs)
 
@@ -90,6 +92,8 @@ def make_steps(built: dict, device: torch.device, mode: str, backend: str | None
                  build_optimizer(fp, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"]), None),
         "qat": (student, forward(student), build_loss(student, hyp),
                 build_optimizer(student, "SGD", QAT_LR, hyp["momentum"], hyp["weight_decay"]), distill),
+        "qat_without_teacher": (alone, forward(alone), build_loss(alone, hyp),
+                                build_optimizer(alone, "SGD", QAT_LR, hyp["momentum"], hyp["weight_decay"]), None),
     }
 
 
@@ -273,7 +277,8 @@ def main(argv=None) -> dict:
         ms = {k: 1e3 * v for k, v in results[mode]["step_seconds"].items()}
         for suffix in ("", "_unfused") if "fp32_unfused" in ms else ("",):
             print(f"{mode}{suffix}: FP32 {ms['fp32' + suffix]:.1f} ms, QAT {ms['qat' + suffix]:.1f} ms per step, "
-                  f"ratio {ms['qat' + suffix] / ms['fp32' + suffix]:.3f}", flush=True)
+                  f"ratio {ms['qat' + suffix] / ms['fp32' + suffix]:.3f}; QAT without the teacher "
+                  f"{ms['qat_without_teacher' + suffix]:.1f} ms", flush=True)
         if mode == "eager":
             results[mode]["fused_mismatches"] = fused_mismatches(device)
             print(f"fused kernels vs PyTorch ops, differing elements: {results[mode]['fused_mismatches']}", flush=True)
@@ -315,6 +320,7 @@ def record_extra(args: argparse.Namespace, device: torch.device, results: dict) 
         seconds = r["step_seconds"]
         extra.update({f"{name}_fp32_step_ms": 1e3 * seconds["fp32"], f"{name}_qat_step_ms": 1e3 * seconds["qat"],
                       f"{name}_ratio": seconds["qat"] / seconds["fp32"],
+                      f"{name}_qat_without_teacher_step_ms": 1e3 * seconds["qat_without_teacher"],
                       f"{name}_first_round_seconds": r["warmup_seconds"]})
         if "fp32_unfused" in seconds:  # the same steps without models/fused_ops.py's kernels, timed alongside
             extra.update({f"{name}_unfused_fp32_step_ms": 1e3 * seconds["fp32_unfused"],
