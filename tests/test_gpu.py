@@ -77,3 +77,18 @@ def test_quantize_with_cuda_graphs_replays_the_steps_and_warns_of_nothing(shapes
     assert not warnings, warnings  # (Model Optimizer's own import notice about transformers aside)
     report = json.loads((tmp_path / "runs" / "graphs" / "report.json").read_text())
     assert [e["epoch"] for e in report["epochs"]] == [1, 2]
+
+
+def test_train_with_cuda_graphs_replays_the_steps_and_warns_of_nothing(shapes, tmp_path):
+    """``train.py --cuda-graphs`` end to end (BatchNorm, EMA, validation, the smaller last batch eager)."""
+    cmd = [sys.executable, "train.py", "--cfg", str(ROOT / "tests" / "assets" / "gelan-tiny.yaml"), "--data",
+           str(shapes), "--imgsz", str(IMGSZ), "--batch-size", "3", "--epochs", "2", "--device", "0", "--workers", "0",
+           "--cuda-graphs", "--project", str(tmp_path / "runs"), "--name", "graphs"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "CUDA graphs recorded for batches of shape (3, 3, 64, 64)" in log
+    warnings = [line for line in log.splitlines() if "Warning" in line and "modelopt/torch/__init__" not in line]
+    assert not warnings, warnings
+    rows = (tmp_path / "runs" / "graphs" / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and (tmp_path / "runs" / "graphs" / "weights" / "best.pt").is_file()  # header + 2 epochs
