@@ -36,17 +36,23 @@ def split_bhwc(offs, height, width, channels):
 
 
 @triton.jit
+def load_dense_order(ptr, offs, valid, dim1, dim2, dim3, stride0, stride1, stride2, stride3, STRIDED: tl.constexpr):
+    # the elements at flat offsets of a dense array; a STRIDED source is read through its strides, given in
+    # the order of the dense array's memory dimensions (whose sizes after the first are dim1..dim3)
+    if STRIDED:
+        i0, i1, i2, i3 = split_bhwc(offs, dim1, dim2, dim3)
+        return tl.load(ptr + i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3, mask=valid, other=0.0)
+    return tl.load(ptr + offs, mask=valid, other=0.0)
+
+
+@triton.jit
 def fake_quant(x_ptr, amax_ptr, y_ptr, inside_ptr, n, per_channel_size, dim1, dim2, dim3, stride0, stride1,
                stride2, stride3, LOW: tl.constexpr, PER_CHANNEL: tl.constexpr, SAVE_INSIDE: tl.constexpr,
                BF16: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):
-    # y and inside are dense; a STRIDED x is read through its strides, given in the order of their layout
+    # y and inside are dense; a STRIDED x is read through its strides
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    if STRIDED:
-        i0, i1, i2, i3 = split_bhwc(offs, dim1, dim2, dim3)
-        x = tl.load(x_ptr + i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3, mask=valid, other=0.0)
-    else:
-        x = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    x = load_dense_order(x_ptr, offs, valid, dim1, dim2, dim3, stride0, stride1, stride2, stride3, STRIDED)
     if PER_CHANNEL:
         amax_in = tl.load(amax_ptr + offs // per_channel_size, mask=valid, other=1.0)
     else:
@@ -74,15 +80,11 @@ def fake_quant(x_ptr, amax_ptr, y_ptr, inside_ptr, n, per_channel_size, dim1, di
 @triton.jit
 def straight_through(g_ptr, inside_ptr, dx_ptr, n, dim1, dim2, dim3, stride0, stride1, stride2, stride3,
                      STRIDED: tl.constexpr, BLOCK: tl.constexpr):
-    # dx = g where inside else 0, written in the mask's (dense) layout; a STRIDED g is read through its own
-    # strides, given in the order of that layout's dimensions (a channel slice of a bigger gradient)
+    # dx = g where inside else 0, written in the mask's (dense) layout; a STRIDED g (a channel slice of a
+    # bigger gradient) is read through its strides
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
-    if STRIDED:
-        i0, i1, i2, i3 = split_bhwc(offs, dim1, dim2, dim3)
-        g = tl.load(g_ptr + i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3, mask=valid, other=0.0)
-    else:
-        g = tl.load(g_ptr + offs, mask=valid, other=0.0)
+    g = load_dense_order(g_ptr, offs, valid, dim1, dim2, dim3, stride0, stride1, stride2, stride3, STRIDED)
     keep = tl.load(inside_ptr + offs, mask=valid, other=0) != 0
     tl.store(dx_ptr + offs, tl.where(keep, g, tl.zeros_like(g)), mask=valid)
 

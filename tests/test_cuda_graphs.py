@@ -77,14 +77,19 @@ def _close(a: torch.nn.Module, b: torch.nn.Module) -> None:
             assert torch.equal(x, y), name
 
 
+def _teacher_and_student(device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A fused float teacher and its calibrated, trainable fake-quantized student, channels-last."""
+    teacher = channels_last(tiny_model().fuse().eval().to(device), device)
+    student = prepare(deepcopy(teacher))
+    calibrate(student, [torch.rand(2, 3, IMGSZ, IMGSZ, device=device)])
+    return teacher, channels_last(set_trainable(student), device)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_graphed_qat_steps_with_distillation_train_as_eager_ones(accumulate):
     device = torch.device("cuda:0")
-    teacher = channels_last(tiny_model().fuse().eval().to(device), device)
-    student = prepare(deepcopy(teacher))
-    calibrate(student, [torch.rand(2, 3, IMGSZ, IMGSZ, device=device)])
-    channels_last(set_trainable(student), device)
+    teacher, student = _teacher_and_student(device)
     twin = deepcopy(student)
     batches = _batches(device, [4, 4, 4, 4, 2])  # the last, smaller batch runs eagerly
     eager, _ = _train(student, teacher, False, batches, device, accumulate)
@@ -118,10 +123,7 @@ def test_graphed_float_steps_keep_batchnorm_as_eager_ones():
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_teacher_started_beside_the_student_gives_the_inline_teachers_error(graphs):
     device = torch.device("cuda:0")
-    teacher = channels_last(tiny_model().fuse().eval().to(device), device)
-    student = prepare(deepcopy(teacher))
-    calibrate(student, [torch.rand(2, 3, IMGSZ, IMGSZ, device=device)])
-    channels_last(set_trainable(student), device)
+    teacher, student = _teacher_and_student(device)
     layers = supervised_layers(len(student.model), 1)
     beside = FeatureDistillation(student, teacher, layers, graphs=graphs)
     errors = []
