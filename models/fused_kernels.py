@@ -41,8 +41,10 @@ def load_dense_order(ptr, offs, valid, dim1, dim2, dim3, stride0, stride1, strid
     # the order of the dense array's memory dimensions (whose sizes after the first are dim1..dim3)
     if STRIDED:
         i0, i1, i2, i3 = split_bhwc(offs, dim1, dim2, dim3)
-        return tl.load(ptr + i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3, mask=valid, other=0.0)
-    return tl.load(ptr + offs, mask=valid, other=0.0)
+        at = ptr + i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3
+    else:
+        at = ptr + offs
+    return tl.load(at, mask=valid, other=0.0)
 
 
 @triton.jit
