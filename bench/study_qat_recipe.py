@@ -100,11 +100,11 @@ def run_variant(args: argparse.Namespace, data: Path, lr: float, weight: float, 
                     "--epochs", str(epochs), "--iters", str(args.iters), "--calib-batches", str(args.calib_batches),
                     "--calib-method", args.calib_method, "--lr", f"{lr:g}", "--distill-weight", f"{weight:g}",
                     "--control", "--seed", str(args.seed), "--project", str(args.project), "--name", name,
-                    "--ema-decay", f"{ema:g}", "--exist-ok", *hyp])
+                    "--ema-decay", f"{ema:g}", "--auto-skip", str(args.auto_skip), "--exist-ok", *hyp])
     report = json.loads((run / "report.json").read_text())
     intervals = {k: v["map50_95"] for k, v in report["intervals"].items()}
     return {"variant": name, "lr": lr, "distill_weight": weight, "epochs": epochs, "warmup_epochs": warmup,
-            "ema_decay": ema,
+            "ema_decay": ema, "auto_skip": args.auto_skip, "skip_layers": report["skip_layers"],
             "run": str(run),
             "seconds": time.perf_counter() - t, "selected_on": report["selected_on"],
             "reported_on": report["reported"]["split"], "test_images": report["reported"]["images"],
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--auto-skip", type=int, default=0,
+                   help="every variant keeps the K layers most sensitive on val in floating point")
     p.add_argument("--project", default=str(ROOT / "runs/qat-recipe"), help="the quantize runs go here")
     p.add_argument("--results-dir", default=str(ROOT / "bench/results/qat-recipe"))
     args = p.parse_args(argv)

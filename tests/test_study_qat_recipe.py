@@ -29,8 +29,10 @@ def test_one_variant_end_to_end(tmp_path):
     with one_thread():
         rows = main(["--weights", str(weights), "--data", str(data), "--imgsz", "64", "--batch-size", "4",
                      "--variants", "1e-4:1:1:1", "--iters", "1", "--calib-method", "max", "--calib-batches", "1",
-                     "--workers", "0", "--project", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "out")])
+                     "--workers", "0", "--auto-skip", "1", "--project", str(tmp_path / "runs"),
+                     "--results-dir", str(tmp_path / "out")])
     (row,) = rows
+    assert row["auto_skip"] == 1 and len(row["skip_layers"]) == 1  # the most sensitive layer stayed float
     hyp = yaml.safe_load((tmp_path / "runs" / "hyp.qat.warmup1.yaml").read_text())
     assert hyp["warmup_epochs"] == 1 and hyp["lr0"] == 1e-4  # the recipe's own file, warm-up added
     assert (row["selected_on"], row["reported_on"], row["test_images"]) == ("val", "test", 4)
