@@ -163,9 +163,10 @@ def set_quantization(module: nn.Module, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def quantization_disabled(module: nn.Module) -> Iterator[nn.Module]:
-    """Run ``module`` in floating point for the duration (e.g. the FP32 reference of the same weights)."""
-    qs = quantizers(module)
+def quantization_disabled(module: nn.Module, activations_only: bool = False) -> Iterator[nn.Module]:
+    """Run ``module`` in floating point for the duration (e.g. the FP32 reference of the same weights),
+    or with ``activations_only`` its INT8 weights on float activations (what the activations cost)."""
+    qs = [q for q in quantizers(module) if not (activations_only and q.axis is not None)]  # weights: per channel
     before = [q._disabled for q in qs]
     for q in qs:
         q.disable()

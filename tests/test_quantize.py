@@ -24,7 +24,7 @@ from models.quantize import (
     set_quantization,
 )
 from models.yolo import DetectionModel, Model, SegmentationModel
-from tests.qat_helpers import CONFIGS, one_thread, scale_violations, shrunk_config
+from tests.qat_helpers import CONFIGS, one_thread, scale_violations, shrunk_config, tiny_model
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.quantization.checkpoint import load_quantized, make_checkpoint
@@ -104,6 +104,23 @@ def test_disabling_quantization_gives_the_float_model():
     assert all(torch.equal(a, b) for a, b in zip(ref, off))
     assert not all(torch.equal(a, b) for a, b in zip(ref, on))
     assert all(qz.is_enabled for qz in quantizers(q))  # the context restored every quantizer
+
+
+def test_disabling_only_the_activations_keeps_the_int8_weights():
+    q = prepare(tiny_model().fuse().eval())  # features that keep a trained network's scale
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    calibrate(q, [x])
+    with torch.no_grad():
+        with quantization_disabled(q, activations_only=True):
+            weights_only = q(x)[1]  # the raw head outputs
+            on = [qz for qz in quantizers(q) if qz.is_enabled]
+        with quantization_disabled(q):
+            none = q(x)[1]
+        both = q(x)[1]
+    assert on and all(qz.axis == 0 for qz in on)  # the weights' per-channel quantizers, and only they
+    assert len(on) < len(quantizers(q)) and all(qz.is_enabled for qz in quantizers(q))
+    assert not any(torch.equal(a, b) for a, b in zip(weights_only, none))
+    assert not any(torch.equal(a, b) for a, b in zip(weights_only, both))
 
 
 def test_set_quantization_per_module():

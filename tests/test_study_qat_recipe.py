@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from bench.qat_cost_split import main as cost_split
 from bench.study_qat_recipe import main, parse_variants, variant_name
 from tests.qat_helpers import one_thread, save_float_checkpoint, tiny_model
 from utils.data.synthetic import make_shapes_dataset
@@ -41,5 +42,12 @@ def test_one_variant_end_to_end(tmp_path):
     record = json.loads((tmp_path / "out" / "qat_recipe_delta_map50_95_tiny_lr0.0001-dw1-ep1-wu1.json").read_text())
     assert record["value"] == row["test"]["qat_minus_origin"]["value"] and record["extra"]["chosen_on_val"]
     assert "| lr0.0001-dw1-ep1-wu1 |" in (tmp_path / "out" / "tiny.md").read_text()
+    with one_thread():  # where the run's cost comes from, on the same run folder
+        split = cost_split(["--run", row["run"], "--workers", "0", "--out", str(tmp_path / "split")])
+    assert set(split) == {"FP32", "PTQ", "control", "control, then PTQ", "QAT (best epoch)"}
+    assert set(split["PTQ"]) == {"all", "weights", "none"} and split["PTQ"]["none"] == split["FP32"]["none"]
+    assert "| PTQ |" in (tmp_path / "split" / "cost_split.md").read_text()
     with pytest.raises(UserError, match="name the data"):
         main(["--weights", str(weights), "--results-dir", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="not a qat.py quantize run folder"):
+        cost_split(["--run", str(tmp_path / "out")])
