@@ -5,7 +5,8 @@ Each model is trained from scratch on BCCD (gelan-t, -s, -m, -c, -e, and yolov9-
 branch, converted by tools/reparameterize.py into gelan-s form) and checked for convergence; then
 ``qat.py quantize --calib-method auto --control`` chooses on BCCD val and reports every row on BCCD
 test with paired bootstrap intervals (with several --qat-lrs, once per learning rate, val choosing the
-rate as it chooses the epoch); the QAT model is exported, run on ONNX Runtime, and scored
+rate as it chooses the epoch); the chosen run's cost is split between INT8 weights and INT8
+activations (bench/qat_cost_split.py); the QAT model is exported, run on ONNX Runtime, and scored
 without labels against its FP32 model on the BCCD test images and on COCO128's 256 images.
 
     python bench/study_accuracy.py prepare --imgsz 320      # here, once: .data/ to carry to the device
@@ -57,7 +58,7 @@ BCCD_VOC = ROOT.parent / "shared" / "datasets" / "bccd" / "BCCD"
 COCO128 = ROOT.parent / "shared" / "datasets" / "coco128" / "images"
 RESULT_FILES = ("results.csv", "train_summary.json", "convergence.json", "report.md", "report.json",
                 "agreement_bccd_test.json", "agreement_bccd_test.md", "agreement_coco128.json",
-                "agreement_coco128.md", "ort.json")
+                "agreement_coco128.md", "ort.json", "cost_split.json", "cost_split.md")
 # The records a model's jobs write, <name>_<model>.json.
 RECORDS = ("fp32_val_map50_95", "ptq_delta_map50_95", "qat_delta_map50_95", "qat_minus_control_map50_95",
            "ort_int8_minus_qat_map50_95", "int8_agreement_map50_95", "int8_agreement_coco128_map50_95")
@@ -310,6 +311,7 @@ def job_quantize(plan: Plan, model: str) -> None:
     scores highest on val (where its epoch was chosen too) gives the records, its control having
     been fine-tuned at the same rate."""
     import qat
+    from bench.qat_cost_split import main as cost_split
     from utils.quantization.report import score
 
     weights = fp32_weights(plan, model)
@@ -325,6 +327,7 @@ def job_quantize(plan: Plan, model: str) -> None:
     candidates = [{"lr": x, "run": str(r), "val_qat_best_map50_95": rep["qat_best"]["map50_95"],
                    "val_qat_best_epoch": rep["qat_best"]["epoch"], "chosen": x == lr} for x, r, rep in runs]
     write_quantize_records(plan, model, report, run, {"lr": lr, "lr_candidates": candidates})
+    cost_split(["--run", str(run), "--device", plan.device, "--workers", str(plan.workers)])  # weights or activations
     ort_and_agreement(plan, model, weights, run / "weights" / "qat_best.pt")
 
 
