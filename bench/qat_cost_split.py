@@ -44,11 +44,10 @@ def quantized_like_ptq(float_model: torch.nn.Module, ptq: torch.nn.Module, batch
     """``float_model`` prepared (the same layers left in float) and calibrated as the run's ``ptq`` was."""
     from copy import deepcopy
 
-    from models.quantize import collect_stats, load_amax, prepare
+    from models.quantize import calibrate, prepare
 
     model = prepare(deepcopy(float_model), ptq.quant_info.skip_layers)
-    collect_stats(model, batches)
-    load_amax(model, ptq.quant_info.calibration["method"], ptq.quant_info.calibration["percentile"])
+    calibrate(model, batches, ptq.quant_info.calibration["method"], ptq.quant_info.calibration["percentile"])
     return model.eval()
 
 
@@ -75,9 +74,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from utils.data.config import load_data_config
-    from utils.evaluation.cached_batches import CachedBatches
     from utils.quantization.checkpoint import load_quantized
-    from utils.quantization.pipeline import Evaluator, image_batches, load_float_model, make_loader
+    from utils.quantization.pipeline import image_batches, load_float_model, make_evaluator, make_loader
     from utils.torch_utils import select_device
 
     run = Path(args.run)
@@ -88,12 +86,10 @@ def main(argv=None) -> dict:
     split = args.split or report.get("reported_on") or "val"
     device = select_device(args.device)
     ptq, ckpt = load_quantized(weights / "ptq.pt", device)
-    opt = argparse.Namespace(**ckpt["opt"])
+    opt = argparse.Namespace(**{**ckpt["opt"], "workers": args.workers})
     data = load_data_config(opt.data)
     stride = max(int(ptq.stride.max()), 32)
-    loader = make_loader(data, split, opt.imgsz, opt.batch_size * 2, stride, args.workers, model=ptq,
-                         weights=opt.weights)
-    evaluate = Evaluator(data, CachedBatches(loader), opt.conf_thres, opt.iou_thres, opt.postprocess)
+    evaluate = make_evaluator(opt, data, ptq, split)
     rows = {"FP32": {"none": evaluate(load_float_model(opt.weights, device)).map50_95}}
     rows["PTQ"] = score_three_ways(ptq, evaluate)
     if (weights / "control_best.pt").is_file():
@@ -107,7 +103,7 @@ def main(argv=None) -> dict:
         rows["QAT (best epoch)"] = score_three_ways(load_quantized(weights / "qat_best.pt", device)[0], evaluate)
     out = Path(args.out or run)
     out.mkdir(parents=True, exist_ok=True)
-    images = len(loader.dataset)
+    images = len(evaluate.loader.dataset)
     (out / "cost_split.json").write_text(json.dumps({"run": str(run), "split": split, "images": images,
                                                      "map50_95": rows}, indent=2) + "\n")
     md = to_markdown(run, split, images, rows)

@@ -96,17 +96,18 @@ def fake_quant_int8(x: torch.Tensor, amax: torch.Tensor, narrow_range: bool, sav
     if amax.dtype not in DTYPES:
         return None
     strided = not _dense(x)
-    if strided and (per_channel or x.dim() != 4):
-        if per_channel:
-            return None
-        x = x.contiguous()
-        strided = False
+    if strided and per_channel:
+        return None
+    if strided and x.dim() != 4:  # the kernel walks strides in 4-D only
+        x, strided = x.contiguous(), False
     if per_channel and (amax.numel() != x.shape[0] or amax.shape[0] != x.shape[0] or x.stride(0) * x.shape[0]
                         != x.numel()):
         return None
     amax = amax.contiguous()
-    y = torch.empty_like(x, memory_format=torch.channels_last if strided and x.stride(1) == 1 else
-                         torch.preserve_format if not strided else torch.contiguous_format)
+    # dense in x's own layout; a channel slice of a channels-last tensor becomes channels-last
+    layout = torch.preserve_format if not strided else \
+        torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
+    y = torch.empty_like(x, memory_format=layout)
     inside = torch.empty_like(y, dtype=torch.uint8) if save_inside else y
     n = x.numel()
     if not _launch("fake_quant", n, x, amax, y, inside, n, max(n // x.shape[0], 1) if per_channel else 1,

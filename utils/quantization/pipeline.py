@@ -170,7 +170,8 @@ class _StageClock:
             torch.cuda.synchronize(self.device)
 
 
-def _evaluator(opt: argparse.Namespace, data: dict, model: nn.Module, split: str | None = None) -> Evaluator:
+def make_evaluator(opt: argparse.Namespace, data: dict, model: nn.Module, split: str | None = None) -> Evaluator:
+    """The evaluator of ``split`` (default ``--task``) with the run's image size, batch and thresholds."""
     stride = max(int(model.stride.max()), 32)
     check_imgsz(opt.imgsz, stride)
     loader = make_loader(data, split or opt.task, opt.imgsz, opt.batch_size * 2, stride, opt.workers, model=model,
@@ -514,7 +515,7 @@ def _quantize(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None,
     parse_skip_layers(opt.skip_layers, len(teacher.model))  # before the evaluations, not after them
     if opt.auto_skip >= len(teacher.model):
         raise UserError(f"--auto-skip {opt.auto_skip}: the model has only {len(teacher.model)} layers")
-    evaluate = _evaluator(opt, data, teacher) if info.is_main else None
+    evaluate = make_evaluator(opt, data, teacher) if info.is_main else None
     if save_dir is None:
         save_dir = _run_dir(opt, info)
     reported_on = report_split(opt.task, opt.report_task, data)
@@ -577,7 +578,7 @@ def evaluate_reported_rows(opt: argparse.Namespace, teacher: nn.Module, data: di
     replays the ``selection`` evaluator's batches, decoded already."""
     split = report["reported_on"]
     reuse = selection is not None and split == opt.task
-    evaluate = selection if reuse else _evaluator(opt, data, teacher, split)
+    evaluate = selection if reuse else make_evaluator(opt, data, teacher, split)
     rows, matches = {}, {}
     for key in ("origin", *_ROW_MODELS):
         if report.get(key) is None:
@@ -600,7 +601,7 @@ def run_sensitive(opt: argparse.Namespace) -> Path:
     float_model = load_float_model(opt.weights, device, opt.unsafe_load)
     _check_classes(float_model, data, opt.weights)
     stride = max(int(float_model.stride.max()), 32)
-    evaluate = _evaluator(opt, data, float_model)
+    evaluate = make_evaluator(opt, data, float_model)
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     fp_map = score(metrics(evaluate(float_model)))
     model = prepare(deepcopy(float_model))
@@ -634,7 +635,7 @@ def run_eval(opt: argparse.Namespace) -> EvalResult | Agreement:
     if opt.data:
         data = load_data_config(opt.data)
         _check_classes(model, data, opt.weights)
-        evaluate = _evaluator(opt, data, model)
+        evaluate = make_evaluator(opt, data, model)
     if opt.source:
         check_imgsz(opt.imgsz, stride)
         reference = load_float_model(opt.reference, device, opt.unsafe_load)
