@@ -5,7 +5,8 @@ QAT models three ways: every quantizer on (what deploys), the weights' quantizer
 in float), and none (the same weights in float). With a float control in the run, the control too,
 and the control quantized after the fact the way the run's PTQ was (same calibration method,
 batches and seed): QAT against that row is what training with the quantizers in place gains over
-fine-tuning first and quantizing afterwards.
+fine-tuning first and quantizing afterwards. What the activations cost, and QAT against the late
+PTQ, come with 95% paired bootstrap intervals over the images.
 
     python bench/qat_cost_split.py --run runs/qat-recipe/lr0.0001-dw1-ep3 --split test
     -> <out>/cost_split.md and .json (default: the run folder)
@@ -26,17 +27,24 @@ import torch  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 
 MODES = {"all": "every quantizer on", "weights": "INT8 weights only", "none": "no quantizer"}
+QAT_VS_LATE = "QAT - (control, then PTQ)"  # training with the quantizers against quantizing after training
 
 
-def score_three_ways(model: torch.nn.Module, evaluate) -> dict[str, float]:
-    """mAP50-95 with every quantizer on, with the activations' quantizers off, and with none."""
+def score_three_ways(model: torch.nn.Module, evaluate, per_image: dict) -> dict[str, float]:
+    """mAP50-95 with every quantizer on, with the activations' quantizers off, and with none; each
+    mode's per-image matches go into ``per_image`` for the paired intervals."""
     from models.quantize import quantization_disabled
 
-    out = {"all": evaluate(model).map50_95}
+    def scored(mode: str) -> float:
+        result, matches = evaluate.scored(model)
+        per_image[mode] = matches[""]
+        return result.map50_95
+
+    out = {"all": scored("all")}
     with quantization_disabled(model, activations_only=True):
-        out["weights"] = evaluate(model).map50_95
+        out["weights"] = scored("weights")
     with quantization_disabled(model):
-        out["none"] = evaluate(model).map50_95
+        out["none"] = scored("none")
     return out
 
 
@@ -51,16 +59,19 @@ def quantized_like_ptq(float_model: torch.nn.Module, ptq: torch.nn.Module, batch
     return model.eval()
 
 
-def to_markdown(run: Path, split: str, images: int, rows: dict) -> str:
+def to_markdown(run: Path, split: str, images: int, rows: dict, intervals: dict) -> str:
     lines = [f"# Quantization cost split: {run}", "",
-             f"mAP50-95 on {split} ({images} images). Activations cost = weights only - every quantizer on.", "",
+             f"mAP50-95 on {split} ({images} images). Activations cost = weights only - every quantizer on, "
+             "with its 95% paired bootstrap interval over the images.", "",
              "| model | " + " | ".join(MODES.values()) + " | activations cost |", "|---" * 5 + "|"]
     for name, r in rows.items():
         if "all" in r:
-            cells = [f"{r[m]:.4f}" for m in MODES] + [f"{r['weights'] - r['all']:+.4f}"]
+            cells = [f"{r[m]:.4f}" for m in MODES] + [str(intervals[f"{name}: activations cost"])]
         else:
             cells = ["-", "-", f"{r['none']:.4f}", "-"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if QAT_VS_LATE in intervals:
+        lines += ["", f"{QAT_VS_LATE}, every quantizer on: {intervals[QAT_VS_LATE]}"]
     return "\n".join(lines) + "\n"
 
 
@@ -74,6 +85,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from utils.data.config import load_data_config
+    from utils.evaluation.bootstrap import method, paired_delta
     from utils.quantization.checkpoint import load_quantized
     from utils.quantization.pipeline import image_batches, load_float_model, make_evaluator, make_loader
     from utils.torch_utils import select_device
@@ -91,22 +103,33 @@ def main(argv=None) -> dict:
     stride = max(int(ptq.stride.max()), 32)
     evaluate = make_evaluator(opt, data, ptq, split)
     rows = {"FP32": {"none": evaluate(load_float_model(opt.weights, device)).map50_95}}
-    rows["PTQ"] = score_three_ways(ptq, evaluate)
+    per_image: dict[str, dict] = {"PTQ": {}}
+    rows["PTQ"] = score_three_ways(ptq, evaluate, per_image["PTQ"])
     if (weights / "control_best.pt").is_file():
         control = load_float_model(weights / "control_best.pt", device)
         rows["control"] = {"none": evaluate(control).map50_95}
         calibration = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, args.workers, shuffle=True,
                                   seed=opt.seed, model=control, weights=opt.weights)
+        per_image["control, then PTQ"] = {}
         rows["control, then PTQ"] = score_three_ways(
-            quantized_like_ptq(control, ptq, image_batches(calibration, device, opt.calib_batches)), evaluate)
+            quantized_like_ptq(control, ptq, image_batches(calibration, device, opt.calib_batches)), evaluate,
+            per_image["control, then PTQ"])
     if (weights / "qat_best.pt").is_file():
-        rows["QAT (best epoch)"] = score_three_ways(load_quantized(weights / "qat_best.pt", device)[0], evaluate)
+        per_image["QAT (best epoch)"] = {}
+        rows["QAT (best epoch)"] = score_three_ways(load_quantized(weights / "qat_best.pt", device)[0], evaluate,
+                                                    per_image["QAT (best epoch)"])
+    intervals = {f"{name}: activations cost": paired_delta(m["weights"], m["all"])["map50_95"]
+                 for name, m in per_image.items()}
+    if {"QAT (best epoch)", "control, then PTQ"} <= set(per_image):
+        intervals[QAT_VS_LATE] = paired_delta(per_image["QAT (best epoch)"]["all"],
+                                              per_image["control, then PTQ"]["all"])["map50_95"]
     out = Path(args.out or run)
     out.mkdir(parents=True, exist_ok=True)
     images = len(evaluate.loader.dataset)
-    (out / "cost_split.json").write_text(json.dumps({"run": str(run), "split": split, "images": images,
-                                                     "map50_95": rows}, indent=2) + "\n")
-    md = to_markdown(run, split, images, rows)
+    (out / "cost_split.json").write_text(json.dumps(
+        {"run": str(run), "split": split, "images": images, "map50_95": rows,
+         "intervals": {k: v.to_dict() for k, v in intervals.items()}, "bootstrap": method()}, indent=2) + "\n")
+    md = to_markdown(run, split, images, rows, intervals)
     (out / "cost_split.md").write_text(md)
     print(md)
     return rows
