@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,9 +25,18 @@ def test_variants_are_parsed_strictly():
             parse_variants(bad)
 
 
+def one_class(data: Path) -> Path:
+    """The shapes dataset with every shape one class."""
+    for labels in (data.parent / "labels").rglob("*.txt"):
+        labels.write_text("".join("0" + line[line.index(" "):] + "\n" for line in labels.read_text().splitlines()))
+    spec = yaml.safe_load(data.read_text())
+    data.write_text(yaml.safe_dump({**spec, "names": spec["names"][:1], "nc": 1}))
+    return data
+
+
 def test_one_variant_end_to_end(tmp_path):
-    data = make_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=4, n_test=4, imgsz=64)
-    weights = save_float_checkpoint(tiny_model(), tmp_path / "tiny.pt")
+    data = one_class(make_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=4, n_test=4, imgsz=64))
+    weights = save_float_checkpoint(tiny_model(nc=1), tmp_path / "tiny.pt")  # the common custom detector
     with one_thread():
         rows = main(["--weights", str(weights), "--data", str(data), "--imgsz", "64", "--batch-size", "4",
                      "--variants", "1e-4:1:1:1", "--iters", "1", "--calib-method", "max", "--calib-batches", "1",
