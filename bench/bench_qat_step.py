@@ -10,8 +10,8 @@ repeated real batch, bf16 autocast, channels-last tensors on CUDA, cuDNN's autot
 FP32 is the unfused model with BatchNorm, as train.py trains it; QAT is the fused, max-calibrated,
 fake-quantized student plus the FP32 teacher's forward pass for feature distillation of every
 layer (qat.py's defaults); the same student's step without the teacher and the distillation
-(``--distill-weight 0``) is timed alongside, to show what the teacher costs. Each pair is timed eagerly, with CUDA graphs (on a GPU: what
-``--cuda-graphs`` runs) and compiled (``torch.compile``, what ``--compile`` runs), alternating FP32
+(``--distill-weight 0``) is timed alongside, to show what the teacher costs. Each pair is timed
+eagerly, with CUDA graphs (on a GPU: what ``--cuda-graphs`` runs) and compiled (``torch.compile``, what ``--compile`` runs), alternating FP32
 and QAT rounds and keeping each one's best round. The record's value is the CUDA-graph ratio where
 it was measured, else the compiled one, else the eager one; every pair of step times is in its
 ``extra``, with the relative difference of a graphed step's loss and gradients from an eager
@@ -156,6 +156,8 @@ def fused_mismatches(device: torch.device) -> dict:
     per op, dtype and layout, and the distillation error's largest relative difference (its sums are
     taken in another order, so float32 rounding is expected); the kernels are used on CUDA only, so
     on a CPU there is nothing to check."""
+    import torch.nn.functional as F
+
     from models import fused_ops
     from models.fake_quant import fake_quant_int8
     from utils.quantization.distill import relative_error
@@ -190,6 +192,13 @@ def fused_mismatches(device: torch.device) -> dict:
             r = torch.randn((16, 128, 40, 40), generator=g).to(device, dtype).contiguous(memory_format=layout)
             out[f"straight_through_of_a_slice_{tag}"] = differing(
                 lambda t: torch.cat([fake_quant_int8(t, amax_t), t], 1) * r, x)
+            if layout == torch.channels_last:  # the bias and SiLU of a fused convolution (NCHW: PyTorch's ops)
+                bias = torch.randn(x.shape[1], generator=g).to(device)
+
+                def biased_silu(t: torch.Tensor) -> torch.Tensor:
+                    y = fused_ops.bias_silu(t, bias) if fused_ops._state["enabled"] else None
+                    return F.silu(t + bias.to(t.dtype).view(1, -1, 1, 1)) if y is None else y
+                out[f"bias_silu_{tag}"] = differing(biased_silu, x)
             teacher = (x.float() + 0.1 * torch.randn(x.shape, generator=g).to(device)).to(dtype)
             teacher = teacher.contiguous(memory_format=layout)
             out[f"distillation_max_relative_difference_{tag}"] = relative_difference(

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.fused_ops import average_blur
+from models import fused_ops
 from utils.torch_utils import fuse_conv_and_bn
 
 
@@ -37,6 +37,20 @@ def make_divisible(x: float, divisor: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def conv_then_act(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(conv(x))`` of a fused (biased) convolution. Where the fused CUDA kernels are usable and the
+    activation is SiLU, the bias and SiLU take one kernel each way (models/fused_ops.bias_silu) instead of
+    PyTorch's broadcast add and SiLU; a quantized convolution quantizes its input and weights as ever."""
+    if type(act) is nn.SiLU and conv.bias is not None and fused_ops.usable(x):
+        without_bias = conv.conv_forward(x, None) if hasattr(conv, "conv_forward") else \
+            conv._conv_forward(x, conv.weight, None)
+        y = fused_ops.bias_silu(without_bias, conv.bias)
+        if y is not None:
+            return y
+        return act(without_bias + conv.bias.to(without_bias.dtype).view(1, -1, 1, 1))
+    return act(conv(x))
+
+
 class Conv(nn.Module):
     """Conv2d + BatchNorm2d + activation; after ``fuse`` the BN is folded into the conv."""
 
@@ -54,7 +68,7 @@ class Conv(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
     def forward_fuse(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(x))
+        return conv_then_act(self.conv, self.act, x)
 
     def fuse(self) -> None:
         """Fold the BatchNorm into the convolution (inference only)."""
@@ -78,7 +92,7 @@ class AConv(nn.Module):
         self.cv1 = Conv(c1, c2, 3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv1(average_blur(x))
+        return self.cv1(fused_ops.average_blur(x))
 
 
 class ADown(nn.Module):
@@ -91,7 +105,7 @@ class ADown(nn.Module):
         self.cv2 = Conv(c1 // 2, self.c, 1, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = average_blur(x).chunk(2, 1)
+        x1, x2 = fused_ops.average_blur(x).chunk(2, 1)
         return torch.cat((self.cv1(x1), self.cv2(F.max_pool2d(x2, 3, 2, 1))), 1)
 
 
@@ -122,7 +136,7 @@ class RepConvN(nn.Module):
         return self.act(self.conv1(x) + self.conv2(x))
 
     def forward_fuse(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(x))
+        return conv_then_act(self.conv, self.act, x)
 
     def fuse_convs(self) -> None:
         """Replace both branches by one biased 3x3 convolution with the same output."""

@@ -7,6 +7,7 @@ even, so that the store is exact both on the GPU and in Triton's interpreter (wh
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from models.fake_quant import DEAD_AMAX as _DEAD_AMAX
 
@@ -151,3 +152,50 @@ def squared_error_grad(s_ptr, t_ptr, factor_ptr, ds_ptr, n, BF16: tl.constexpr, 
     if BF16:
         ds = bf16_round(ds)
     tl.store(ds_ptr + offs, ds.to(ds_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def exp_of(v, LIBDEVICE: tl.constexpr):
+    # CUDA's expf (libdevice), as PyTorch's SiLU kernels call it; the interpreter's numpy exp where it has no libdevice
+    if LIBDEVICE:
+        return libdevice.exp(v)
+    return tl.exp(v)
+
+
+@triton.jit
+def bias_silu(z_ptr, b_ptr, y_ptr, n, channels, BF16: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    # y = silu(z + b[c]) on channels-last memory (c = offset % channels), rounded as PyTorch's add_ then silu round
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    z = tl.load(z_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    z = z + tl.load(b_ptr + offs % channels, mask=valid, other=0.0).to(tl.float32)
+    if BF16:
+        z = bf16_round(z)
+    y = tl.math.div_rn(z, 1.0 + exp_of(-z, LIBDEVICE))
+    if BF16:
+        y = bf16_round(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def bias_silu_grad(g_ptr, z_ptr, b_ptr, dz_ptr, partial_ptr, rows, channels, dim1, dim2, dim3, stride0, stride1,
+                   stride2, stride3, STRIDED: tl.constexpr, BF16: tl.constexpr, LIBDEVICE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # on a (rows = B*H*W, channels) channels-last tile: dz = g * silu'(z + b), written dense, and the tile's
+    # column sums of dz (the bias gradient's partial sums, one row of ``partial`` per row block); a STRIDED g
+    # is read through its strides
+    rows_here = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = (rows_here < rows)[:, None] & (cols < channels)[None, :]
+    offs = rows_here[:, None] * channels + cols[None, :]
+    g = load_dense_order(g_ptr, offs, valid, dim1, dim2, dim3, stride0, stride1, stride2, stride3, STRIDED)
+    z = tl.load(z_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    z = z + tl.load(b_ptr + cols, mask=cols < channels, other=0.0).to(tl.float32)[None, :]
+    if BF16:
+        z = bf16_round(z)
+    sigmoid = tl.math.div_rn(tl.full(z.shape, 1.0, tl.float32), 1.0 + exp_of(-z, LIBDEVICE))
+    dz = g.to(tl.float32) * sigmoid * tl.fma(z, 1.0 - sigmoid, 1.0)
+    if BF16:
+        dz = bf16_round(dz)
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=valid)
+    tl.store(partial_ptr + tl.program_id(0).to(tl.int64) * channels + cols, tl.sum(dz, axis=0), mask=cols < channels)

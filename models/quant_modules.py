@@ -203,7 +203,12 @@ class QuantConv2d(_FromFloat, nn.Conv2d):
         self.weight_quantizer = weight_quantizer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self.conv_forward(x, self.bias)
+
+    def conv_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution of the quantized input and weights plus ``bias`` (None: the caller adds the
+        bias, as ``models.common.conv_then_act`` does in one kernel with the activation)."""
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), bias)
 
     @torch.no_grad()
     def calibrate_weight(self) -> None:

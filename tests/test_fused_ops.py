@@ -187,3 +187,73 @@ def test_distillation_error_and_gradient_match_the_pytorch_ops(dtype, channels_l
     assert s.grad.dtype == dtype and s.grad.stride() == s.stride()
     assert torch.allclose(s.grad.float(), ref_s.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
                           atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("shape", ((2, 70, 5, 3), (1, 1, 1, 1), (3, 130, 4, 67)))  # channels and rows past a tile
+def test_bias_silu_matches_add_then_silu_both_ways(dtype, shape):
+    torch.manual_seed(5)
+    z = (torch.randn(shape) * 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(shape[1])
+    wide = torch.randn(shape[0], shape[1] + 9, *shape[2:]).to(dtype)
+    gradients = (torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last),
+                 wide.contiguous(memory_format=torch.channels_last)[:, 4:4 + shape[1]],  # cat's backward: a slice
+                 torch.randn(shape).to(dtype))  # NCHW
+    for grad in gradients:
+        z1, b1 = z.detach().clone().requires_grad_(), bias.clone().requires_grad_()
+        z2, b2 = z.detach().clone().requires_grad_(), bias.clone().requires_grad_()
+        y = fused_ops.bias_silu(z1, b1)
+        want = F.silu(z2 + b2.to(dtype).view(1, -1, 1, 1))
+        assert y.dtype == dtype and y.stride() == z.stride()
+        y.backward(grad)
+        want.backward(grad)
+        assert z1.grad.stride() == z.stride() and b1.grad.dtype == torch.float32
+        # rounded where PyTorch rounds; the interpreter's exp is numpy's and PyTorch's CPU SiLU kernels compute
+        # in another order than its CUDA ones (which the GPU bench compares with)
+        ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -20  # float32: a few units in the last place
+        assert torch.allclose(y, want, rtol=ulp, atol=1e-30)
+        # where SiLU's slope crosses 0 (z + bias near -1.28) the gradient cancels: compared with the incoming one
+        assert ((z1.grad.float() - z2.grad.float()).abs() <= ulp * (z2.grad.float().abs() + grad.float().abs())).all()
+        assert torch.allclose(b1.grad, b2.grad, rtol=1e-4, atol=1e-4)  # summed in another order
+
+
+def test_bias_silu_declines_what_it_has_no_kernel_for():
+    z = torch.randn(2, 4, 3, 3)
+    assert fused_ops.bias_silu(z, torch.randn(4)) is None  # NCHW: PyTorch's ops
+    assert fused_ops.bias_silu(z.to(torch.float16).contiguous(memory_format=torch.channels_last),
+                               torch.randn(4)) is None
+    assert fused_ops.bias_silu(torch.randn(2, 4, 3), torch.randn(4)) is None
+
+
+def test_a_qat_student_step_gives_the_same_loss_and_gradients_with_the_bias_silu_kernel(monkeypatch):
+    """Every fused Conv / RepConvN of a quantized model (QuantConv2d: quantizers in the path) goes through
+    bias_silu when the kernels are usable; its step matches the PyTorch ops' step."""
+    from models.quantize import calibrate, prepare, set_trainable
+    from models.yolo import DetectionModel
+    from tests.qat_helpers import one_thread
+    from utils.paths import ROOT
+
+    with one_thread():
+        torch.manual_seed(0)
+        model = DetectionModel(str(ROOT / "tests" / "assets" / "gelan-tiny.yaml"), nc=1)
+        imgs = torch.rand(2, 3, 32, 64).contiguous(memory_format=torch.channels_last)  # non-square
+        student = prepare(model)
+        calibrate(student, [imgs])
+        student = set_trainable(student).train().to(memory_format=torch.channels_last)
+        calls = []
+        kernel = fused_ops.bias_silu
+        monkeypatch.setattr(fused_ops, "bias_silu", lambda z, b: calls.append(z.shape) or kernel(z, b))
+        results = []
+        for kernels in (False, True):
+            monkeypatch.setattr(fused_ops, "usable", lambda x, on=kernels: on and x.dtype in fused_ops.DTYPES)
+            student.zero_grad()
+            out = student(imgs)
+            loss = sum(o.float().square().mean() for o in (out if isinstance(out, (list, tuple)) else [out])
+                       if isinstance(o, torch.Tensor))
+            loss.backward()
+            results.append((loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()
+                                                      if p.grad is not None])))
+    assert calls  # the kernel ran
+    (loss_ref, grads_ref), (loss_k, grads_k) = results
+    assert torch.allclose(loss_k, loss_ref, rtol=1e-5)
+    assert (grads_k - grads_ref).norm() <= 1e-4 * grads_ref.norm()
