@@ -11,12 +11,12 @@ FP32 is the unfused model with BatchNorm, as train.py trains it; QAT is the fuse
 fake-quantized student plus the FP32 teacher's forward pass for feature distillation of every
 layer (qat.py's defaults); the same student's step without the teacher and the distillation
 (``--distill-weight 0``) is timed alongside, to show what the teacher costs. Each pair is timed
-eagerly, with CUDA graphs (on a GPU: what ``--cuda-graphs`` runs) and compiled (``torch.compile``, what ``--compile`` runs), alternating FP32
-and QAT rounds and keeping each one's best round. The record's value is the CUDA-graph ratio where
-it was measured, else the compiled one, else the eager one; every pair of step times is in its
-``extra``, with the relative difference of a graphed step's loss and gradients from an eager
-step's (beside two eager steps' difference, the noise floor) and a check that compiled fake
-quantization gives the eager values bit for bit. On CUDA the eager pair is also timed without
+eagerly, with CUDA graphs (on a GPU: what ``--cuda-graphs`` runs) and compiled (``torch.compile``,
+what ``--compile`` runs), alternating FP32 and QAT rounds and keeping each one's best round. The
+record's value is the CUDA-graph ratio where it was measured, else the compiled one, else the eager
+one; every pair of step times is in its ``extra``, with the relative difference of a graphed step's
+loss and gradients from an eager step's (beside two eager steps' difference, the noise floor) and a
+check that compiled fake quantization gives the eager values bit for bit. On CUDA the eager pair is also timed without
 models/fused_ops.py's kernels (``eager_unfused_*``, alternating with the fused rounds), and the
 kernels are checked against the PyTorch ops they replace, values and gradients
 (``eager_fused_mismatches_vs_pytorch_ops``). The models are randomly initialised: a step's time does

@@ -32,7 +32,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 1024
 BIAS_TILE = 64  # rows and channels of bias_silu_grad's tiles
 # YOLOV9_FUSED_KERNELS=0 keeps the PyTorch ops everywhere (to rule the kernels out when chasing a problem)
-_state = {"enabled": os.environ.get("YOLOV9_FUSED_KERNELS", "1") != "0", "failed": ""}
+_state = {"enabled": os.environ.get("YOLOV9_FUSED_KERNELS", "1") != "0", "failed": "", "graph_recording": False}
 
 
 @contextlib.contextmanager
@@ -43,6 +43,22 @@ def enabled(on: bool) -> Iterator[None]:
         yield
     finally:
         _state["enabled"] = before
+
+
+@contextlib.contextmanager
+def graph_recording() -> Iterator[None]:
+    """Marks passes recorded into a CUDA graph (utils/training/cuda_graphs.py): where ``in_graph_recording``,
+    kernels that cost more Python per launch than the PyTorch ops they replace (``bias_silu``) are used, as
+    their launches are replayed for free; an eager step, paced by launches, keeps PyTorch's ops."""
+    before, _state["graph_recording"] = _state["graph_recording"], True
+    try:
+        yield
+    finally:
+        _state["graph_recording"] = before
+
+
+def in_graph_recording() -> bool:
+    return _state["graph_recording"]
 
 
 def usable(x: torch.Tensor) -> bool:

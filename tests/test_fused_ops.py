@@ -6,6 +6,7 @@ Run through Triton's interpreter on the CPU (no GPU here or in CI); the GPU benc
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -227,7 +228,7 @@ def test_bias_silu_declines_what_it_has_no_kernel_for():
 
 def test_a_qat_student_step_gives_the_same_loss_and_gradients_with_the_bias_silu_kernel(monkeypatch):
     """Every fused Conv / RepConvN of a quantized model (QuantConv2d: quantizers in the path) goes through
-    bias_silu when the kernels are usable; its step matches the PyTorch ops' step."""
+    bias_silu in a pass recorded into a CUDA graph (not in an eager one); that step matches the eager step."""
     from models.quantize import calibrate, prepare, set_trainable
     from models.yolo import DetectionModel
     from tests.qat_helpers import one_thread
@@ -240,20 +241,22 @@ def test_a_qat_student_step_gives_the_same_loss_and_gradients_with_the_bias_silu
         student = prepare(model)
         calibrate(student, [imgs])
         student = set_trainable(student).train().to(memory_format=torch.channels_last)
-        calls = []
+        calls, calls_per_pass = [], []
         kernel = fused_ops.bias_silu
         monkeypatch.setattr(fused_ops, "bias_silu", lambda z, b: calls.append(z.shape) or kernel(z, b))
         results = []
-        for kernels in (False, True):
-            monkeypatch.setattr(fused_ops, "usable", lambda x, on=kernels: on and x.dtype in fused_ops.DTYPES)
+        monkeypatch.setattr(fused_ops, "usable", lambda x: x.dtype in fused_ops.DTYPES)
+        for kernels in (False, True):  # a pass recorded into a CUDA graph uses the kernel, an eager one does not
             student.zero_grad()
-            out = student(imgs)
+            with fused_ops.graph_recording() if kernels else contextlib.nullcontext():
+                out = student(imgs)
             loss = sum(o.float().square().mean() for o in (out if isinstance(out, (list, tuple)) else [out])
                        if isinstance(o, torch.Tensor))
             loss.backward()
             results.append((loss.detach(), torch.cat([p.grad.flatten() for p in student.parameters()
                                                       if p.grad is not None])))
-    assert calls  # the kernel ran
+            calls_per_pass.append(len(calls) - sum(calls_per_pass))
+    assert calls_per_pass[0] == 0 < calls_per_pass[1]  # eager: PyTorch's ops; recorded: the kernel
     (loss_ref, grads_ref), (loss_k, grads_k) = results
     assert torch.allclose(loss_k, loss_ref, rtol=1e-5)
     assert (grads_k - grads_ref).norm() <= 1e-4 * grads_ref.norm()

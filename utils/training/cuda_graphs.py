@@ -20,7 +20,9 @@ step in 55 ms instead of 217 ms). What a graph cannot do, and what is done about
   buffer, and accumulating over several batches adds as in eager mode.
 
 Autocast is recorded as it is in force at the first call, with its weight cache off (a cached
-cast would be freed when the autocast block ends while the graph still reads it).
+cast would be freed when the autocast block ends while the graph still reads it). Passes are
+recorded inside ``models.fused_ops.graph_recording``, so the kernels that pay off only where
+launches are free (the bias and SiLU of fused convolutions) go into the graphs.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from models import fused_ops
 from utils.logs import LOGGER
 
 WARMUP_PASSES = 3  # eager passes on a side stream before recording (cuDNN's autotuner, Triton's compiles)
@@ -185,16 +188,17 @@ class GraphedTraining:
         for m in taps:
             m._forward_hooks = OrderedDict()
         try:
-            _on_side_stream(device, warm_up)
-            torch.cuda.synchronize(device)
-            pool = torch.cuda.graph_pool_handle()
-            forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(forward, pool=pool, capture_error_mode=CAPTURE_MODE):
-                leaves, spec, n_module, tapped = run()
-            outputs = tensors(leaves)
-            output_grads = [torch.empty_like(o) if o.requires_grad else None for o in outputs]
-            with torch.cuda.graph(backward, pool=pool, capture_error_mode=CAPTURE_MODE):
-                param_grads = differentiate(outputs, output_grads)
+            with fused_ops.graph_recording():
+                _on_side_stream(device, warm_up)
+                torch.cuda.synchronize(device)
+                pool = torch.cuda.graph_pool_handle()
+                forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+                with torch.cuda.graph(forward, pool=pool, capture_error_mode=CAPTURE_MODE):
+                    leaves, spec, n_module, tapped = run()
+                outputs = tensors(leaves)
+                output_grads = [torch.empty_like(o) if o.requires_grad else None for o in outputs]
+                with torch.cuda.graph(backward, pool=pool, capture_error_mode=CAPTURE_MODE):
+                    param_grads = differentiate(outputs, output_grads)
         finally:
             for m, hooks in suspended:
                 m._forward_hooks = hooks
@@ -238,10 +242,11 @@ class GraphedInference:
             with torch.no_grad(), autocast:
                 return self.fn(inputs)
 
-        _on_side_stream(device, lambda: [run() for _ in range(WARMUP_PASSES)])
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
-            out = run()
+        with fused_ops.graph_recording():
+            _on_side_stream(device, lambda: [run() for _ in range(WARMUP_PASSES)])
+            with torch.cuda.graph(graph, capture_error_mode=CAPTURE_MODE):
+                out = run()
         return tuple(sample.shape), inputs, graph, out
 
 
