@@ -8,7 +8,9 @@ ADown / AConv at ~2 ms a call: PyTorch's channels-last ``avg_pool2d`` kernels ar
 arithmetic. Here each is one kernel each way that reads its inputs once. Fake quantization and the
 blur keep the float32 arithmetic and its order, so their values and gradients are bit for bit
 those of the PyTorch ops they replace; the distillation's sums are taken in blocks, so they agree
-to float32 rounding (tests/test_fused_ops.py runs all of them through Triton's interpreter).
+to float32 rounding (tests/test_fused_ops.py runs all of them through Triton's interpreter). A
+fused convolution's bias and SiLU (``bias_silu``) take one kernel each way too, but only in passes
+recorded into a CUDA graph (``graph_recording``): launched from Python each step, it slowed eager steps.
 
 The kernels are used on CUDA tensors in eager mode only: never while exporting (the graph keeps
 AveragePool and Q/DQ nodes), tracing or compiling (Inductor fuses the PyTorch ops itself), and not
