@@ -42,14 +42,6 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), value
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def bench_metrics(dataset: Path, repeats: int, false_positives: int, seed: int, results_dir: Path | None) -> Path:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -107,7 +99,7 @@ def bench_metrics(dataset: Path, repeats: int, false_positives: int, seed: int, 
         "eval_time_ratio_vs_pycocotools", t_ours / t_coco, "ratio (our time / pycocotools time; lower is faster)",
         model="synthetic detections: jittered COCO128 val ground truth + false positives",
         dataset=f"coco128 val2017 ({len(dets)} images)", results_dir=results_dir,
-        machine=f"{machine_name()}, {_cpu_model()}",
+        machine=machine_name(),
         extra={"ours_ms": t_ours * 1e3, "pycocotools_ms": t_coco * 1e3, "faster_coco_eval_ms": t_fast * 1e3,
                "coco_json_build_ms": t_json * 1e3, "repeats": repeats, "detections": n_det,
                "load_avg_1min": os.getloadavg()[0],  # other processes on the CPU slow both sides alike

@@ -33,13 +33,6 @@ from bench.record import machine_name, write_record  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def _fp_and_int8(cfg: str, imgsz: int, calib_batches: int, seed: int):
     """A fused FP32 model and its QAT-prepared, calibrated twin (random init, random calibration images)."""
     from models.quantize import calibrate, float_conv_names, prepare
@@ -94,7 +87,7 @@ def bench_latency(opt: argparse.Namespace) -> list[Path]:
         print(f"batch {b}: FP32 median {med['fp32']:.1f} ms, INT8 Q/DQ median {med['int8']:.1f} ms, ratio {ratio:.3f}")
         paths.append(write_record(
             f"ort_int8_fp32_latency_ratio_bs{b}", ratio, "ratio (INT8 / FP32 median latency)", opt.cfg,
-            "random input", machine=f"{machine_name()}, {_cpu()}",
+            "random input", machine=machine_name(),
             extra={"imgsz": opt.imgsz, "batch": b, "iters": opt.iters, "warmup": opt.warmup,
                    "threads": opt.threads or "ORT default", "onnxruntime": __import__("onnxruntime").__version__,
                    "median_ms": med, "mean_ms": {k: statistics.fmean(v) for k, v in times.items()},
@@ -148,7 +141,7 @@ def bench_map(opt: argparse.Namespace) -> Path:
           f"max raw diff boxes {max_box:.4g} px, scores {max_score:.4g}")
     return write_record(
         f"ort_int8_minus_qat_map50_95_{Path(opt.weights).stem}", delta, "mAP50-95 (ORT INT8 - PyTorch)",
-        Path(opt.weights).name, f"{Path(opt.data).name}:{opt.task}", machine=f"{machine_name()}, {_cpu()}",
+        Path(opt.weights).name, f"{Path(opt.data).name}:{opt.task}", machine=machine_name(),
         extra={"ort_map50_95": ort_eval.map50_95, "pytorch_map50_95": torch_eval.map50_95,
                "ort_map50": ort_eval.map50, "pytorch_map50": torch_eval.map50, "images": ort_eval.images,
                "imgsz": opt.imgsz, "letterbox": "square (the exported input size)",

@@ -15,40 +15,40 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def cpu_model() -> str:
-    """The CPU's model name and family as /proc/cpuinfo gives them ("" where it does not exist): two
+def processor() -> str:
+    """The architecture and, where /proc/cpuinfo gives them, the CPU's model name and family: two
     "2-core" machines of this workplace ran the demo in 111 s (a Xeon with AMX) and 388 s (an AVX2-only
-    EPYC, family 23), so a CPU figure names its processor."""
+    EPYC, family 23), so a figure names its processor."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return ""
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last processor's; all alike
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    name = fields.get("model name", "")
-    return f"{name}, family {fields['cpu family']}" if name and "cpu family" in fields else name
+        lines = []
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}  # all alike
+    name = fields.get("model name")
+    if not name:
+        return platform.machine()
+    family = f", family {fields['cpu family']}" if "cpu family" in fields else ""
+    return f"{platform.machine()}, {name}{family}"
 
 
 def machine_name() -> str:
-    """The accelerator (if any), the CPU count and, CPU only, the processor and whether it computes
-    bf16 natively: enough to tell which machine gave a figure. A process pinned to some cores (taskset,
-    as bench/gpu_speed.sh runs its lanes) names how many it could use."""
+    """The accelerator (if any), the CPU count and processor and, CPU only, whether it computes bf16
+    natively: enough to tell which machine gave a figure. A process pinned to some cores (taskset, as
+    bench/gpu_speed.sh runs its lanes) names how many it could use."""
     import os
 
     import torch
 
+    from utils.training.acceleration import cpu_computes_bf16  # the project root is on the path, as for bench.*
+
     total = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
     cores = f"{total}" if usable == total else f"{usable} of {total}"
-    cpu = f"{cores} CPU cores ({platform.machine()})"
+    cpu = f"{cores} CPU cores ({processor()}"
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
-        return f"{n}x {torch.cuda.get_device_name(0)}, {cpu}"
-    from utils.training.acceleration import cpu_computes_bf16  # the project root is on the path, as for bench.*
-
-    model = cpu_model()
-    bf16 = "native bf16" if cpu_computes_bf16() else "no native bf16"
-    return f"CPU only, {cores} CPU cores ({platform.machine()}{', ' + model if model else ''}; {bf16})"
+        return f"{n}x {torch.cuda.get_device_name(0)}, {cpu})"
+    return f"CPU only, {cpu}; {'native bf16' if cpu_computes_bf16() else 'no native bf16'})"
 
 
 def this_command() -> str:
