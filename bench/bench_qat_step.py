@@ -46,6 +46,15 @@ from utils.paths import ROOT  # noqa: E402
 QAT_LR = 1e-4  # hyp.qat.yaml's scale; the value does not change a step's time
 
 
+def add_build_arguments(p: argparse.ArgumentParser, cfg: str = "gelan-s.yaml") -> None:
+    """The options ``build_models`` reads (this bench's, bench/profile_step.py's, bench/profile_teacher.py's)."""
+    p.add_argument("--cfg", default=cfg)
+    p.add_argument("--data", required=True, help="dataset yaml (one training batch is read)")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=4)
+
+
 def build_models(cfg: str, data_yaml: str, imgsz: int, batch_size: int, workers: int, device: torch.device) -> dict:
     """FP32 model (train mode), a max-calibrated trainable QAT student, its fused FP32 teacher, one real
     training batch and the QAT hyp, laid out as train.py / qat.py lay them out on ``device``."""
@@ -253,15 +262,11 @@ def graphed_vs_eager(built: dict, device: torch.device) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", default="gelan-s.yaml")
-    p.add_argument("--data", required=True, help="dataset yaml (one training batch is read)")
+    add_build_arguments(p)
     p.add_argument("--model", default="", help="name in the record (default: the cfg's stem)")
     p.add_argument("--dataset", default="BCCD", help="dataset name written into the record")
-    p.add_argument("--imgsz", type=int, default=640)
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=30, help="timed steps per model and round")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds per model (after one warm-up round)")
-    p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="0")
     p.add_argument("--no-compile", action="store_true", help="no compiled steps")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA-graph steps (on a GPU they are timed by default)")

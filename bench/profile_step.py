@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.bench_qat_step import add_build_arguments  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
 from utils.training.engine import MAX_GRAD_NORM  # noqa: E402
@@ -105,13 +106,9 @@ def profile_table(run: tuple, batch: tuple, device: torch.device, rows: int) -> 
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", default="gelan-s.yaml")
-    p.add_argument("--data", required=True, help="dataset yaml (one training batch is read)")
-    p.add_argument("--imgsz", type=int, default=640)
-    p.add_argument("--batch-size", type=int, default=16)
+    add_build_arguments(p)
     p.add_argument("--iters", type=int, default=20, help="timed steps per variant")
     p.add_argument("--rows", type=int, default=25, help="operators per profiler table")
-    p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="0")
     p.add_argument("--compile", action="store_true", help="profile the torch.compile'd steps")
     p.add_argument("--cuda-graphs", action="store_true", help="profile the steps replayed from CUDA graphs")

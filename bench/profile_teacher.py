@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.bench_qat_step import add_build_arguments  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
 
@@ -39,11 +40,7 @@ def ms_per_call(fn, x, iters: int = 20) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", default="gelan-c.yaml")
-    p.add_argument("--data", required=True, help="dataset yaml (one training batch is read)")
-    p.add_argument("--imgsz", type=int, default=640)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=4)
+    add_build_arguments(p, cfg="gelan-c.yaml")
     p.add_argument("--no-compile", action="store_true", help="skip the Inductor-compiled pass")
     p.add_argument("--out", default=str(ROOT / "runs/profile_teacher"))
     args = p.parse_args(argv)
