@@ -14,7 +14,9 @@ quantizers under new names (``concat``, ``residual``, ``pool``, ``input_quantize
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import logging
+import sys
 import warnings
 from typing import Iterator
 
@@ -22,26 +24,46 @@ import torch
 import torch.nn as nn
 
 
+# Third-party libraries for which Model Optimizer loads quantization plugins whenever they are installed
+# (its ``import_plugin`` guards skip a missing one). We quantize none of their models, and transformers
+# alone added ~10 s to every start on a GPU machine that had it installed, plus a version warning.
+_PLUGIN_PACKAGES = frozenset({"accelerate", "apex", "diffusers", "fairscale", "liger_kernel", "megatron", "peft",
+                              "torch_geometric", "transformer_engine", "transformers", "trl", "vllm"})
+
+
+class _HidePluginPackages(importlib.abc.MetaPathFinder):
+    """Makes the not-yet-imported ``_PLUGIN_PACKAGES`` look absent while it sits on ``sys.meta_path``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in _PLUGIN_PACKAGES:
+            raise ModuleNotFoundError(f"hidden while Model Optimizer is imported: {fullname}", name=fullname)
+        return None
+
+
 @contextlib.contextmanager
-def _quiet_modelopt_import() -> Iterator[None]:
-    """Drop the two notices importing Model Optimizer prints on a machine without CUDA: torch's "No
-    CUDA runtime is found" (modelopt imports torch.utils.cpp_extension for its kernels) and the
-    torch.jit.script deprecation (a decorator inside modelopt). The user caused neither and can do
-    nothing about them; only these two messages, only during this import, are filtered."""
+def _lean_modelopt_import() -> Iterator[None]:
+    """Import Model Optimizer without its third-party plugins and without the notices it prints that
+    the user neither caused nor can act on: torch's "No CUDA runtime is found" on a machine without
+    CUDA (modelopt imports torch.utils.cpp_extension for its kernels), the torch.jit.script
+    deprecation (a decorator inside modelopt) and its warning about an untested transformers
+    version. Only during this import; a package the process imported before stays as it was."""
     def keep(record: logging.LogRecord) -> bool:
         return "No CUDA runtime is found" not in record.getMessage()
 
     logger = logging.getLogger("torch.utils.cpp_extension")
     logger.addFilter(keep)
+    hide = _HidePluginPackages()
+    sys.meta_path.insert(0, hide)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
             yield
     finally:
+        sys.meta_path.remove(hide)
         logger.removeFilter(keep)
 
 
-with _quiet_modelopt_import():  # models.quantize and models.quantize_rules take TensorQuantizer from here
+with _lean_modelopt_import():  # models.quantize and models.quantize_rules take TensorQuantizer from here
     from modelopt.torch.quantization.calib import HistogramCalibrator
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
     from modelopt.torch.quantization.nn import TensorQuantizer
