@@ -23,7 +23,6 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-
 # Third-party libraries for which Model Optimizer loads quantization plugins whenever they are installed
 # (its ``import_plugin`` guards skip a missing one). We quantize none of their models, and transformers
 # alone added ~10 s to every start on a GPU machine that had it installed, plus a version warning.

@@ -340,7 +340,8 @@ def test_model_optimizer_imports_without_notices_or_other_libraries_plugins(tmp_
     still works afterwards. A stand-in transformers package here says when it is imported."""
     fake = tmp_path / "transformers"
     fake.mkdir()
-    (fake / "__init__.py").write_text("import sys\n__version__ = '5.17.0'\nprint('transformers imported', file=sys.stderr)\n")
+    (fake / "__init__.py").write_text("import sys\n__version__ = '5.17.0'\n"
+                                      "print('transformers imported', file=sys.stderr)\n")
     code = ("import sys\nimport models.quantize\nassert 'transformers' not in sys.modules\n"
             "import transformers\nprint(transformers.__version__)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
