@@ -2,10 +2,13 @@
 (the whole driver runs end to end with `python bench/study_accuracy.py all --dry-run`)."""
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 import numpy as np
 
 from bench.convergence import convergence
-from bench.study_accuracy import COST, MODELS, spread
+from bench.study_accuracy import COST, MODELS, RECORDS, Plan, pack, spread
 
 
 def test_a_curve_still_rising_at_the_end_has_not_converged():
@@ -57,3 +60,21 @@ def test_seg_table_says_whether_fp32_was_flat():
     assert "flat over the last 3" in flat and "not flat" not in flat
     assert "not judged" in _flatness({"convergence": convergence([0.5] * 3)})
     assert _flatness({}) == ""  # records from before the check existed
+
+
+def test_a_stage_packs_only_its_own_records(tmp_path):
+    """On the device the checkout's records folder also holds git's last study: a quantize stage run in
+    its own command must not send back the FP32 records found there, nor train the QAT ones."""
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in (n for names in RECORDS.values() for n in names):
+        (results / f"{name}_gelan-s.json").write_text("{}")
+    plan = Plan(root=str(tmp_path / "study"), data="", unlabelled={}, results=str(results))
+    packed = {}
+    for stage in ("train", "quantize", "all"):
+        (tar_path,) = pack(plan, ["gelan-s"], stage, tmp_path / stage, with_weights=False)
+        with tarfile.open(tar_path) as tar:
+            packed[stage] = {Path(n).name.removesuffix("_gelan-s.json") for n in tar.getnames()}
+    assert packed["train"] == set(RECORDS["train"])
+    assert packed["quantize"] == set(RECORDS["quantize"])
+    assert packed["all"] == packed["train"] | packed["quantize"]
