@@ -165,8 +165,6 @@ def fused_mismatches(device: torch.device) -> dict:
     per op, dtype and layout, and the distillation error's largest relative difference (its sums are
     taken in another order, so float32 rounding is expected); the kernels are used on CUDA only, so
     on a CPU there is nothing to check."""
-    import torch.nn.functional as F
-
     from models import fused_ops
     from models.fake_quant import fake_quant_int8
     from utils.quantization.distill import relative_error
@@ -203,11 +201,7 @@ def fused_mismatches(device: torch.device) -> dict:
                 lambda t: torch.cat([fake_quant_int8(t, amax_t), t], 1) * r, x)
             if layout == torch.channels_last:  # the bias and SiLU of a fused convolution (NCHW: PyTorch's ops)
                 bias = torch.randn(x.shape[1], generator=g).to(device)
-
-                def biased_silu(t: torch.Tensor) -> torch.Tensor:
-                    y = fused_ops.bias_silu(t, bias) if fused_ops._state["enabled"] else None
-                    return F.silu(t + bias.to(t.dtype).view(1, -1, 1, 1)) if y is None else y
-                out[f"bias_silu_{tag}"] = differing(biased_silu, x)
+                out[f"bias_silu_{tag}"] = differing(lambda t: fused_ops.biased_silu(t, bias), x)
             teacher = (x.float() + 0.1 * torch.randn(x.shape, generator=g).to(device)).to(dtype)
             teacher = teacher.contiguous(memory_format=layout)
             out[f"distillation_max_relative_difference_{tag}"] = relative_difference(

@@ -442,9 +442,9 @@ def pack(plan: Plan, models: list[str], stage: str, out: Path, with_weights: boo
     out.mkdir(parents=True, exist_ok=True)
     root, results = Path(plan.root), Path(plan.results)
     tar_path = out / f"study-{stage}.tar.gz"
+    names = [n for st in (RECORDS if stage == "all" else (stage,)) for n in RECORDS[st]]
     with tarfile.open(tar_path, "w:gz") as tar:
         for model in models:
-            names = [n for st in (RECORDS if stage == "all" else (stage,)) for n in RECORDS[st]]
             for rec in (results / f"{name}_{model}.json" for name in names):
                 if rec.is_file():
                     tar.add(rec, arcname=str(rec.relative_to(ROOT) if rec.is_relative_to(ROOT) else rec.name))

@@ -46,10 +46,7 @@ def conv_then_act(conv: nn.Conv2d, act: nn.Module, x: torch.Tensor) -> torch.Ten
     if type(act) is nn.SiLU and conv.bias is not None and fused_ops.in_graph_recording() and fused_ops.usable(x):
         without_bias = conv.conv_forward(x, None) if hasattr(conv, "conv_forward") else \
             conv._conv_forward(x, conv.weight, None)
-        y = fused_ops.bias_silu(without_bias, conv.bias)
-        if y is not None:
-            return y
-        return act(without_bias + conv.bias.to(without_bias.dtype).view(1, -1, 1, 1))
+        return fused_ops.biased_silu(without_bias, conv.bias)
     return act(conv(x))
 
 
