@@ -336,8 +336,9 @@ def test_resume_keeps_the_saved_options_and_names_each_change(caplog):
 def test_model_optimizer_imports_without_notices_or_other_libraries_plugins(tmp_path):
     """Importing our adapter prints nothing the user did not cause (without CUDA, torch and modelopt
     print two notices) and loads none of the libraries Model Optimizer has plugins for: an installed
-    transformers cost ~10 s a start and an "untested version" warning. A user's own import of it
-    still works afterwards. A stand-in transformers package here says when it is imported."""
+    transformers cost seconds a start (bench/bench_import.py) and an "untested version" warning. A
+    user's own import of it still works afterwards. A stand-in transformers package here says when it
+    is imported."""
     fake = tmp_path / "transformers"
     fake.mkdir()
     (fake / "__init__.py").write_text("import sys\n__version__ = '5.17.0'\n"
