@@ -141,9 +141,11 @@ def fake_quant_int8(x: torch.Tensor, amax: torch.Tensor, narrow_range: bool, sav
 
 def _strides_in_layout_of(x: torch.Tensor, dense: torch.Tensor) -> tuple[int, ...]:
     """The sizes of ``dense``'s memory dimensions after the first and ``x``'s strides in that order: how
-    a kernel walking ``dense`` element by element finds the same element of ``x`` (zeros below 4-D,
-    where nothing is walked that way)."""
-    if dense.dim() != 4:
+    a kernel walking ``dense`` element by element finds the same element of ``x``. Zeros where nothing
+    is walked that way (below 4-D, or ``x`` laid out as ``dense``): the kernel ignores them then, and
+    constants keep Triton, which specializes integer arguments on their divisibility, from compiling
+    another copy of the same kernel for each layer's shape, on the first QAT step's critical path."""
+    if dense.dim() != 4 or x.stride() == dense.stride():
         return (0,) * 7
     order = (0, 2, 3, 1) if _layout(dense) == torch.channels_last else (0, 1, 2, 3)
     return (*(dense.shape[d] for d in order[1:]), *(x.stride(d) for d in order))
