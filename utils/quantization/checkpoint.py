@@ -47,7 +47,7 @@ def _run_fields(epoch: int, best_fitness: float, optimizer: torch.optim.Optimize
 def make_checkpoint(model: nn.Module, *, epoch: int = -1, best_fitness: float = 0.0, updates: int = 0,
                     optimizer: torch.optim.Optimizer | None = None, opt: dict | None = None,
                     report: dict | None = None) -> dict:
-    """The dict ``utils.checkpoint.save_checkpoint`` writes for a quantized ``model`` (plain containers and tensors only)."""
+    """The dict ``utils.checkpoint.save_checkpoint`` writes for a quantized ``model`` (plain containers, tensors)."""
     return {**_run_fields(epoch, best_fitness, optimizer, opt, report), "updates": updates,
             "quant": quant_state(de_parallel(model))}
 
