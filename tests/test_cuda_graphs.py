@@ -19,8 +19,15 @@ from utils.errors import UserError
 from utils.options import check_flags
 from utils.paths import ROOT
 from utils.quantization.distill import FeatureDistillation, supervised_layers
+from utils.quantization.options import quantize_options
 from utils.training.acceleration import channels_last
-from utils.training.cuda_graphs import GraphedInference, GraphedTraining, maybe_graph, maybe_graph_inference
+from utils.training.cuda_graphs import (
+    GraphedInference,
+    GraphedTraining,
+    graphs_wanted,
+    maybe_graph,
+    maybe_graph_inference,
+)
 from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
 from utils.training.optim import build_optimizer
@@ -41,6 +48,24 @@ def test_graphs_and_compile_are_refused_together():
     with pytest.raises(UserError, match="--compile and --cuda-graphs"):
         check_flags({"compile": True, "cuda_graphs": True})
     check_flags({"compile": False, "cuda_graphs": True})
+
+
+def test_quantize_replays_from_graphs_unless_told_or_unable():
+    """``qat.py quantize`` without the flag: graphs on one CUDA device, eager on a CPU, under DDP or
+    with --compile (which then is no clash); a typed ``--cuda-graphs`` / ``--no-cuda-graphs`` wins."""
+    base = ["--weights", "w.pt", "--data", "d.yaml"]
+    default = quantize_options(base)
+    assert default.cuda_graphs is None and "cuda_graphs" not in default.cli_flags
+    check_flags(vars(quantize_options([*base, "--compile"])))
+    off = quantize_options([*base, "--no-cuda-graphs"])
+    assert off.cuda_graphs is False and "cuda_graphs" in off.cli_flags
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert graphs_wanted(None, cuda, compiled=False, distributed=False)
+    assert not graphs_wanted(None, cpu, compiled=False, distributed=False)
+    assert not graphs_wanted(None, cuda, compiled=True, distributed=False)
+    assert not graphs_wanted(None, cuda, compiled=False, distributed=True)
+    assert not graphs_wanted(False, cuda, compiled=False, distributed=False)
+    assert graphs_wanted(True, cpu, compiled=False, distributed=False)  # maybe_graph then says why it cannot
 
 
 def _batches(device: torch.device, sizes: list[int]) -> list[tuple]:

@@ -62,17 +62,19 @@ def test_quantize_under_torchrun_over_nccl(shapes, tmp_path):
     check_torchrun_quantize(shapes, tmp_path, "0,1", IMGSZ)
 
 
-def test_quantize_with_cuda_graphs_replays_the_steps_and_warns_of_nothing(shapes, tmp_path):
-    """``qat.py quantize --cuda-graphs`` end to end: the steps run from graphs (the log says so), the
-    epochs are reported, and neither autograd nor the graphs print a warning."""
+@pytest.mark.parametrize("flags,graphed", [((), True), (("--no-cuda-graphs",), False)])
+def test_quantize_replays_the_steps_from_cuda_graphs_by_default_and_warns_of_nothing(shapes, tmp_path, flags, graphed):
+    """``qat.py quantize`` end to end on one GPU: without a flag the steps run from graphs (the log says
+    so), ``--no-cuda-graphs`` runs them eagerly; the epochs are reported, and neither autograd nor the
+    graphs print a warning."""
     weights = save_float_checkpoint(tiny_model(), tmp_path / "fp.pt")
     cmd = [sys.executable, "qat.py", "quantize", "--weights", str(weights), "--data", str(shapes), "--imgsz",
            str(IMGSZ), "--batch-size", "4", "--device", "0", "--workers", "0", "--calib-batches", "2", "--epochs",
-           "2", "--iters", "3", "--cuda-graphs", "--project", str(tmp_path / "runs"), "--name", "graphs"]
+           "2", "--iters", "3", *flags, "--project", str(tmp_path / "runs"), "--name", "graphs"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
-    assert "CUDA graphs recorded for batches of shape (4, 3, 64, 64)" in log
+    assert ("CUDA graphs recorded for batches of shape (4, 3, 64, 64)" in log) == graphed
     warnings = [line for line in log.splitlines() if "Warning" in line]
     assert not warnings, warnings
     report = json.loads((tmp_path / "runs" / "graphs" / "report.json").read_text())

@@ -62,7 +62,7 @@ from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, qu
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import de_parallel, select_device
 from utils.training.acceleration import channels_last, maybe_compile
-from utils.training.cuda_graphs import maybe_graph
+from utils.training.cuda_graphs import graphs_wanted, maybe_graph
 from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
 from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
@@ -345,16 +345,17 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     if state.student is not None:
         student.load_state_dict(state.student)
     shipped = ema.ema if ema is not None else student
+    graphs = graphs_wanted(opt.cuda_graphs, device, compiled=opt.compile, distributed=info.distributed)
     distill = None
     if phase.distill and opt.distill_weight > 0 and opt.supervision_stride > 0:
         layers = supervised_layers(len(student.model), opt.supervision_stride)
         distill = FeatureDistillation(student, teacher, layers, opt.distill_weight, compile=opt.compile,
-                                      graphs=opt.cuda_graphs)
+                                      graphs=graphs)
     model = student
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
-    forward = maybe_graph(maybe_compile(model, device, opt.compile), device, opt.cuda_graphs)
+    forward = maybe_graph(maybe_compile(model, device, opt.compile), device, graphs)
     precision = make_precision(device, opt.amp)
     weights = save_dir / "weights"
     best = state.best_fitness

@@ -255,6 +255,16 @@ def maybe_graph_inference(fn: Callable[[torch.Tensor], Any], device: torch.devic
     return GraphedInference(fn) if enabled and device.type == "cuda" else fn
 
 
+def graphs_wanted(requested: bool | None, device: torch.device, *, compiled: bool, distributed: bool) -> bool:
+    """``--cuda-graphs``'s value: what the user typed, or (not typed: None) on wherever graphs can replay
+    the step (one process on a CUDA device, no ``torch.compile``), where they take most of the CPU's
+    launching off each step (gelan-s's eager QAT step took 269 ms on an H200, its replay 51 ms:
+    BENCHMARKS.md)."""
+    if requested is not None:
+        return requested
+    return device.type == "cuda" and not compiled and not distributed
+
+
 def maybe_graph(module: nn.Module, device: torch.device, enabled: bool) -> Callable:
     """A ``GraphedTraining`` of ``module`` when asked for and possible (CUDA, one process), else ``module``."""
     if not enabled:
