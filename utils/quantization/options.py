@@ -63,7 +63,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the QAT step (CUDA; pays off after a minute or two of compiling)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the QAT forward and backward passes from CUDA graphs (default: on with one CUDA "
-                        "GPU and no --compile; --no-cuda-graphs runs them eagerly)")
+                        "GPU and no --compile; --no-cuda-graphs runs them eagerly); an epoch's short last batch "
+                        "is then dropped")
     p.add_argument("--supervision-stride", type=int, default=1,
                    help="distil every N-th layer from the FP32 model (0: no distillation)")
     p.add_argument("--distill-weight", type=float, default=1.0,

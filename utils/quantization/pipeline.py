@@ -328,8 +328,12 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     channels_last(set_trainable(student), device)
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
+    graphs = graphs_wanted(opt.cuda_graphs, device, compiled=opt.compile, distributed=info.distributed)
+    # a compiled or graphed step sees one batch shape: the short last batch of an epoch would run eagerly,
+    # beside the graphs' own memory (up to twice the step's), so it is dropped (a new shuffle each epoch)
     loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
-                         seed=opt.seed, rank=info.rank, drop_last=opt.compile, model=student, weights=opt.weights)
+                         seed=opt.seed, rank=info.rank, drop_last=opt.compile or graphs, model=student,
+                         weights=opt.weights)
     loss_names = ("box", "seg", "cls", "dfl") if model_task(student) == "segment" else ("box", "cls", "dfl")
     lr0 = opt.lr if opt.lr is not None else hyp["lr0"]
     optimizer = build_optimizer(student, opt.optimizer, lr0, hyp["momentum"], hyp["weight_decay"])
@@ -345,7 +349,6 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     if state.student is not None:
         student.load_state_dict(state.student)
     shipped = ema.ema if ema is not None else student
-    graphs = graphs_wanted(opt.cuda_graphs, device, compiled=opt.compile, distributed=info.distributed)
     distill = None
     if phase.distill and opt.distill_weight > 0 and opt.supervision_stride > 0:
         layers = supervised_layers(len(student.model), opt.supervision_stride)
