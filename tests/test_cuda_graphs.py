@@ -27,6 +27,7 @@ from utils.training.cuda_graphs import (
     graphs_wanted,
     maybe_graph,
     maybe_graph_inference,
+    why_eager,
 )
 from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
@@ -66,6 +67,8 @@ def test_quantize_replays_from_graphs_unless_told_or_unable():
     assert not graphs_wanted(None, cuda, compiled=False, distributed=True)
     assert not graphs_wanted(False, cuda, compiled=False, distributed=False)
     assert graphs_wanted(True, cpu, compiled=False, distributed=False)  # maybe_graph then says why it cannot
+    assert why_eager(cuda, False) is None and "CUDA devices only" in why_eager(cpu, False)
+    assert "several GPUs" in why_eager(cuda, True)
 
 
 def _batches(device: torch.device, sizes: list[int]) -> list[tuple]:

@@ -62,7 +62,7 @@ from utils.quantization.sensitivity import layer_sensitivity, most_sensitive, qu
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import de_parallel, select_device
 from utils.training.acceleration import channels_last, maybe_compile
-from utils.training.cuda_graphs import graphs_wanted, maybe_graph
+from utils.training.cuda_graphs import graphs_wanted, maybe_graph, why_eager
 from utils.training.distributed import DistInfo, broadcast_object, process_group, same_on_all_ranks
 from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
@@ -329,10 +329,11 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
     stride = max(int(student.stride.max()), 32)
     batch_per_rank = opt.batch_size // info.world_size
     graphs = graphs_wanted(opt.cuda_graphs, device, compiled=opt.compile, distributed=info.distributed)
-    # a compiled or graphed step sees one batch shape: the short last batch of an epoch would run eagerly,
+    # a compiled or replayed step sees one batch shape: the short last batch of an epoch would run eagerly,
     # beside the graphs' own memory (up to twice the step's), so it is dropped (a new shuffle each epoch)
+    replayed = graphs and why_eager(device, info.distributed) is None
     loader = make_loader(data, "train", opt.imgsz, batch_per_rank, stride, opt.workers, hyp=hyp, shuffle=True,
-                         seed=opt.seed, rank=info.rank, drop_last=opt.compile or graphs, model=student,
+                         seed=opt.seed, rank=info.rank, drop_last=opt.compile or replayed, model=student,
                          weights=opt.weights)
     loss_names = ("box", "seg", "cls", "dfl") if model_task(student) == "segment" else ("box", "cls", "dfl")
     lr0 = opt.lr if opt.lr is not None else hyp["lr0"]

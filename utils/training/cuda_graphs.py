@@ -255,6 +255,15 @@ def maybe_graph_inference(fn: Callable[[torch.Tensor], Any], device: torch.devic
     return GraphedInference(fn) if enabled and device.type == "cuda" else fn
 
 
+def why_eager(device: torch.device, distributed: bool) -> str | None:
+    """Why a training step on ``device`` cannot be replayed from CUDA graphs, or None where it can."""
+    if device.type != "cuda":
+        return f"CUDA graphs exist on CUDA devices only; running eagerly on {device}"
+    if distributed:
+        return "not with several GPUs (DDP's gradient hooks cannot be replayed); running eagerly"
+    return None
+
+
 def graphs_wanted(requested: bool | None, device: torch.device, *, compiled: bool, distributed: bool) -> bool:
     """``--cuda-graphs``'s value: what the user typed, or (not typed: None) on wherever graphs can replay
     the step (one process on a CUDA device, no ``torch.compile``), where they take most of the CPU's
@@ -262,18 +271,16 @@ def graphs_wanted(requested: bool | None, device: torch.device, *, compiled: boo
     BENCHMARKS.md)."""
     if requested is not None:
         return requested
-    return device.type == "cuda" and not compiled and not distributed
+    return not compiled and why_eager(device, distributed) is None
 
 
 def maybe_graph(module: nn.Module, device: torch.device, enabled: bool) -> Callable:
     """A ``GraphedTraining`` of ``module`` when asked for and possible (CUDA, one process), else ``module``."""
     if not enabled:
         return module
-    if device.type != "cuda":
-        LOGGER.info("--cuda-graphs: CUDA graphs exist on CUDA devices only; running eagerly on %s", device)
-        return module
-    if isinstance(module, nn.parallel.DistributedDataParallel):
-        LOGGER.warning("--cuda-graphs: not with several GPUs (DDP's gradient hooks cannot be replayed); "
-                       "running eagerly")
+    reason = why_eager(device, isinstance(module, nn.parallel.DistributedDataParallel))
+    if reason is not None:
+        log = LOGGER.info if device.type != "cuda" else LOGGER.warning
+        log(f"--cuda-graphs: {reason}")
         return module
     return GraphedTraining(module)
