@@ -269,12 +269,12 @@ def bias_silu(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor | None:
     return _BiasSiLU.apply(z, bias.to(z.dtype))
 
 
-
 def biased_silu(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``F.silu(z + bias)`` of a convolution's output without its bias: ``bias_silu``'s kernel where
     ``usable``, else PyTorch's add and SiLU."""
     y = bias_silu(z, bias) if usable(z) else None
     return F.silu(z + bias.to(z.dtype).view(1, -1, 1, 1)) if y is None else y
+
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.stride() == b.stride() and _dense(a) and a.device == b.device
