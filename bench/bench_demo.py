@@ -7,6 +7,8 @@
     -> bench/results/demo_wall_seconds_beside_2_busy.json
     python bench/bench_demo.py --project /tmp/bench_demo --threads 2
     -> bench/results/demo_wall_seconds_threads_2.json
+    python bench/bench_demo.py --project /tmp/bench_demo --train
+    -> bench/results/demo_wall_seconds_train.json (the FP32 model trained in the demo, not the shipped one)
 
 The demo runs as a child process, so the time includes Python's start and every import; the load
 average before it starts goes into the record, since other jobs on the machine slow it down.
@@ -37,6 +39,7 @@ def main(argv=None) -> list[Path]:
                    help="CPU-bound processes to run beside the demo, as on a machine other jobs share")
     p.add_argument("--threads", type=int, default=None,
                    help="the demo's --threads (default: its own); the record then names the count")
+    p.add_argument("--train", action="store_true", help="the demo's --train: it trains its FP32 model first")
     p.add_argument("--results-dir", default=None, help="default bench/results")
     args = p.parse_args(argv)
 
@@ -44,9 +47,10 @@ def main(argv=None) -> list[Path]:
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
         threads = [] if args.threads is None else ["--threads", str(args.threads)]
+        train = ["--train"] if args.train else []
         t, cpu = time.perf_counter(), _children_cpu_seconds()
-        proc = subprocess.run([sys.executable, "qat.py", "demo", "--project", args.project, *threads], cwd=ROOT,
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "qat.py", "demo", "--project", args.project, *threads, *train],
+                              cwd=ROOT, capture_output=True, text=True)
         seconds, cpu = time.perf_counter() - t, _children_cpu_seconds() - cpu
     finally:
         for hog in hogs:
@@ -59,13 +63,14 @@ def main(argv=None) -> list[Path]:
     common = {"model": "gelan-demo (models/demo/gelan-demo.yaml)", "dataset": f"built-in shapes, {summary['imgsz']} px",
               "results_dir": args.results_dir}
     qat = rows["QAT (best)"]["map50_95"]
-    beside = (f"_beside_{args.busy}_busy" if args.busy else "") + (f"_threads_{args.threads}" if threads else "")
+    beside = ((f"_beside_{args.busy}_busy" if args.busy else "") + (f"_threads_{args.threads}" if threads else "")
+              + ("_train" if train else ""))
     written = [write_record(f"demo_wall_seconds{beside}", seconds, "s", extra={
         "load_average_before": load, "busy_processes": args.busy, "demo_reported_seconds": summary["seconds"],
-        "threads": args.threads, "cpu_seconds": cpu,
-        "rows": rows, "run": str(run.parent), "note": "python qat.py demo with its defaults, child process wall time"},
+        "threads": args.threads, "trained_here": args.train, "cpu_seconds": cpu, "rows": rows, "run": str(run.parent),
+        "note": "python qat.py demo with its defaults and the flags above, child process wall time"},
         **common)]
-    if not (args.busy or threads):  # seeded: neighbours change its time, not its table (threads change both)
+    if not (args.busy or threads or train):  # seeded: neighbours change its time, not its table (threads change both)
         written.append(write_record("demo_qat_map50_95", qat, "mAP50-95", extra={
             "fp32_map50_95": rows["Origin (FP32)"]["map50_95"], "rows": rows, "split": "val"}, **common))
     print(f"qat.py demo: {seconds:.0f} s wall, {cpu:.0f} s CPU (load average {load:.2f} before), "
