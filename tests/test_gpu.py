@@ -65,20 +65,21 @@ def test_quantize_under_torchrun_over_nccl(shapes, tmp_path):
 @pytest.mark.parametrize("flags,graphed", [((), True), (("--no-cuda-graphs",), False)])
 def test_quantize_replays_the_steps_from_cuda_graphs_by_default_and_warns_of_nothing(shapes, tmp_path, flags, graphed):
     """``qat.py quantize`` end to end on one GPU: without a flag the steps run from graphs (the log says
-    so), ``--no-cuda-graphs`` runs them eagerly; the epochs are reported, and neither autograd nor the
-    graphs print a warning."""
+    so) and each epoch's short last batch is dropped (8 images in batches of 3: 6 trained), while
+    ``--no-cuda-graphs`` runs every batch eagerly; neither autograd nor the graphs print a warning."""
     weights = save_float_checkpoint(tiny_model(), tmp_path / "fp.pt")
     cmd = [sys.executable, "qat.py", "quantize", "--weights", str(weights), "--data", str(shapes), "--imgsz",
-           str(IMGSZ), "--batch-size", "4", "--device", "0", "--workers", "0", "--calib-batches", "2", "--epochs",
-           "2", "--iters", "3", *flags, "--project", str(tmp_path / "runs"), "--name", "graphs"]
+           str(IMGSZ), "--batch-size", "3", "--device", "0", "--workers", "0", "--calib-batches", "2", "--epochs",
+           "2", *flags, "--project", str(tmp_path / "runs"), "--name", "graphs"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
-    assert ("CUDA graphs recorded for batches of shape (4, 3, 64, 64)" in log) == graphed
+    assert ("CUDA graphs recorded for batches of shape (3, 3, 64, 64)" in log) == graphed
     warnings = [line for line in log.splitlines() if "Warning" in line]
     assert not warnings, warnings
     report = json.loads((tmp_path / "runs" / "graphs" / "report.json").read_text())
-    assert [e["epoch"] for e in report["epochs"]] == [1, 2]
+    assert [(e["epoch"], e["train_images"]) for e in report["epochs"]] == [(1, 6 if graphed else 8),
+                                                                          (2, 6 if graphed else 8)]
 
 
 def test_train_with_cuda_graphs_replays_the_steps_and_warns_of_nothing(shapes, tmp_path):
@@ -94,3 +95,18 @@ def test_train_with_cuda_graphs_replays_the_steps_and_warns_of_nothing(shapes, t
     assert not warnings, warnings
     rows = (tmp_path / "runs" / "graphs" / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and (tmp_path / "runs" / "graphs" / "weights" / "best.pt").is_file()  # header + 2 epochs
+
+
+def test_segmentation_demo_on_the_gpu_replays_qat_from_graphs(tmp_path):
+    """``qat.py demo --task segment --device 0``: the shipped segmentation model through PTQ, QAT from
+    graphs (each epoch's 18 images in batches of 4: 16 trained), export and the ONNX Runtime check."""
+    cmd = [sys.executable, "qat.py", "demo", "--task", "segment", "--device", "0", "--images", "18", "--imgsz",
+           str(IMGSZ), "--batch-size", "4", "--qat-epochs", "1", "--workers", "0", "--project", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "CUDA graphs recorded for batches of shape (4, 3, 64, 64)" in log
+    summary = json.loads((tmp_path / "exp" / "demo.json").read_text())
+    assert all("mask_map50_95" in row for row in summary["rows"].values())
+    report = json.loads((tmp_path / "exp" / "qat" / "report.json").read_text())
+    assert [(e["epoch"], e["train_images"]) for e in report["epochs"]] == [(1, 16)]

@@ -141,6 +141,8 @@ def test_quantize_then_eval_and_resume(shapes, tmp_path):
     assert report["reported_on"] == "val"  # the shapes yaml's test split is its val folder: nothing apart
     assert report["seconds_to_qat_best"] > 0 and report["seconds"]["ptq"] > 0 and "## Time" in md
     assert all(e["train_seconds"] > 0 and e["eval_seconds"] > 0 for e in report["epochs"])
+    assert [e["train_images"] for e in report["epochs"]] == [4, 4]  # --iters 1 of batch 4
+    assert "| distill error | images | s/iter |" in (run / "report.md").read_text()
 
     # the saved best evaluates exactly as it did during the run
     result = qat.main(["eval", "--weights", str(w / "qat_best.pt"), "--data", str(shapes), "--imgsz", str(IMGSZ),

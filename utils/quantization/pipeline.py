@@ -380,7 +380,9 @@ def finetune(opt: argparse.Namespace, student: nn.Module, teacher: nn.Module, da
             row = {"epoch": epoch + 1, **dict(zip(loss_names, stats.loss)),
                    "distill_error": distill.take_mean_error() if distill else 0.0,
                    "seconds_per_iter": stats.seconds / max(stats.iters, 1), "lr": lr0 * lf(epoch),
-                   "train_seconds": stats.seconds}
+                   # over all processes (each sees as many); fewer than the split's when a replayed step
+                   # dropped the short last batch
+                   "train_images": stats.images * info.world_size, "train_seconds": stats.seconds}
             fitness = 0.0
             if evaluate is not None:
                 t = time.perf_counter()

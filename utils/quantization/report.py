@@ -166,12 +166,13 @@ def _epoch_table(title: str, epochs: list[dict]) -> list[str]:
     seg = "seg" in epochs[0]
     nan = float("nan")
     lines = [f"## {title}", "", "| Epoch | AP50-95 | AP50 |" + (" mask AP50-95 | mask AP50 | seg |" if seg else "")
-             + " box | cls | dfl | distill error | s/iter | train s | eval s |", "|---" * (13 if seg else 10) + "|"]
+             + " box | cls | dfl | distill error | images | s/iter | train s | eval s |",
+             "|---" * (14 if seg else 11) + "|"]
     lines += [f"| {e['epoch']} | {e.get('map50_95', nan):.4f} | {e.get('map50', nan):.4f} | "
               + (f"{e.get('mask_map50_95', nan):.4f} | {e.get('mask_map50', nan):.4f} | "
                  f"{e['seg']:.4f} | " if seg else "")
               + f"{e['box']:.4f} | {e['cls']:.4f} | {e['dfl']:.4f} | {e['distill_error']:.2e} | "
-              f"{e['seconds_per_iter']:.3f} | {e.get('train_seconds', nan):.1f} | "
+              f"{e.get('train_images', '-')} | {e['seconds_per_iter']:.3f} | {e.get('train_seconds', nan):.1f} | "
               f"{e.get('eval_seconds', nan):.1f} |" for e in epochs]
     return lines + [""]
 
