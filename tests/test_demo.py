@@ -54,14 +54,14 @@ def test_demo_end_to_end_at_toy_size(tmp_path, capfd):
 
 def test_demo_recipes_per_task():
     """--epochs left out takes the task's recipe; detection trains quick (bf16 / channels-last on
-    the CPU, one validation) and calibrates with auto, segmentation as before."""
+    the CPU, one validation), segmentation as before; both calibrate with auto and fine-tune at qat.py's rate."""
     from utils.demo import QUICK_TRAINING, RECIPES
     from utils.training.trainer import DEFAULTS
 
     assert set(QUICK_TRAINING) <= set(DEFAULTS)  # each is a trainer option
     assert RECIPES["detect"].quick and not RECIPES["segment"].quick
     assert RECIPES["detect"].epochs < RECIPES["segment"].epochs
-    assert (RECIPES["detect"].calib_method, RECIPES["segment"].calib_method) == ("auto", "max")
+    assert {(r.calib_method, r.qat_lr) for r in RECIPES.values()} == {("auto", 0.0001)}
     # detection trains batch 32 at twice batch 16's rate; segmentation keeps batch 16 and its rate
     assert (RECIPES["detect"].batch_size, RECIPES["segment"].batch_size) == (32, 16)
     assert RECIPES["detect"].lr0 == pytest.approx(2 * RECIPES["segment"].lr0)
@@ -124,10 +124,13 @@ def test_segmentation_demo_end_to_end_at_toy_size(tmp_path, capsys):
                          "--batch-size", "8", "--workers", "0"])
     out = capsys.readouterr().out
     table = out[out.index("| Model | AP50-95 | AP50 | P | R |"):]
+    method = json.loads((save_dir / "qat" / "report.json").read_text())["ptq"]["method"]  # auto's choice
     for row in ROWS:
         for part in ("boxes", "masks"):
-            cells = next(line for line in table.splitlines() if line.startswith(f"| {row}, {part} |")).split("|")[2:-1]
-            assert len(cells) == 4 and all(0.0 <= float(c) <= 1.0 for c in cells), (row, part)
+            label = row.replace("PTQ (max)", f"PTQ ({method})")
+            line = next(line for line in table.splitlines() if line.startswith(f"| {label}, {part} |"))
+            cells = line.split("|")[2:-1]
+            assert len(cells) == 4 and all(0.0 <= float(c) <= 1.0 for c in cells), (label, part)
     summary = json.loads((save_dir / "demo.json").read_text())
     assert summary["task"] == "segment" and all("mask_map50_95" in m for m in summary["rows"].values())
     outputs = [o.name for o in onnx.load(summary["files"]["onnx"]).graph.output]
