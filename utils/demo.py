@@ -34,7 +34,7 @@ CFGS = {"detect": ROOT / "models/demo/gelan-demo.yaml", "segment": ROOT / "model
 SHIPPED_WEIGHTS = {task: cfg.with_suffix(".pt") for task, cfg in CFGS.items()}
 # Image sizes the shipped models were checked at (tests/test_demo.py): trained at 128 with objects scaled
 # +/-50%, both score mAP50 >= 0.83 from 96 to 256 px on the demo's images; at 64 and 320 they fall to
-# 0.49-0.84 (BENCHMARKS.md, "The demo").
+# 0.45-0.84 (BENCHMARKS.md, "Demo, twelfth session").
 SHIPPED_SIZES = (96, 256)
 
 # A few hundred optimizer steps from scratch (e.g. 40 epochs of 19 batches): AdamW converges in that
@@ -93,9 +93,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "models/demo/*.pt (minutes more on a CPU)")
     per_task = ", ".join(f"{task} {recipe.epochs}" for task, recipe in RECIPES.items())
     p.add_argument("--epochs", type=int, default=None, help=f"FP32 training epochs with --train (default: {per_task})")
-    # 2 keeps the demo inside 3 minutes on a slow hour of the 2-core machine; its QAT row is then the PTQ
-    # model (no epoch beats it). --qat-epochs 3 shows QAT past PTQ for ~10 s more (BENCHMARKS.md, "The demo")
-    p.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs (3: QAT past PTQ, ~10 s more)")
+    # 2: on both shipped models a QAT epoch outscored PTQ on val within them (BENCHMARKS.md, "Demo, twelfth
+    # session"); a model --train trained needed a third, ~10 s more on the 2-core machine ("The demo")
+    p.add_argument("--qat-epochs", type=int, default=2,
+                   help="QAT fine-tuning epochs (with --train, 3 took QAT past PTQ for ~10 s more)")
     p.add_argument("--qat-iters", type=int, default=100, help="at most this many batches per QAT epoch")
     p.add_argument("--images", type=int, default=300,
                    help="training images to draw (a quarter as many for val); QAT and --train use them")
