@@ -78,12 +78,14 @@ def test_shipped_models_find_shapes_they_never_saw_at_every_demo_size(task, tmp_
     from utils.checkpoint import load_checkpoint
     from utils.data.config import load_data_config
     from utils.data.synthetic import CLASS_NAMES, make_shapes_dataset
-    from utils.demo import CFGS, SHIPPED_SIZES, SHIPPED_WEIGHTS
+    from utils.demo import CFGS, SHIPPED_SIZES, SHIPPED_WEIGHTS, shipped_data_seed
     from utils.deployment.validate import evaluate_exported
 
     ckpt = load_checkpoint(SHIPPED_WEIGHTS[task])  # weights_only, the allowlist
     made_by = ckpt["made_by"]
-    assert made_by["command"].startswith("python tools/make_demo_weights.py") and made_by["data_seed"] != 0
+    assert made_by["command"].startswith("python tools/make_demo_weights.py")
+    # the demo's default seed draws other images; the one that would not is named (the demo warns of it)
+    assert shipped_data_seed(task) == made_by["data_seed"] != qat.parse_args(["demo"]).seed
     model = model_from_checkpoint(ckpt).eval()
     assert {**model.yaml, "ch": 3} == {**load_config(CFGS[task]), "ch": 3}  # Model() records the input channels
     assert list(model.names) == list(CLASS_NAMES)
@@ -153,3 +155,26 @@ def test_make_demo_weights_writes_a_loadable_model_that_says_how_it_was_made(tmp
     assert (made_by["data_seed"], made_by["images"], made_by["last_epoch_results"]["epoch"]) == (7, 4, 1)
     assert ckpt["optimizer"] is None and ckpt["ema"] is None  # a finished run's file, as shipped
     assert model_from_checkpoint(ckpt).yaml["nc"] == 3
+
+
+def test_demo_warns_when_the_shipped_model_meets_other_sizes_or_its_own_images(tmp_path, monkeypatch, caplog):
+    """Outside the checked sizes, and with the seed that drew its training images, the demo says so
+    before it quantizes (stopped there: the rest is the toy-size runs above)."""
+    import utils.demo
+
+    class Quantizing(Exception):
+        pass
+
+    def stop(*_args, **_kwargs):
+        raise Quantizing
+
+    monkeypatch.setattr(utils.demo, "quantize_and_check", stop)
+    seed = utils.demo.shipped_data_seed("detect")
+    for flags, expected in ((["--imgsz", "64"], "checked at 96-256 px; at --imgsz 64"),
+                            (["--seed", str(seed)], f"--seed {seed} draws the images the shipped model was trained on"),
+                            ([], None)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="yolov9"), pytest.raises(Quantizing):
+            qat.main(["demo", "--project", str(tmp_path), "--images", "4", *flags])
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warnings == ([] if expected is None else [next(w for w in warnings if expected in w)]), warnings

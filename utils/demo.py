@@ -192,6 +192,9 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
         if not low <= opt.imgsz <= high:
             LOGGER.warning(f"demo: the shipped model was checked at {low}-{high} px; at --imgsz {opt.imgsz} it "
                            f"finds fewer shapes (--train trains a model at this size)")
+        if opt.seed == shipped_data_seed(opt.task):
+            LOGGER.warning(f"demo: --seed {opt.seed} draws the images the shipped model was trained on, so its "
+                           f"scores are not on new images; another seed draws new ones")
         rows, written, _ = quantize_and_check(shipped, data, opt, save_dir, device, recipe=recipe)
     md = table(rows) + SAME_INPUT_NOTE + start_note(rows["QAT (best)"])
     seconds = time.perf_counter() - t0
@@ -205,6 +208,13 @@ def _run_demo(opt: argparse.Namespace, device: torch.device) -> Path:
     for key, path in {**written, "table": save_dir / "demo.md"}.items():
         print(f"  {key:13s} {path}")
     return save_dir
+
+
+def shipped_data_seed(task: str) -> int:
+    """The seed that drew the shipped model's training images (its file records it)."""
+    from utils.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(SHIPPED_WEIGHTS[task])["made_by"]["data_seed"])
 
 
 def run_workflow(cfg: str | Path, data: Path, opt: argparse.Namespace, save_dir: Path, device: torch.device,
