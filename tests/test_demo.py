@@ -78,14 +78,14 @@ def test_shipped_models_find_shapes_they_never_saw_at_every_demo_size(task, tmp_
     from utils.checkpoint import load_checkpoint
     from utils.data.config import load_data_config
     from utils.data.synthetic import CLASS_NAMES, make_shapes_dataset
-    from utils.demo import CFGS, SHIPPED_SIZES, SHIPPED_WEIGHTS, shipped_data_seed
+    from utils.demo import CFGS, SHIPPED_DATA_SEED, SHIPPED_SIZES, SHIPPED_WEIGHTS
     from utils.deployment.validate import evaluate_exported
 
     ckpt = load_checkpoint(SHIPPED_WEIGHTS[task])  # weights_only, the allowlist
     made_by = ckpt["made_by"]
     assert made_by["command"].startswith("python tools/make_demo_weights.py")
     # the demo's default seed draws other images; the one that would not is named (the demo warns of it)
-    assert shipped_data_seed(task) == made_by["data_seed"] != qat.parse_args(["demo"]).seed
+    assert SHIPPED_DATA_SEED == made_by["data_seed"] != qat.parse_args(["demo"]).seed
     model = model_from_checkpoint(ckpt).eval()
     assert {**model.yaml, "ch": 3} == {**load_config(CFGS[task]), "ch": 3}  # Model() records the input channels
     assert list(model.names) == list(CLASS_NAMES)
@@ -169,7 +169,7 @@ def test_demo_warns_when_the_shipped_model_meets_other_sizes_or_its_own_images(t
         raise Quantizing
 
     monkeypatch.setattr(utils.demo, "quantize_and_check", stop)
-    seed = utils.demo.shipped_data_seed("detect")
+    seed = utils.demo.SHIPPED_DATA_SEED
     for flags, expected in ((["--imgsz", "64"], "checked at 96-256 px; at --imgsz 64"),
                             (["--seed", str(seed)], f"--seed {seed} draws the images the shipped model was trained on"),
                             ([], None)):

@@ -18,7 +18,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -28,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.record import machine_name  # noqa: E402  (the machine as every benchmark record names it)
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.demo import CFGS, RECIPES, SHIPPED_WEIGHTS, train_fp32  # noqa: E402
+from utils.demo import CFGS, RECIPES, SHIPPED_DATA_SEED, SHIPPED_WEIGHTS, train_fp32  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.options import parse_flags  # noqa: E402
 from utils.paths import increment_path  # noqa: E402
@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr0", type=float, default=0.006, help="AdamW's learning rate")
     p.add_argument("--scale", type=float, default=0.5, help="random object scale, +/- this fraction")
     p.add_argument("--imgsz", type=int, default=128, help="training size, the demo's default")
-    p.add_argument("--seed", type=int, default=1000, help="draws the images and seeds the training")
+    p.add_argument("--seed", type=int, default=SHIPPED_DATA_SEED,
+                   help="draws the images and seeds the training (the demo warns when its own --seed is this)")
     p.add_argument("--device", default="0", help="cpu, or a cuda device")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--project", default=str(ROOT / "runs/demo-weights"))
@@ -64,14 +65,6 @@ def _commit() -> str | None:
         return None
 
 
-def _machine(device: str) -> str:
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(int(device.split(',')[0]))}, {platform.machine()}"
-    return f"CPU only ({platform.processor() or platform.machine()})"
-
-
 def main(argv: list[str] | None = None) -> Path:
     from utils.data.synthetic import make_shapes_dataset
 
@@ -87,7 +80,7 @@ def main(argv: list[str] | None = None) -> Path:
     ckpt = load_checkpoint(train_dir / "weights" / "best.pt")
     ckpt["git"] = _commit()
     ckpt["made_by"] = {"command": "python tools/make_demo_weights.py " + shlex.join(argv or sys.argv[1:]),
-                       "machine": _machine(opt.device), "date": ckpt["date"], "data_seed": opt.seed,
+                       "machine": machine_name(), "date": ckpt["date"], "data_seed": opt.seed,
                        "images": opt.images, "last_epoch_results": last_epoch}
     output = Path(opt.output) if opt.output else SHIPPED_WEIGHTS[opt.task]
     save_checkpoint(ckpt, output)
