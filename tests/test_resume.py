@@ -148,6 +148,7 @@ def test_torchrun_resume_reproduces_the_uninterrupted_run(tool, inputs):
         assert "quantizer ranges identical on all 2 ranks" in full.stdout + full.stderr
         a, b = (json.loads((project / run / "report.json").read_text()) for run in ("full", "cut"))
         assert _logged(a) == _logged(b) and [e["epoch"] for e in b["epochs"]] == [1, 2]
+        assert [e["train_images"] for e in a["epochs"]] == [8, 8]  # both ranks: 2 iterations of 2 images each
         _assert_same_quantized(project / "full", project / "cut")
     else:
         assert [r["epoch"] for r in _csv_rows(project / "cut")] == ["1", "2"]
