@@ -16,6 +16,11 @@ the demo's shapes (same seed, so the same train and val images) plus a test spli
        (QAT - FP32 on test, with its interval) there
 
 Any other checkpoint and data: ``--weights W --data D --imgsz N --batch-size B --device 0``.
+The segmentation demo's shipped model, one calibration method per run (QAT - FP32 is of boxes; the
+runs' report.md files hold the mask rows too):
+
+    python bench/study_qat_recipe.py --weights models/demo/gelan-demo-seg.pt --shapes 300 --task segment \
+        --calib-method auto --variants 1e-4:1:2 --model gelan-demo-seg-auto --project /tmp/seg_auto
 """
 from __future__ import annotations
 
@@ -68,9 +73,9 @@ def hyp_with_warmup(warmup: float, folder: Path) -> Path:
     return path
 
 
-def demo_shapes(out: Path, n_test: int) -> tuple[Path, int, int]:
-    """The demo's shapes dataset (its defaults: the same train and val images) with ``n_test`` test
-    images of its own; returns the data yaml, the demo's image size and its QAT batch."""
+def demo_shapes(out: Path, n_test: int, task: str = "detect") -> tuple[Path, int, int]:
+    """The demo's shapes dataset for ``task`` (its defaults: the same train and val images) with
+    ``n_test`` test images of its own; returns the data yaml, the demo's image size and its QAT batch."""
     from utils.data.synthetic import make_shapes_dataset
     from utils.demo import RECIPES, add_args
 
@@ -78,14 +83,14 @@ def demo_shapes(out: Path, n_test: int) -> tuple[Path, int, int]:
     add_args(p)
     demo = p.parse_args([])
     data = make_shapes_dataset(out, n_train=demo.images, n_val=max(demo.images // 4, 1), imgsz=demo.imgsz,
-                               seed=demo.seed, n_test=n_test)
-    return data, demo.imgsz, RECIPES["detect"].batch_size
+                               seed=demo.seed, n_test=n_test, masks=task == "segment")
+    return data, demo.imgsz, RECIPES[task].batch_size
 
 
-def _demo_model() -> str:
+def _demo_model(task: str) -> str:
     from utils.demo import CFGS
 
-    return Path(CFGS["detect"]).stem
+    return Path(CFGS[task]).stem
 
 
 def run_variant(args: argparse.Namespace, data: Path, lr: float, weight: float, epochs: int, warmup: float,
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--weights", required=True, help="trained FP32 checkpoint")
     p.add_argument("--data", default="", help="data yaml with val and test splits (or --shapes)")
     p.add_argument("--shapes", type=int, default=0, help="draw the demo's shapes with this many test images")
+    p.add_argument("--task", choices=("detect", "segment"), default="detect",
+                   help="with --shapes: boxes, or boxes and masks (the segmentation demo's data)")
     p.add_argument("--variants", default="1e-4:1:3",
                    help="lr:distill_weight:epochs[:warmup_epochs[:ema_decay]], comma separated")
     p.add_argument("--model", default="", help="name in the records (default: gelan-demo with --shapes, else the "
@@ -164,14 +171,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if bool(args.data) == bool(args.shapes):
         raise UserError("name the data: --data D (with a test split) or --shapes N, not both or neither")
     if args.shapes:
-        data, imgsz, batch = demo_shapes(Path(args.project) / "data", args.shapes)
+        data, imgsz, batch = demo_shapes(Path(args.project) / "data", args.shapes, args.task)
         args.imgsz, args.batch_size = args.imgsz or imgsz, args.batch_size or batch
         dataset = f"demo shapes, val + {args.shapes} test images"
     else:
         data, dataset = Path(args.data), Path(args.data).stem
     if args.imgsz is None or args.batch_size is None:
         raise UserError("--imgsz and --batch-size are needed with --data")
-    model = args.model or (_demo_model() if args.shapes else Path(args.weights).stem)
+    model = args.model or (_demo_model(args.task) if args.shapes else Path(args.weights).stem)
     rows = [run_variant(args, data, *v) for v in variants]
     chosen = max(rows, key=lambda r: r["val_qat_best"])["variant"]  # the first of equals
     out = Path(args.results_dir)

@@ -71,8 +71,9 @@ class Recipe:
 # rate (hyp.qat.yaml), which kept QAT closer to FP32 than 0.001 on the 40-epoch model (-0.0098 vs
 # -0.0133); auto calibration, since max alone lost 0.11 mAP50-95 on one quick-trained model (seed 0,
 # 40 epochs: an outlier range) where entropy lost 0.008, for about 6 s of evaluations.
-# Segmentation quantizes the same way: on the shipped model auto + 1e-4 kept QAT within 0.01 of FP32 (boxes
-# and masks, seeds 0 and 1) where max + 1e-3 lost 0.012-0.018 (BENCHMARKS.md, "Demo, twelfth session").
+# Segmentation quantizes the same way: on the shipped model val chose auto + 1e-4 over max + 1e-3, and on
+# test QAT - FP32 was -0.004 / -0.008 (boxes / masks) against -0.017 / -0.011 (BENCHMARKS.md, "Demo,
+# twelfth session").
 RECIPES = {"detect": Recipe(epochs=32, qat_lr=0.0001, calib_method="auto", quick=True, batch_size=32, lr0=0.006),
            "segment": Recipe(epochs=40, qat_lr=0.0001, calib_method="auto", quick=False)}
 
