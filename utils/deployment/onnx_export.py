@@ -277,14 +277,17 @@ def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 1)
 
 
-def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
-    for node in model.graph.node:
+def _rename_input(model: onnx.ModelProto, g: GraphIndex, old: str, new: str) -> None:
+    """Readers of ``old`` read ``new``. The readers come from the pass's index, which is kept up to
+    date, so renaming does not walk the whole graph: 80 walks were 0.7 s of a full-width gelan-t trace."""
+    readers = g.consumers.pop(old, [])
+    for node in readers:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-    for out in model.graph.output:
-        if out.name == old:  # keep graph output names: route through an Identity
-            model.graph.node.append(onnx.helper.make_node("Identity", [new], [old]))
+    g.consumers[new].extend(readers)
+    if old in g.graph_outputs:  # keep graph output names: route through an Identity
+        model.graph.node.append(onnx.helper.make_node("Identity", [new], [old]))
 
 
 def _drop(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
@@ -294,13 +297,13 @@ def _drop(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
     model.graph.node.extend(keep)
 
 
-def _reroute(model: onnx.ModelProto, q: onnx.NodeProto, dqs: list[onnx.NodeProto], target: str,
+def _reroute(model: onnx.ModelProto, g: GraphIndex, q: onnx.NodeProto, dqs: list[onnx.NodeProto], target: str,
              touched: set[str], dropped: list[onnx.NodeProto]) -> int:
     """Readers of each DQ after ``q`` read ``target`` instead; ``q`` and those DQs are dropped at the
     end of the pass. The tensors whose readers changed are marked for this pass."""
     touched.update([q.input[0], q.output[0], target, *(dq.output[0] for dq in dqs)])
     for dq in dqs:
-        _rename_input(model, dq.output[0], target)
+        _rename_input(model, g, dq.output[0], target)
     dropped.extend([q, *dqs])
     return 1
 
@@ -312,7 +315,7 @@ def _redirect_pair(model: onnx.ModelProto, g: GraphIndex, dup_q: onnx.NodeProto,
     dup_dqs = [d for d in g.consumers.get(dup_q.output[0], []) if d.op_type == DEQUANTIZE]
     if kept_dq is None or len(dup_dqs) != len(g.consumers.get(dup_q.output[0], [])):
         return 0
-    return _reroute(model, dup_q, dup_dqs, kept_dq.output[0], touched, dropped)
+    return _reroute(model, g, dup_q, dup_dqs, kept_dq.output[0], touched, dropped)
 
 
 def _bypass_requantize(model: onnx.ModelProto, g: GraphIndex, q: onnx.NodeProto, dequantized: str,
@@ -320,7 +323,7 @@ def _bypass_requantize(model: onnx.ModelProto, g: GraphIndex, q: onnx.NodeProto,
     dqs = [d for d in g.consumers.get(q.output[0], []) if d.op_type == DEQUANTIZE]
     if len(dqs) != len(g.consumers.get(q.output[0], [])):
         return 0
-    return _reroute(model, q, dqs, dequantized, touched, dropped)
+    return _reroute(model, g, q, dqs, dequantized, touched, dropped)
 
 
 def simplify_onnx(model: onnx.ModelProto, tool: str) -> onnx.ModelProto:
