@@ -22,7 +22,7 @@ SUFFIXES = {("onnx", "nms"): ".onnx", ("onnx", "none"): ".onnx",
 def load_model(weights: str | Path, device: torch.device, unsafe: bool = False) -> tuple[nn.Module, list[str]]:
     """The model in a checkpoint, fused and in eval mode, and its convolutions kept in float on
     purpose (empty for an FP model). A PTQ/QAT checkpoint is rebuilt with its quantizers."""
-    from models.loading import attempt_load
+    from models.loading import ready_model
     from models.quantize import build_quantized, float_conv_names
     from utils.checkpoint import load_checkpoint
     from utils.quantization.checkpoint import is_quantized_checkpoint
@@ -32,7 +32,7 @@ def load_model(weights: str | Path, device: torch.device, unsafe: bool = False) 
     if is_quantized_checkpoint(ckpt):
         model = build_quantized(ckpt["quant"], device)
         return model, float_conv_names(model)
-    return attempt_load(path, device=device, fuse=True, unsafe=unsafe), []
+    return ready_model(ckpt, path, device=device, fuse=True), []
 
 
 def export_checkpoint(weights: str | Path, include: tuple[str, ...] = ("onnx",), imgsz: int | tuple[int, int] = 640,

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from models.loading import attempt_load
+from models.loading import ready_model
 from models.quantize import (
     CALIB_METHODS,
     amax_state,
@@ -83,9 +83,10 @@ FIXED_ON_RESUME = ("weights", "data", "imgsz", "task", "conf_thres", "iou_thres"
 
 def load_float_model(weights: str | Path, device: torch.device, unsafe: bool = False) -> nn.Module:
     """The trained FP32 model, fused (Conv+BN, RepConvN) and in eval mode."""
-    if is_quantized_checkpoint(load_checkpoint(weights, unsafe=unsafe)):
+    ckpt = load_checkpoint(weights, unsafe=unsafe)
+    if is_quantized_checkpoint(ckpt):
         raise UserError(f"{weights}: already a PTQ/QAT checkpoint; pass the trained FP32 weights")
-    return attempt_load(weights, device=device, fuse=True, unsafe=unsafe).float().eval()
+    return ready_model(ckpt, weights, device=device, fuse=True).float().eval()
 
 
 def make_loader(data: dict, split: str, imgsz: int, batch_size: int, stride: int, workers: int, *,

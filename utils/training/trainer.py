@@ -133,8 +133,9 @@ def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: i
     }
 
 
-def finalize_checkpoint(path: Path) -> None:
-    """Strip training state from a finished run's file: the EMA becomes 'model', as upstream ships it."""
+def finalize_checkpoint(path: Path) -> dict:
+    """Strip training state from a finished run's file: the EMA becomes 'model', as upstream ships it.
+    Returns what was written, so the final validation need not read the file again."""
     from utils.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(path)
@@ -143,6 +144,7 @@ def finalize_checkpoint(path: Path) -> None:
         ckpt[k] = None
     ckpt["epoch"] = -1
     save_checkpoint(ckpt, path)
+    return ckpt
 
 
 def restore_training_state(ckpt: dict, optimizer, ema: ModelEMA | None, scaler) -> RunState:
@@ -430,11 +432,9 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     writer.wait()
 
     if info.is_main:
-        for f in (last, best):
-            if f.exists():
-                finalize_checkpoint(f)
-        if best.exists():
-            evaluator.final(best, device, save_dir, plots=opt.plots)
+        finalized = {f: finalize_checkpoint(f) for f in (last, best) if f.exists()}
+        if best in finalized:
+            evaluator.final(finalized[best]["model"], best, device, save_dir, plots=opt.plots)
     return save_dir
 
 
@@ -492,12 +492,12 @@ class Evaluator:
                    "val_loss": val_loss, "mask": r.mask}
         return metrics, float(r.fitness)
 
-    def final(self, best: Path, device: torch.device, save_dir: Path, plots: bool = True) -> None:
-        """best.pt on the validation split with per-class table, best_val.json and (``plots``) plots."""
-        from utils.checkpoint import load_checkpoint
+    def final(self, model: nn.Module, best: Path, device: torch.device, save_dir: Path, plots: bool = True) -> None:
+        """best.pt's ``model`` (as written there) on the validation split with per-class table,
+        best_val.json and (``plots``) plots."""
         from utils.evaluation.validate import run as validate
 
-        model = load_checkpoint(best)["model"].float().to(device)
+        model = model.float().to(device)
         LOGGER.info(f"Validating {best}")
         r = validate(self.data, batch_size=self.batch_size, imgsz=self.imgsz, model=model, dataloader=self.loader,
                     save_dir=save_dir, plots=plots, verbose=True)
