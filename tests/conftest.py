@@ -27,19 +27,21 @@ DATASETS = ROOT.parent / "shared" / "datasets"
 SHARED_SESSION_FIXTURES = ("conformance_model",)
 
 
-def _users_together(items: list) -> None:
-    """Move every test of a shared session fixture next to its first user. pytest-xdist's default
-    scheduling (-n 2 in pytest.ini) hands each worker runs of consecutive tests, so users apart in
-    collection order land on both workers and both build the fixture: tests/test_export.py's lint
-    of the conformance models took 29 s in a suite run, against 5 s beside tests/test_conformance.py."""
+def _shared_fixture_group(item) -> str | None:
+    """The one worker group of a test that shares an expensive fixture: a fixture of
+    ``SHARED_SESSION_FIXTURES`` names its group, a module-scoped fixture its module's. Without
+    groups pytest-xdist hands consecutive runs of tests to either worker, and both built the fixture:
+    tests/test_export_segment.py's seg_exports took 26-27 s on each."""
     for name in SHARED_SESSION_FIXTURES:
-        users = [item for item in items if name in item.fixturenames]
-        if users:
-            others = [item for item in items if name not in item.fixturenames]
-            at = items.index(users[0])
-            items[:] = others[:at] + users + others[at:]
+        if name in item.fixturenames:
+            return name
+    defs = item._fixtureinfo.name2fixturedefs.values()
+    if any(chain and chain[-1].scope == "module" for chain in defs):
+        return item.path.stem
+    return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the marks into its work units
 def pytest_collection_modifyitems(config, items):
     # torch and the backends module are imported here and in the fixtures, not at the top: with
     # -n 2 the controlling process loads this file too, and does so before it starts the workers
@@ -48,7 +50,10 @@ def pytest_collection_modifyitems(config, items):
 
     from utils.deployment.backends import have_tensorrt
 
-    _users_together(items)
+    for item in items:
+        group = _shared_fixture_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
     no_trt = pytest.mark.skip(reason="needs TensorRT (pip install tensorrt from NVIDIA's index); not installed here")
     have_trt = have_tensorrt()

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models.experimental_trt import End2End, NMSTail, Prediction, decode_end2end, efficient_nms_reference
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import DetectionModel
-from tests.export_helpers import CONFORMANCE_SLICE, assert_same_detections, lively_head
+from tests.export_helpers import CONFORMANCE_SLICE, assert_same_detections, lively_head, run_ort
 from tests.qat_helpers import shrunk_config
 from utils.deployment.onnx_export import export_onnx, merge_redundant_qdq, trace_prediction
 from utils.deployment.qdq_lint import SKIP_METADATA_KEY, lint
@@ -46,11 +46,6 @@ def build(cfg: str | os.PathLike | dict, quantized: bool, lively: bool = False, 
 
 def images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(seed))
-
-
-def run_ort(path, x: torch.Tensor) -> list[torch.Tensor]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(o) for o in session.run(None, {"images": x.numpy()})]
 
 
 def check_end2end_outputs(model: onnx.ModelProto, k: int) -> None:

@@ -23,7 +23,7 @@ from models.experimental_trt import (
 )
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import Model
-from tests.export_helpers import lively_head, lively_masks
+from tests.export_helpers import lively_head, lively_masks, run_ort
 from tests.qat_helpers import one_thread
 from utils.deployment.backends import DetectionBackend
 from utils.deployment.onnx_export import export_onnx, tail_for, trace_prediction
@@ -48,11 +48,6 @@ MASK_ATOL, MASK_IOU = 0.01, 0.98
 
 def images(n: int, hw=HW, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, *hw, generator=torch.Generator().manual_seed(seed))
-
-
-def run_ort(path, x: torch.Tensor, outputs=None) -> list[torch.Tensor]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(o) for o in session.run(outputs, {"images": x.numpy()})]
 
 
 @pytest.fixture(scope="module")
