@@ -132,20 +132,24 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["train.py", "qat.py"])
 def test_torchrun_resume_reproduces_the_uninterrupted_run(tool, inputs):
-    """Two gloo processes: the uninterrupted run, and one interrupted at epoch 2 on both ranks then resumed."""
+    """Two gloo processes: the uninterrupted run, then in the same launch one interrupted at epoch 2 on
+    both ranks; that one resumed in a launch of its own."""
     project = inputs["tmp"] / f"ddp_{tool}"
     args = _quantize_args if tool == "qat.py" else _train_args
-    full = _torchrun(tool, *args(inputs, project, "full", workers=0))
-    assert full.returncode == 0, full.stderr[-3000:]
-    cut = _torchrun("tests/interrupt_driver.py", "1", tool, *args(inputs, project, "cut", workers=1))
-    assert cut.returncode != 0 and "interrupted:" in cut.stderr and "--resume" in cut.stderr, cut.stderr[-3000:]
+    full = json.dumps(args(inputs, project, "full", workers=0))
+    launch = _torchrun("tests/interrupt_driver.py", "--first", full, "1", tool,
+                       *args(inputs, project, "cut", workers=1))
+    log = launch.stdout + launch.stderr
+    finished = project / "full" / "weights" / ("qat_best.pt" if tool == "qat.py" else "best.pt")
+    assert finished.is_file(), log[-3000:]  # the uninterrupted run finished
+    assert launch.returncode != 0 and "interrupted:" in launch.stderr and "--resume" in launch.stderr, log[-3000:]
     last = project / "cut" / "weights" / ("qat_last.pt" if tool == "qat.py" else "last.pt")
     resume = ["quantize", "--resume", str(last)] if tool == "qat.py" else ["--resume", str(last)]
     resumed = _torchrun(tool, *resume)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in project.iterdir()) == ["cut", "full"]  # only rank 0 made run folders
     if tool == "qat.py":
-        assert "quantizer ranges identical on all 2 ranks" in full.stdout + full.stderr
+        assert log.count("quantizer ranges identical on all 2 ranks") == 2  # both runs checked
         a, b = (json.loads((project / run / "report.json").read_text()) for run in ("full", "cut"))
         assert _logged(a) == _logged(b) and [e["epoch"] for e in b["epochs"]] == [1, 2]
         assert [e["train_images"] for e in a["epochs"]] == [8, 8]  # both ranks: 2 iterations of 2 images each
