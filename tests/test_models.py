@@ -62,6 +62,13 @@ def test_training_form_matches_upstream_size(models, name):
     assert head.reg_max == 16 and head.no == 80 + 64 and head.nl == 3
 
 
+def test_strides_are_measured_again_on_an_input_too_small_for_the_coarsest_level(models):
+    """Strides come from a 64 px pass (upstream's 256 px gives the same). At 32 px the stride-32 level
+    is 1 x 1, which BatchNorm refuses in training mode for one image: measured again at 256 px."""
+    model = models["gelan-t"]
+    assert model._measure_strides(3, 32).tolist() == model._measure_strides(3, 256).tolist() == [8.0, 16.0, 32.0]
+
+
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_state_dict_matches_upstream_manifest(models, name):
     # tests/golden/*.json.gz: (key, shape) of upstream YOLOv9's own model, in upstream's order
