@@ -154,6 +154,25 @@ def test_pickle_outside_allowlist_is_refused(tmp_path, capsys):
     assert "warning" in capsys.readouterr().err
 
 
+def test_a_class_another_library_allowed_is_still_refused_and_stays_allowed_there(tmp_path):
+    """torch's allowlist is one per process and libraries add to it (Model Optimizer does on import):
+    a checkpoint is read with ours alone, and the process's own is left as it was."""
+    from fractions import Fraction
+
+    path = tmp_path / "fraction.pt"
+    torch.save({"model": None, "note": Fraction(1, 3)}, path)
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([Fraction])
+    try:
+        assert torch.load(path, weights_only=True)["note"] == Fraction(1, 3)  # the process allows it
+        with pytest.raises(UserError, match="refuses to unpickle fractions.Fraction"):
+            load_checkpoint(path)
+        assert Fraction in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 def test_missing_file_and_wrong_content(tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
