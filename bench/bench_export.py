@@ -5,8 +5,9 @@ traced as before.
     -> bench/results/qat_trace_time_ratio_gelan-c.json
 
 The exporter writes each fake-quantization node as the Q/DQ pair of its symbolic, whatever the
-node's forward computed, so ``models.fake_quant`` returns a copy of its input while an export
-traces it. The baseline puts the computing forward back for the same model. The two ways alternate
+node's forward computed, so while an export traces them our quantizers apply
+``models.fake_quant.exported_fake_quant_int8``, whose forward returns a copy of its input. The
+baseline gives that node the computing forward back, for the same model. The two ways alternate
 (so that machine load hits both alike); the record's value is our median time over the baseline's,
 and its extra says whether the two ONNX graphs are equal byte for byte. The model is the config at
 random init, QAT-prepared and calibrated on random images (``bench.conformance.quantized_model``):
@@ -35,19 +36,19 @@ WAYS = ("ours", "traced_arithmetic")
 
 @contextlib.contextmanager
 def traced_arithmetic() -> Iterator[None]:
-    """The fake quantization's computing forward during the export too (the code before the change)."""
+    """The export traces the computing fake quantization, as before the change."""
     from models import fake_quant
 
-    cls = fake_quant._FakeQuantInt8
-    ours = cls.__dict__["forward"]
-    cls.forward = staticmethod(fake_quant.quantize_forward)
+    exported = fake_quant._ExportedFakeQuantInt8
+    ours = exported.__dict__["forward"]
+    exported.forward = fake_quant._FakeQuantInt8.__dict__["forward"]
     try:
         yield
     finally:
-        cls.forward = ours
+        exported.forward = ours
 
 
-def timed_trace(model: torch.nn.Module, imgsz: int, dynamic: bool) -> tuple[float, str]:
+def timed_trace(model: torch.nn.Module, imgsz: int | tuple[int, int], dynamic: bool) -> tuple[float, str]:
     """Seconds of ``trace_prediction`` and the SHA-1 of the graph it gave."""
     from utils.deployment.onnx_export import trace_prediction
 
@@ -60,12 +61,16 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", default="gelan-c", help="model config name (models/detect) or path without .yaml")
     p.add_argument("--nc", type=int, default=80)
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--imgsz", type=int, nargs="+", default=[640], help="size, or height and width")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch axis, as qat.py export --dynamic")
     p.add_argument("--repeats", type=int, default=3, help="traces per way, alternating")
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: its own choice)")
     p.add_argument("--results-dir", type=Path, default=None)
     opt = p.parse_args(argv)
+    if len(opt.imgsz) > 2:
+        raise UserError(f"--imgsz {' '.join(map(str, opt.imgsz))}: give a size, or a height and a width")
+    imgsz = opt.imgsz[0] if len(opt.imgsz) == 1 else tuple(opt.imgsz)
+    h, w = opt.imgsz * 2 if len(opt.imgsz) == 1 else opt.imgsz
     if opt.repeats < 1:
         raise UserError(f"--repeats {opt.repeats}: must be at least 1")
     if opt.threads:
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> Path:
     for i in range(opt.repeats):
         for way in (WAYS if i % 2 == 0 else WAYS[::-1]):  # neither way always goes first
             with traced_arithmetic() if way == "traced_arithmetic" else contextlib.nullcontext():
-                t, digest = timed_trace(model, opt.imgsz, opt.dynamic)
+                t, digest = timed_trace(model, imgsz, opt.dynamic)
             seconds[way].append(round(t, 3))
             digests[way].add(digest)
     medians = {way: statistics.median(s) for way, s in seconds.items()}
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> Path:
     same = len(digests["ours"] | digests["traced_arithmetic"]) == 1
     name = Path(opt.cfg).name
     path = write_record(f"qat_trace_time_ratio_{name}", ratio, "ratio (ours / traced arithmetic, median seconds)",
-                        name, f"random init, {opt.nc} classes, {opt.imgsz}x{opt.imgsz}",
+                        name, f"random init, {opt.nc} classes, {h}x{w}",
                         extra={"seconds": seconds, "median_seconds": medians, "dynamic": opt.dynamic,
                                "threads": torch.get_num_threads(),
                                "same_graph_bytes": same},

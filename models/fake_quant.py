@@ -33,41 +33,30 @@ MAX_BOUND = 127.0  # the scale maps amax to 127; -128 is reached only below -ama
 DEAD_AMAX = 2.0 ** -24  # the extension's EPSILON: below it every value quantizes to 0
 
 
-def quantize_forward(ctx, x: torch.Tensor, amax_in: torch.Tensor, narrow_range: bool) -> torch.Tensor:
-    """``_FakeQuantInt8``'s forward outside an ONNX export: the quantized values, and the mask its
-    backward needs when ``x`` requires a gradient."""
-    fused = fused_ops.fake_quant_int8(x, amax_in, narrow_range, ctx.needs_input_grad[0]) \
-        if fused_ops.usable(x) else None
-    if fused is not None:  # the same values and mask from one CUDA kernel (models/fused_ops.py)
-        y, inside = fused
-        if inside is not None:
-            ctx.save_for_backward(inside)
-        return y
-    amax = amax_in.float()
-    scale = torch.full_like(amax, MAX_BOUND).div_(amax)  # not 127.0 / amax: that is 127 * (1 / amax)
-    # a scale of at least one dimension makes the product float32 whatever x's dtype, without a copy of x
-    scale = scale.reshape(1) if scale.dim() == 0 and x.dim() > 0 else scale
-    low = -MAX_BOUND if narrow_range else -MAX_BOUND - 1
-    y = torch.mul(x, scale).round_().clamp_(low, MAX_BOUND).div_(scale)
-    y = y.masked_fill_(amax < DEAD_AMAX, 0.0)
-    if ctx.needs_input_grad[0]:
-        # x's own dtype: against a 0-d amax, PyTorch's type promotion then rounds amax to bf16/fp16, as
-        # in Model Optimizer's backward. A bool mask holds a half or a quarter of the input it replaces.
-        ctx.save_for_backward(x.abs() <= amax_in)
-    return y.to(x.dtype)
-
-
 class _FakeQuantInt8(torch.autograd.Function):
     """``fake_quant_int8`` with the straight-through estimator; exports as a Q/DQ pair."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, amax_in: torch.Tensor, narrow_range: bool) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            # the exporter writes ``symbolic``'s Q/DQ pair for this node whatever it computes here, and
-            # nothing downstream of an export trace reads values, only shapes and dtypes: tracing the
-            # arithmetic was half of a full-width QAT export's time, for the same bytes (bench/bench_export.py)
-            return x.clone()
-        return quantize_forward(ctx, x, amax_in, narrow_range)
+        fused = fused_ops.fake_quant_int8(x, amax_in, narrow_range, ctx.needs_input_grad[0]) \
+            if fused_ops.usable(x) else None
+        if fused is not None:  # the same values and mask from one CUDA kernel (models/fused_ops.py)
+            y, inside = fused
+            if inside is not None:
+                ctx.save_for_backward(inside)
+            return y
+        amax = amax_in.float()
+        scale = torch.full_like(amax, MAX_BOUND).div_(amax)  # not 127.0 / amax: that is 127 * (1 / amax)
+        # a scale of at least one dimension makes the product float32 whatever x's dtype, without a copy of x
+        scale = scale.reshape(1) if scale.dim() == 0 and x.dim() > 0 else scale
+        low = -MAX_BOUND if narrow_range else -MAX_BOUND - 1
+        y = torch.mul(x, scale).round_().clamp_(low, MAX_BOUND).div_(scale)
+        y = y.masked_fill_(amax < DEAD_AMAX, 0.0)
+        if ctx.needs_input_grad[0]:
+            # x's own dtype: against a 0-d amax, PyTorch's type promotion then rounds amax to bf16/fp16, as
+            # in Model Optimizer's backward. A bool mask holds a half or a quarter of the input it replaces.
+            ctx.save_for_backward(x.abs() <= amax_in)
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -82,6 +71,21 @@ class _FakeQuantInt8(torch.autograd.Function):
         from modelopt.torch.quantization.export_onnx import export_int8
 
         return export_int8(g, x, amax, 8, False, narrow_range, None)
+
+
+class _ExportedFakeQuantInt8(_FakeQuantInt8):
+    """The node the ONNX exporter traces: it writes ``symbolic``'s Q/DQ pair whatever the forward
+    computes, and nothing downstream of an export trace reads values, only shapes and dtypes. Tracing
+    the arithmetic was half of a full-width QAT export's time, for the same bytes (bench/bench_export.py)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, amax_in: torch.Tensor, narrow_range: bool) -> torch.Tensor:
+        return x.clone()
+
+
+def exported_fake_quant_int8(x: torch.Tensor, amax: torch.Tensor, narrow_range: bool = False) -> torch.Tensor:
+    """``fake_quant_int8`` as an ONNX export traces it: the same Q/DQ pair, without the arithmetic."""
+    return _ExportedFakeQuantInt8.apply(x, amax, narrow_range)
 
 
 def fake_quant_int8(x: torch.Tensor, amax: torch.Tensor, narrow_range: bool = False) -> torch.Tensor:

@@ -69,7 +69,7 @@ with _lean_modelopt_import():  # models.quantize and models.quantize_rules take 
     from modelopt.torch.quantization.nn import TensorQuantizer
 
 from models.common import DFL, ELAN1, SPPELAN, ADown, Concat, RepNBottleneck, RepNCSP, RepNCSPELAN4
-from models.fake_quant import fake_quant_int8
+from models.fake_quant import exported_fake_quant_int8, fake_quant_int8
 from models.fused_ops import average_blur
 from models.range_search import entropy_amax, mse_amax, percentile_amax
 
@@ -172,7 +172,8 @@ class Int8Quantizer(TensorQuantizer):
         return super().forward(inputs)  # its export path reads the range as a constant, as Q/DQ needs
 
     def _fake_quantize(self, inputs: torch.Tensor) -> torch.Tensor:
-        return fake_quant_int8(inputs, self._get_amax(inputs), self._narrow_range)
+        quantize = exported_fake_quant_int8 if torch.onnx.is_in_onnx_export() else fake_quant_int8
+        return quantize(inputs, self._get_amax(inputs), self._narrow_range)
 
 
 def activation_quantizer() -> Int8Quantizer:
