@@ -117,51 +117,49 @@ def _box_smooth(y: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     return np.convolve(padded, np.ones(width) / width, mode="valid")
 
 
+def recall_steps(n_targets: int) -> np.ndarray:
+    """For each recall point, how many matches a class of ``n_targets`` boxes needs to reach it:
+    the count of k in 0..n whose recall k / n (computed as the recall itself is) lies below the
+    point, so that comparing match counts is exactly COCOeval's comparison of recalls."""
+    return np.searchsorted(np.arange(n_targets + 1) / n_targets, RECALL_POINTS, side="left")
+
+
+def envelope_ap(ranks: np.ndarray, hits: np.ndarray, n_targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One class's AP at each IoU threshold, and its sampled precision envelope at the first (the PR
+    curve), for R rankings of its detections at once (a bootstrap's resamples).
+
+    ``ranks`` (R, L): the places (0-based, ascending, in descending score among the class's
+    detections) of the detections that match at some threshold, ``np.inf`` past a ranking's last
+    match; ``hits`` (R, L, T) says at which thresholds each matches (False past the end);
+    ``n_targets`` (R,) its ground-truth boxes, all > 0. Recall changes and precision rises only at a
+    match, so COCOeval's envelope at each recall point is read off the matches alone: the far more
+    numerous misses count only through the ranks. Returns (R, T) and (R, 101).
+    """
+    n_rows, length, n_thr = hits.shape
+    if not length:
+        return np.zeros((n_rows, n_thr)), np.zeros((n_rows, len(RECALL_POINTS)))
+    found = hits.cumsum(1)
+    envelope = np.maximum.accumulate((found / (ranks + 1 + _EPS)[..., None])[:, ::-1], 1)[:, ::-1]
+    # Match counts rise by at most one a place, so the first place where recall reaches a point that
+    # needs s matches is where the s-th match is (the first place when s is 0), if there are s.
+    steps = np.zeros((n_rows, 1, len(RECALL_POINTS)), dtype=np.int64)
+    for n in np.unique(n_targets):
+        steps[n_targets == n] = recall_steps(int(n))
+    total = found[:, -1, :, None]  # (R, T, 1): matches at each threshold
+    match_at = np.flatnonzero(hits.transpose(0, 2, 1)) % length  # places of the matches, row by row
+    first = (np.cumsum(total) - total.ravel()).reshape(total.shape)
+    reached = (steps <= total) & ~np.isinf(ranks[:, :1, None])  # an empty ranking reaches no point
+    nth = np.where(reached & (steps > 0), first + steps - 1, 0)
+    place = np.where(steps > 0, match_at[nth] if len(match_at) else 0, 0)
+    cell = (np.arange(n_rows)[:, None, None] * length + place) * n_thr + np.arange(n_thr)[:, None]
+    sampled = np.where(reached, envelope.ravel()[cell], 0.0)
+    return sampled.mean(2), sampled[:, 0]
+
+
 def class_ap(ranks: np.ndarray, hits: np.ndarray, n_targets: int) -> tuple[np.ndarray, np.ndarray]:
-    """One class's AP at each IoU threshold, and its sampled precision envelope at the first (the PR curve).
-
-    ``ranks`` (k,) are the places (0-based, ascending, in descending score among the class's
-    detections) of the detections that match at some threshold, and ``hits`` (k, T) says at which.
-    Recall changes and precision rises only at a match, so COCOeval's envelope at each recall point
-    is read off the matches alone: the far more numerous misses count only through the ranks.
-    """
-    ap, curve = np.zeros(hits.shape[1]), np.zeros(len(RECALL_POINTS))
-    if not len(ranks):
-        return ap, curve
-    found = hits.cumsum(0)
-    recall = found / n_targets
-    envelope = np.maximum.accumulate((found / (ranks + 1 + _EPS)[:, None])[::-1], 0)[::-1]
-    for t in range(hits.shape[1]):
-        idx = np.searchsorted(recall[:, t], RECALL_POINTS, side="left")
-        valid = idx < len(ranks)
-        sampled = np.zeros(len(RECALL_POINTS))
-        sampled[valid] = envelope[idx[valid], t]
-        ap[t] = sampled.mean()
-        if t == 0:
-            curve = sampled
-    return ap, curve
-
-
-def mean_ap(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray) -> tuple[float, float]:
-    """(mAP50-95, mAP50) exactly as ``ap_per_class`` computes them, without P/R/F1 or curves.
-
-    A bootstrap scores a thousand resamples: one sort by (class, score) and no confidence-grid
-    tables make each cost milliseconds.
-    """
-    classes, n_targets = np.unique(np.asarray(target_cls).astype(int), return_counts=True)
-    if not len(classes):
-        return 0.0, 0.0
-    tp = np.asarray(tp, dtype=bool)
-    # by class, then by descending score with ties in input order: ap_per_class's order within a class
-    order = np.lexsort((-np.asarray(conf), np.asarray(pred_cls)))
-    sorted_cls, hit = np.asarray(pred_cls)[order], tp.any(1)[order]
-    starts = np.searchsorted(sorted_cls, classes, side="left")
-    ends = np.searchsorted(sorted_cls, classes, side="right")
-    ap = np.zeros((len(classes), tp.shape[1]))
-    for ci, (lo, hi) in enumerate(zip(starts, ends)):
-        ranks = np.flatnonzero(hit[lo:hi])
-        ap[ci] = class_ap(ranks, tp[order[lo + ranks]], n_targets[ci])[0]
-    return float(ap.mean()), float(ap[:, 0].mean())
+    """``envelope_ap`` of one ranking: ``ranks`` (k,), ``hits`` (k, T)."""
+    ap, curve = envelope_ap(np.asarray(ranks, dtype=np.float64)[None], np.asarray(hits)[None], np.array([n_targets]))
+    return ap[0], curve[0]
 
 
 def ap_per_class(tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray) -> APResult:
@@ -212,7 +210,7 @@ class PerImageStats:
     def concatenated(self, indices: Sequence[int] | np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(tp, conf, pred_cls, target_cls) of the images at ``indices`` (all by default), in that
-        order and with repeats: the arguments of ``ap_per_class`` / ``mean_ap``."""
+        order and with repeats: the arguments of ``ap_per_class``."""
         idx = range(len(self)) if indices is None else indices
         parts = [[stats[i] for i in idx] for stats in (self.correct, self.conf, self.cls, self.target_cls)]
         if not parts[0]:
