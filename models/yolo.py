@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import logging
 import math
 from copy import deepcopy
 from pathlib import Path
@@ -290,11 +291,17 @@ class BaseModel(nn.Module):
                 m.fuse_convs()
             elif isinstance(m, Conv):
                 m.fuse()
-        self.info()
+        self._log_summary()
         return self
 
     def info(self, verbose: bool = False, img_size: int = 640) -> dict:
         return model_info(self, verbose, img_size)
+
+    def _log_summary(self) -> None:
+        """Upstream's summary line after building and fusing. Counting GFLOPs runs the model once, so
+        it is skipped where the line would not be shown (a library caller without INFO logging)."""
+        if LOGGER.isEnabledFor(logging.INFO):
+            self.info()
 
     def _apply(self, fn, *args, **kwargs):
         # stride / anchors are plain tensor attributes of the head, not buffers; move them too.
@@ -335,7 +342,7 @@ class DetectionModel(BaseModel):
             self.stride = head.stride = self._measure_strides(ch)
             head.bias_init()
         initialize_weights(self)
-        self.info()
+        self._log_summary()
 
     def _measure_strides(self, ch: int, s: int = 64) -> torch.Tensor:
         """Strides of the head's levels from one training-mode forward pass on an s x s input.
