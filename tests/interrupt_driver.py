@@ -1,17 +1,18 @@
-"""Run a tool as ``python <script> <args>`` would, but interrupt it as Ctrl-C would when an epoch begins.
+"""Run tools one after another in the same processes, as ``python <script> <args>`` would, and
+interrupt any of them as Ctrl-C would when an epoch begins.
 
-    python tests/interrupt_driver.py <epoch> train.py --cfg ...   (also under torchrun, on every rank)
-    python tests/interrupt_driver.py --first '<JSON list of args>' <epoch> qat.py quantize ...
+    python tests/interrupt_driver.py '<JSON plan>'    (also under torchrun, on every rank)
 
-A KeyboardInterrupt is raised in every process at the start of epoch ``<epoch>`` (numbered from 0
+The plan is a list of runs, ``{"script": "qat.py", "argv": [...], "stop_at": 1}``; ``stop_at``
+(optional) raises a KeyboardInterrupt in every process at the start of that epoch (numbered from 0
 like the engine's), after the previous epoch's checkpoint was written: the same point a Ctrl-C
-between epochs reaches, without timing anything. The tool's own command line then handles it.
+between epochs reaches, without timing anything. The tool's own command line then handles it and
+exits; the driver says how (``driver: <script> exited <code>`` on stderr) and goes on to the next run.
 
-``--first``: the same script runs to the end with those arguments before, in the same processes. A
-torchrun launch spends most of its time importing torch and Model Optimizer in every process (80%
-of the resume tests' CPU time in a profile of the suite), so the uninterrupted reference run and the
-interrupted one share a launch. Under torchrun they also share the process group, which the first run
-leaves up: a driver that set a second default group up in the same processes hung once, cause unknown.
+A torchrun launch spends most of its time importing torch and Model Optimizer in every process (80%
+of the resume tests' CPU time in a profile of the suite), so runs share a launch. Under torchrun they
+also share the process group, which each run leaves up for the next: a driver that set a second
+default group up in the same processes hung once, cause unknown.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# The module that calls the epoch, as each tool imports it: the interrupt patches its reference.
+EPOCH_CALLERS = {"qat.py": "utils.quantization.pipeline", "train.py": "utils.training.trainer"}
+
 
 def _interrupting(train_one_epoch, stop_at: int):
     def wrapped(*args, epoch: int, **kwargs):
@@ -36,8 +40,8 @@ def _interrupting(train_one_epoch, stop_at: int):
 
 @contextlib.contextmanager
 def _process_group_kept() -> Iterator[None]:
-    """The tool leaves its process group at the end of a run; inside, it stays up for the next run,
-    which then finds it joined (utils.training.distributed.init_distributed)."""
+    """A tool leaves its process group at the end of a run; inside, it stays up for the next run,
+    which then finds it joined (utils.training.distributed.init_distributed), and is left at the end."""
     import torch.distributed as dist
 
     leave = dist.destroy_process_group
@@ -46,27 +50,40 @@ def _process_group_kept() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group = leave
+        if dist.is_initialized():
+            leave()
 
 
-def _run(script: str, argv: list[str]) -> None:
+@contextlib.contextmanager
+def _interrupted_at(script: str, stop_at: int | None) -> Iterator[None]:
+    if stop_at is None:
+        yield
+        return
+    caller = __import__(EPOCH_CALLERS[Path(script).name], fromlist=["train_one_epoch"])
+    epoch = caller.train_one_epoch
+    caller.train_one_epoch = _interrupting(epoch, stop_at)
+    try:
+        yield
+    finally:
+        caller.train_one_epoch = epoch
+
+
+def _run(script: str, argv: list[str]) -> int:
     sys.argv = [script, *argv]
-    runpy.run_path(str(ROOT / script), run_name="__main__")
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    first = None
-    if args[0] == "--first":
-        first, args = json.loads(args[1]), args[2:]
-    stop_at, script, *argv = args
-    if first is not None:
-        with _process_group_kept():
-            _run(script, first)
-    # The modules that call the epoch, as imported by the script: patch their reference to it.
-    module = "utils.quantization.pipeline" if Path(script).name == "qat.py" else "utils.training.trainer"
-    target = __import__(module, fromlist=["train_one_epoch"])
-    target.train_one_epoch = _interrupting(target.train_one_epoch, int(stop_at))
-    _run(script, argv)
+    plan = json.loads(sys.argv[1])
+    with _process_group_kept():
+        for run in plan:
+            with _interrupted_at(run["script"], run.get("stop_at")):
+                code = _run(run["script"], run["argv"])
+            print(f"driver: {run['script']} exited {code}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
