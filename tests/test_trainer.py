@@ -147,3 +147,35 @@ def test_device_0_without_gpu_is_one_line_exit_2(data_yaml, capsys, monkeypatch)
     assert code == 2
     assert err.strip().count("\n") == 0 and err.startswith("error: --device 0")
 
+
+
+def test_finalizing_from_memory_writes_what_reading_the_file_back_writes(tmp_path):
+    """The run finalizes last.pt and best.pt from what it kept of them; a file an earlier process
+    wrote is read back. Both ways give the same checkpoint."""
+    import argparse
+
+    from tests.qat_helpers import tiny_model
+    from utils.checkpoint import save_checkpoint
+    from utils.training.ema import ModelEMA
+    from utils.training.trainer import finalize_checkpoint, kept_for_finalizing, make_checkpoint
+
+    model = tiny_model()
+    ema = ModelEMA(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # the raw weights move off their average, so picking the wrong one shows
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ckpt = make_checkpoint(model, ema, optimizer, torch.amp.GradScaler("cpu", enabled=False), 3, 0.5, 2,
+                           argparse.Namespace(epochs=4, cfg="x.yaml"))
+    for name in ("disk.pt", "memory.pt"):
+        save_checkpoint(ckpt, tmp_path / name)
+    from_disk = finalize_checkpoint(tmp_path / "disk.pt")
+    from_memory = finalize_checkpoint(tmp_path / "memory.pt", kept_for_finalizing(ckpt))
+    a, b = (load_checkpoint(tmp_path / name) for name in ("disk.pt", "memory.pt"))
+    for written, read in ((from_disk, a), (from_memory, b)):
+        assert list(written) == list(read) and read["epoch"] == -1
+        assert all(read[k] is None for k in ("optimizer", "ema", "updates", "scaler"))
+    assert list(a) == list(b) and all(a[k] == b[k] for k in a if k not in ("model", "date"))
+    sa, sb, average = a["model"].state_dict(), b["model"].state_dict(), ema.ema.state_dict()
+    assert all(sa[k].dtype == torch.float16 or not sa[k].is_floating_point() for k in sa)
+    assert all(torch.equal(sa[k], sb[k]) and torch.equal(sa[k], average[k].to(sa[k].dtype)) for k in sa)

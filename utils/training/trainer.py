@@ -133,18 +133,26 @@ def make_checkpoint(model: nn.Module, ema: ModelEMA, optimizer, scaler, epoch: i
     }
 
 
-def finalize_checkpoint(path: Path) -> dict:
+def finalize_checkpoint(path: Path, written: dict | None = None) -> dict:
     """Strip training state from a finished run's file: the EMA becomes 'model', as upstream ships it.
-    Returns what was written, so the final validation need not read the file again."""
+    ``written``: what the file was written from (``kept_for_finalizing``), when this process wrote it;
+    reading it back is a safe load of two pickled models. Returns what was written, so the final
+    validation need not read the file again."""
     from utils.checkpoint import load_checkpoint, save_checkpoint
 
-    ckpt = load_checkpoint(path)
+    ckpt = dict(load_checkpoint(path) if written is None else written)
     ckpt["model"] = (ckpt.get("ema") or ckpt["model"]).half()
     for k in ("optimizer", "ema", "updates", "scaler"):
         ckpt[k] = None
     ckpt["epoch"] = -1
     save_checkpoint(ckpt, path)
     return ckpt
+
+
+def kept_for_finalizing(ckpt: dict) -> dict:
+    """What ``finalize_checkpoint`` needs of a checkpoint dict: all but the optimizer state, and but
+    the raw weights when an EMA replaces them, so that a run holds one model copy per file it keeps."""
+    return {**ckpt, "optimizer": None, "model": None if ckpt.get("ema") is not None else ckpt["model"]}
 
 
 def restore_training_state(ckpt: dict, optimizer, ema: ModelEMA | None, scaler) -> RunState:
@@ -386,6 +394,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     sessions = (previous_sessions(save_dir / "train_summary.json") if state.start_epoch else []) + [session]
     run["last"] = last
     writer = run["writer"] = CheckpointWriter()
+    written: dict[Path, dict] = {}  # what this process wrote to last.pt and best.pt, for finalize_checkpoint
     if opt.close_mosaic:  # for the epochs, not from an epoch on: the loader prepares batches ahead
         dataset.close_mosaic(from_epoch=opt.epochs - opt.close_mosaic)
     for epoch in range(state.start_epoch, opt.epochs):
@@ -415,9 +424,11 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
             stop = opt.patience > 0 and not opt.noval and epoch - best_epoch >= opt.patience
             if opt.save_every_epoch or best_epoch == epoch or stop or epoch == opt.epochs - 1:
                 ckpt = make_checkpoint(model, ema, optimizer, precision.scaler, epoch, best_fitness, best_epoch, opt)
-                writer.submit(ckpt, [last, best] if best_epoch == epoch else [last])
+                paths = [last, best] if best_epoch == epoch else [last]
+                writer.submit(ckpt, paths)
                 if info.distributed:  # torchrun ends every rank as soon as one stops: the file must be on disk
                     writer.wait()
+                written.update(dict.fromkeys(paths, kept_for_finalizing(ckpt)))
                 del ckpt
             session.update(last_epoch=epoch + 1, seconds=round(time.perf_counter() - t_start, 1))
             write_summary(save_dir / "train_summary.json", opt, sessions, best_epoch, best_fitness, info.world_size,
@@ -432,7 +443,7 @@ def _train(opt: argparse.Namespace, ckpt: dict | None, save_dir: Path | None, de
     writer.wait()
 
     if info.is_main:
-        finalized = {f: finalize_checkpoint(f) for f in (last, best) if f.exists()}
+        finalized = {f: finalize_checkpoint(f, written.get(f)) for f in (last, best) if f.exists()}
         if best in finalized:
             evaluator.final(finalized[best]["model"], best, device, save_dir, plots=opt.plots)
     return save_dir
