@@ -95,6 +95,9 @@ def test_train_with_cuda_graphs_replays_the_steps_and_warns_of_nothing(shapes, t
     assert not warnings, warnings
     rows = (tmp_path / "runs" / "graphs" / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and (tmp_path / "runs" / "graphs" / "weights" / "best.pt").is_file()  # header + 2 epochs
+    for name in ("last.pt", "best.pt"):  # finished files hold CPU tensors, as upstream's: they load anywhere
+        ckpt = torch.load(tmp_path / "runs" / "graphs" / "weights" / name, weights_only=False)  # our own test file
+        assert next(ckpt["model"].parameters()).device.type == "cpu" and ckpt["optimizer"] is None
 
 
 def test_segmentation_demo_on_the_gpu_replays_qat_from_graphs(tmp_path):

@@ -141,7 +141,7 @@ def finalize_checkpoint(path: Path, written: dict | None = None) -> dict:
     from utils.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = dict(load_checkpoint(path) if written is None else written)
-    ckpt["model"] = (ckpt.get("ema") or ckpt["model"]).half()
+    ckpt["model"] = (ckpt.get("ema") or ckpt["model"]).cpu().half()  # a file that loads where no GPU is
     for k in ("optimizer", "ema", "updates", "scaler"):
         ckpt[k] = None
     ckpt["epoch"] = -1
