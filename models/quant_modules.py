@@ -14,6 +14,8 @@ quantizers under new names (``concat``, ``residual``, ``pool``, ``input_quantize
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib.abc
 import logging
 import sys
@@ -176,14 +178,41 @@ class Int8Quantizer(TensorQuantizer):
         return quantize(inputs, self._get_amax(inputs), self._narrow_range)
 
 
+@functools.cache
+def _prototype(kind: str) -> Int8Quantizer:
+    if kind == "activation":
+        return Int8Quantizer(QuantizerAttributeConfig(num_bits=8, axis=None, calibrator=RangeCalibrator))
+    return Int8Quantizer(QuantizerAttributeConfig(num_bits=8, axis=0))
+
+
+_MODULE_REGISTRIES = frozenset(vars(nn.Module()))
+
+
+def _copy_of_prototype(kind: str) -> Int8Quantizer:
+    """A new quantizer set up as Model Optimizer's constructor sets up ``_prototype(kind)``.
+
+    The constructor validates its config and sets some thirty attributes through two ``__setattr__``
+    layers: 0.4 ms a quantizer, 60% of preparing a model (a tiny one holds 350 quantizers). A copy
+    takes the prototype's settings (deep-copied: its calibrator holds per-quantizer statistics) and
+    fresh module registries; the prototype has no parameters, buffers or children to share.
+    """
+    prototype = _prototype(kind)
+    quantizer = Int8Quantizer.__new__(Int8Quantizer)
+    nn.Module.__init__(quantizer)
+    for name, value in vars(prototype).items():
+        if name not in _MODULE_REGISTRIES:
+            quantizer.__dict__[name] = copy.deepcopy(value)
+    return quantizer
+
+
 def activation_quantizer() -> Int8Quantizer:
     """Per-tensor signed INT8 quantizer for an activation, calibrated by ``RangeCalibrator``."""
-    return Int8Quantizer(QuantizerAttributeConfig(num_bits=8, axis=None, calibrator=RangeCalibrator))
+    return _copy_of_prototype("activation")
 
 
 def weight_quantizer() -> Int8Quantizer:
     """Per-output-channel (axis 0) signed INT8 quantizer for a convolution weight."""
-    return Int8Quantizer(QuantizerAttributeConfig(num_bits=8, axis=0))
+    return _copy_of_prototype("weight")
 
 
 class _FromFloat:

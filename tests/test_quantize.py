@@ -275,3 +275,40 @@ def test_segmentation_models_quantize_and_reload(tmp_path, cfg):
     with torch.no_grad():
         (a, (_, _, pa)), (b, (_, _, pb)) = q.eval()(x), loaded(x)
     assert type(loaded) is SegmentationModel and torch.equal(a, b) and torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("kind", ["activation", "weight"])
+def test_a_copied_quantizer_is_the_one_model_optimizer_builds(kind):
+    """Quantizers are copies of a prototype (Model Optimizer's constructor costs 0.4 ms each): every
+    attribute equals a freshly constructed one's, and nothing mutable is shared between copies."""
+    from copy import deepcopy
+
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+
+    from models.quant_modules import Int8Quantizer, RangeCalibrator, activation_quantizer, weight_quantizer
+
+    settings = dict(num_bits=8, axis=None, calibrator=RangeCalibrator) if kind == "activation" else \
+        dict(num_bits=8, axis=0)
+    built = Int8Quantizer(QuantizerAttributeConfig(**settings))
+    make = activation_quantizer if kind == "activation" else weight_quantizer
+    copied, other = make(), make()
+    assert list(vars(copied)) == list(vars(built))
+    for name, value in vars(built).items():
+        mine = vars(copied)[name]
+        if hasattr(value, "__dict__") and not isinstance(value, type):  # the calibrator: same settings, its own
+            assert type(mine) is type(value) and vars(mine).keys() == vars(value).keys()
+            assert mine is not vars(other)[name]
+            assert all(str(vars(mine)[k]) == str(vars(value)[k]) for k in vars(value))
+        else:
+            assert type(mine) is type(value) and str(mine) == str(value), name
+            if isinstance(value, (dict, list, set)):
+                assert mine is not vars(other)[name]
+    x = torch.randn(2, 4, 5, 5)
+    for q in (built, copied):
+        q.disable_quant(), q.enable_calib()
+        q(x)
+        q.load_calib_amax() if kind == "weight" else q.load_calib_amax("max")
+        q.enable_quant(), q.disable_calib()
+    assert torch.equal(built(x), copied(x)) and torch.equal(built.amax, copied.amax)
+    assert not hasattr(other, "_amax")  # the other copy saw nothing
+    assert deepcopy(copied).amax is not None
