@@ -42,16 +42,19 @@ def evaluation(data_dir: Path, split: str, seed: int, copies: int, decimals: int
     return stats.per_image()
 
 
-def brute_force_delta(model: PerImageStats, reference: PerImageStats, resamples: int, seed: int) -> dict:
-    """The paired interval with each resample concatenated and ranked again by ``ap_per_class``."""
-    def score(stats: PerImageStats, images) -> np.ndarray:
-        result = ap_per_class(*stats.concatenated(images))
-        return np.array([result.map50_95, result.map50])
+def brute_force_map(stats: PerImageStats, images) -> np.ndarray:
+    """mAP50-95 and mAP50 of the images at ``images`` (with repeats), concatenated and ranked again
+    by ``ap_per_class``: what a resample's figures are by definition."""
+    result = ap_per_class(*stats.concatenated(images))
+    return np.array([result.map50_95, result.map50])
 
+
+def brute_force_delta(model: PerImageStats, reference: PerImageStats, resamples: int, seed: int) -> dict:
+    """The paired interval with every resample scored by ``brute_force_map``."""
     n = len(model)
-    everything = score(model, range(n)) - score(reference, range(n))
+    everything = brute_force_map(model, range(n)) - brute_force_map(reference, range(n))
     rows = bootstrap.resample_indices(n, resamples, seed)
-    draws = np.stack([score(model, row) - score(reference, row) for row in rows])
+    draws = np.stack([brute_force_map(model, row) - brute_force_map(reference, row) for row in rows])
     low, high = np.percentile(draws, bootstrap.PERCENTILES, axis=0)
     return {name: bootstrap.Interval(float(everything[i]), float(low[i]), float(high[i]))
             for i, name in enumerate(bootstrap.METRIC_NAMES)}

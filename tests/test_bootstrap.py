@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.bench_bootstrap import brute_force_map
 from utils.evaluation.bootstrap import _Scorer, interval, paired_delta, resample_indices
-from utils.evaluation.metrics import DetectionStats, PerImageStats, ap_per_class
+from utils.evaluation.metrics import DetectionStats, PerImageStats
 
 
 def _evaluation(seed: int, n_images: int = 7, nc: int = 3, jitter: float = 6.0, ties: bool = False) -> PerImageStats:
@@ -31,28 +32,23 @@ def _evaluation(seed: int, n_images: int = 7, nc: int = 3, jitter: float = 6.0, 
     return stats.per_image()
 
 
-def _brute_force_map(stats: PerImageStats, images) -> np.ndarray:
-    result = ap_per_class(*(np.concatenate([parts[i] for i in images]) if len(images) else np.zeros(0)
-                            for parts in (stats.correct, stats.conf, stats.cls, stats.target_cls)))
-    return np.array([result.map50_95, result.map50])
-
-
+@pytest.mark.parametrize("nc", [3, 1], ids=["3-classes", "one-class"])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct-scores", "tied-scores"])
-def test_paired_delta_matches_brute_force_recomputation(ties):
-    model, reference = _evaluation(1, ties=ties), _evaluation(2, jitter=12.0, ties=ties)
+def test_paired_delta_matches_brute_force_recomputation(ties, nc):
+    model, reference = _evaluation(1, nc=nc, ties=ties), _evaluation(2, nc=nc, jitter=12.0, ties=ties)
     assert _Scorer(model).reorder == ties  # tied matches within an image interleave when it is drawn twice
     resamples, seed = 40, 5
     result = paired_delta(model, reference, resamples=resamples, seed=seed)
     rows = resample_indices(len(model), resamples, seed)
-    deltas = np.stack([_brute_force_map(model, row) - _brute_force_map(reference, row) for row in rows])
+    deltas = np.stack([brute_force_map(model, row) - brute_force_map(reference, row) for row in rows])
     low, high = np.percentile(deltas, (2.5, 97.5), axis=0)
-    everything = _brute_force_map(model, range(len(model))) - _brute_force_map(reference, range(len(model)))
+    everything = brute_force_map(model, range(len(model))) - brute_force_map(reference, range(len(model)))
     for i, name in enumerate(("map50_95", "map50")):
         assert result[name].value == pytest.approx(everything[i], abs=1e-12)
         assert (result[name].low, result[name].high) == pytest.approx((low[i], high[i]), abs=1e-12)
         assert result[name].low < result[name].value < result[name].high  # a real spread, not a constant
     single = interval(model, resamples=resamples, seed=seed)["map50_95"]
-    ones = np.stack([_brute_force_map(model, row) for row in rows])[:, 0]
+    ones = np.stack([brute_force_map(model, row) for row in rows])[:, 0]
     assert (single.low, single.high) == pytest.approx(tuple(np.percentile(ones, (2.5, 97.5))), abs=1e-12)
 
 
