@@ -77,6 +77,15 @@ def _run(script: str, argv: list[str]) -> int:
     return 0
 
 
+def _all_ranks_done() -> None:
+    """Under torchrun, wait until every process finished the run, as separate commands would: rank 0
+    writes the checkpoints, and a resume on another rank must not start before they exist."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def main() -> None:
     plan = json.loads(sys.argv[1])
     with _process_group_kept():
@@ -84,6 +93,7 @@ def main() -> None:
             with _interrupted_at(run["script"], run.get("stop_at")):
                 code = _run(run["script"], run["argv"])
             print(f"driver: {run['script']} exited {code}", file=sys.stderr, flush=True)
+            _all_ranks_done()
 
 
 if __name__ == "__main__":

@@ -138,30 +138,28 @@ def _launch_plan(runs: list[tuple[str, list[str], int | None]]) -> subprocess.Co
 
 @pytest.mark.slow
 def test_torchrun_resume_reproduces_the_uninterrupted_run(inputs):
-    """Two gloo processes, train.py then qat.py: the uninterrupted run, then in the same launch one
-    interrupted at epoch 2 on both ranks; both interrupted runs resumed in a launch of their own."""
+    """Two gloo processes, in one launch: for train.py then qat.py, the uninterrupted run, one
+    interrupted at epoch 2 on both ranks, and its resume. A launch is mostly torch's and Model
+    Optimizer's import in each process (tests/interrupt_driver.py), so the resumes share it; a
+    resume in a fresh process is tests/test_trainer.py's."""
     projects = {tool: inputs["tmp"] / f"ddp_{tool}" for tool in ("train.py", "qat.py")}
     args = {"train.py": _train_args, "qat.py": _quantize_args}
-    first = [(tool, args[tool](inputs, projects[tool], name, workers=workers), stop_at)
-             for tool in projects for name, workers, stop_at in (("full", 0, None), ("cut", 1, 1))]
-    launch = _launch_plan(first)
+    resume = {"train.py": ["--resume", str(projects["train.py"] / "cut" / "weights" / "last.pt")],
+              "qat.py": ["quantize", "--resume", str(projects["qat.py"] / "cut" / "weights" / "qat_last.pt")]}
+    launch = _launch_plan([run for tool in projects for run in (
+        (tool, args[tool](inputs, projects[tool], "full", workers=0), None),
+        (tool, args[tool](inputs, projects[tool], "cut", workers=1), 1),
+        (tool, resume[tool], None))])
     log = launch.stdout + launch.stderr
     assert launch.returncode == 0, log[-3000:]
-    for tool in projects:  # each uninterrupted run finished, each interrupted one said how to resume
-        assert log.count(f"driver: {tool} exited 0") == 2 and log.count(f"driver: {tool} exited 130") == 2, log[-3000:]
+    for tool in projects:  # on each rank: the uninterrupted run and the resume finished, the cut one stopped
+        assert log.count(f"driver: {tool} exited 0") == 4 and log.count(f"driver: {tool} exited 130") == 2, log[-3000:]
     assert "interrupted:" in launch.stderr and "--resume" in launch.stderr, log[-3000:]
-    lasts = {tool: projects[tool] / "cut" / "weights" / ("qat_last.pt" if tool == "qat.py" else "last.pt")
-             for tool in projects}
-    resumed = _launch_plan([("train.py", ["--resume", str(lasts["train.py"])], None),
-                            ("qat.py", ["quantize", "--resume", str(lasts["qat.py"])], None)])
-    resumed_log = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0 and resumed_log.count("driver: train.py exited 0") == 2 \
-        and resumed_log.count("driver: qat.py exited 0") == 2, resumed_log[-3000:]
     for project in projects.values():
         assert sorted(p.name for p in project.iterdir()) == ["cut", "full"]  # only rank 0 made run folders
 
     qat_runs = projects["qat.py"]
-    assert log.count("quantizer ranges identical on all 2 ranks") == 2  # both runs checked
+    assert log.count("quantizer ranges identical on all 2 ranks") == 3  # each run checked, the resume too
     a, b = (json.loads((qat_runs / run / "report.json").read_text()) for run in ("full", "cut"))
     assert _logged(a) == _logged(b) and [e["epoch"] for e in b["epochs"]] == [1, 2]
     assert [e["train_images"] for e in a["epochs"]] == [8, 8]  # both ranks: 2 iterations of 2 images each
@@ -172,7 +170,7 @@ def test_torchrun_resume_reproduces_the_uninterrupted_run(inputs):
     _assert_same_trained(train_runs / "full", train_runs / "cut")
     summary = json.loads((train_runs / "cut" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and [(s["first_epoch"], s["last_epoch"]) for s in summary["sessions"]] \
-        == [(1, 1), (2, 2)]  # each process with its own time
+        == [(1, 1), (2, 2)]  # each session with its own time
 
 
 def _default_sigint() -> None:
