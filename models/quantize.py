@@ -62,8 +62,9 @@ def _example_input(model: nn.Module) -> torch.Tensor:
     return torch.zeros(1, model.yaml.get("ch", 3), s, s, device=p.device, dtype=p.dtype)
 
 
-def parse_skip_layers(spec: str | Iterable[int] | None, n_layers: int) -> list[int]:
-    """'22,23' or [22, 23] -> sorted layer indices; negative indices count from the end."""
+def parse_skip_layers(spec: str | Iterable[int] | None, n_layers: int, flag: str = "--skip-layers") -> list[int]:
+    """'22,23' or [22, 23] -> sorted layer indices; negative indices count from the end. ``flag``
+    names the option in errors."""
     if spec is None or spec == "":
         return []
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -72,9 +73,9 @@ def parse_skip_layers(spec: str | Iterable[int] | None, n_layers: int) -> list[i
         try:
             i = int(item)
         except ValueError as exc:
-            raise UserError(f"--skip-layers {spec}: {item!r} is not a layer index") from exc
+            raise UserError(f"{flag} {spec}: {item!r} is not a layer index") from exc
         if not -n_layers <= i < n_layers:
-            raise UserError(f"--skip-layers {spec}: layer {i} does not exist (the model has {n_layers})")
+            raise UserError(f"{flag} {spec}: layer {i} does not exist (the model has {n_layers})")
         out.add(i % n_layers)
     return sorted(out)
 

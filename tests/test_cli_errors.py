@@ -210,7 +210,7 @@ BAD_VALUES = {
                  "--percentile 0", "--lr 0", "--distill-weight -1", "--supervision-stride -1", "--auto-skip -1",
                  "--auto-skip 999", "--skip-layers 999", "--skip-layers x", "--conf-thres 2", "--seed -1",
                  "--calib-method auto --no-eval-ptq", "--auto-skip 2 --no-eval-ptq"],
-    "sensitive": ["--batch-size 0", "--calib-batches 0", "--imgsz 100", "--percentile 101"],
+    "sensitive": ["--batch-size 0", "--calib-batches 0", "--imgsz 100", "--percentile 101", "--layers 999"],
     "eval": ["--batch-size 0", "--imgsz 100", "--iou-thres 2"],
     "demo": ["--imgsz 100", "--imgsz 32", "--epochs 0", "--qat-epochs -1", "--images 0", "--batch-size 0",
              "--threads 0", "--workers -1"],

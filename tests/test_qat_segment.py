@@ -96,7 +96,8 @@ def test_eval_and_sensitive_on_a_segmentation_checkpoint(seg_run, tmp_path):
         result = qat.main(["eval", "--weights", str(run / "weights" / "qat_best.pt"), *common, "--name", "e"])
         assert result.mask is not None and 0.0 <= result.mask["map50_95"] <= 1.0
         assert "Mask" in (tmp_path / "e" / "results.md").read_text()
-        sens = qat.main(["sensitive", "--weights", str(weights), "--calib-batches", "1", *common, "--name", "s"])
+        sens = qat.main(["sensitive", "--weights", str(weights), "--calib-batches", "1", "--layers", "-1", *common,
+                         "--name", "s"])  # the head: the mask branch's convolutions and the boxes'
     assert "box + mask mAP50-95" in (sens / "sensitivity.md").read_text()
 
 

@@ -84,6 +84,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 def add_sensitive_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p, "runs/qat_sensitive")
     add_calibration_args(p)
+    p.add_argument("--layers", default="", help="measure only these layers, e.g. 15,22 (two evaluations each; "
+                                                "default: every layer that holds an INT8 convolution)")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

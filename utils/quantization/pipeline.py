@@ -601,6 +601,18 @@ def evaluate_reported_rows(opt: argparse.Namespace, teacher: nn.Module, data: di
     report["bootstrap"] = bootstrap.method()
 
 
+def _measured_layers(spec: str, quantized: nn.Module) -> list[int]:
+    """``--layers`` of ``qat.py sensitive`` (default: every layer holding an INT8 convolution)."""
+    quantizable = quantizable_layers(quantized)
+    if not spec:
+        return quantizable
+    layers = parse_skip_layers(spec, len(quantized.model), flag="--layers")
+    if float_layers := sorted(set(layers) - set(quantizable)):
+        raise UserError(f"--layers {spec}: layer {', '.join(map(str, float_layers))} holds no INT8 convolution "
+                        f"(these do: {','.join(map(str, quantizable))})")
+    return layers
+
+
 def run_sensitive(opt: argparse.Namespace) -> Path:
     """``qat.py sensitive``: per-layer sensitivity table, JSON and bar chart of a calibrated PTQ model."""
     check_flags(vars(opt))
@@ -608,17 +620,18 @@ def run_sensitive(opt: argparse.Namespace) -> Path:
     data = load_data_config(opt.data)
     float_model = load_float_model(opt.weights, device, opt.unsafe_load)
     _check_classes(float_model, data, opt.weights)
+    model = prepare(deepcopy(float_model))
+    layers = _measured_layers(opt.layers, model)
     stride = max(int(float_model.stride.max()), 32)
     evaluate = make_evaluator(opt, data, float_model)
     save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok)
     fp_map = score(metrics(evaluate(float_model)))
-    model = prepare(deepcopy(float_model))
     loader = make_loader(data, "train", opt.imgsz, opt.batch_size, stride, opt.workers, shuffle=True, seed=opt.seed,
                          model=float_model, weights=opt.weights)
     calibrate_ptq(model, image_batches(loader, device, opt.calib_batches), opt.calib_method, opt.percentile,
                   evaluate if opt.calib_method == "auto" else None)
     ptq_map = score(metrics(evaluate(model)))
-    rows = layer_sensitivity(float_model, model.quant_info.plan, amax_state(model), quantizable_layers(model),
+    rows = layer_sensitivity(float_model, model.quant_info.plan, amax_state(model), layers,
                              lambda m: score(metrics(evaluate(m))), ptq_map)
     for p in write_sensitivity(rows, fp_map, ptq_map, save_dir, score_name(float_model)):
         LOGGER.info(f"wrote {p}")
