@@ -20,6 +20,7 @@ from tests.qat_helpers import one_thread, save_float_checkpoint, tiny_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.config import load_data_config, load_hyp
 from utils.data.synthetic import make_shapes_dataset
+from utils.errors import UserError
 from utils.loss_tal import build_loss
 from utils.paths import ROOT
 from utils.quantization import pipeline
@@ -214,9 +215,16 @@ def _eval(weights, data, tmp_path, task):
                      "4", "--device", "cpu", "--workers", "0", "--task", task, "--project", str(tmp_path / "eval")])
 
 
-def test_choices_on_val_rows_on_test_with_intervals_and_a_control(shapes, tmp_path):
-    weights = save_float_checkpoint(lively_head(tiny_model()), tmp_path / "lively.pt")
-    data = _labelled_by(weights, tmp_path)
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory):
+    """A lively tiny detector's checkpoint and a shapes dataset its own confident boxes label."""
+    tmp = tmp_path_factory.mktemp("lively")
+    weights = save_float_checkpoint(lively_head(tiny_model()), tmp / "lively.pt")
+    return weights, _labelled_by(weights, tmp)
+
+
+def test_choices_on_val_rows_on_test_with_intervals_and_a_control(lively, tmp_path):
+    weights, data = lively
     run, weights = _quantize(data, tmp_path, "--epochs", "2", "--control", model=attempt_load(weights))
     w = run / "weights"
     report = json.loads((run / "report.json").read_text())
@@ -269,11 +277,10 @@ def _wrecking(train_one_epoch):
     return wrapped
 
 
-def test_a_fine_tune_that_only_hurts_hands_back_its_start(tmp_path, monkeypatch):
+def test_a_fine_tune_that_only_hurts_hands_back_its_start(lively, tmp_path, monkeypatch):
     """When no epoch beats the model the fine-tune started from, qat_best.pt is the PTQ model and
     control_best.pt the FP32 one, the rows are theirs and the report says so."""
-    weights = save_float_checkpoint(lively_head(tiny_model()), tmp_path / "lively.pt")
-    data = _labelled_by(weights, tmp_path)
+    weights, data = lively
     monkeypatch.setattr(pipeline, "train_one_epoch", _wrecking(pipeline.train_one_epoch))
     run, weights = _quantize(data, tmp_path, "--epochs", "2", "--control", model=attempt_load(weights))
     w = run / "weights"
@@ -303,12 +310,18 @@ def test_report_task_none_reports_on_the_selection_split(shapes, tmp_path):
     assert "chosen and reported on the same **val** split" in (run / "report.md").read_text()
 
 
-def test_val_py_evaluates_a_ptq_checkpoint_like_qat_eval(shapes, tmp_path):
+@pytest.fixture(scope="module")
+def ptq_only(shapes, tmp_path_factory):
+    """A PTQ run without QAT epochs: its ptq.pt."""
+    run, _ = _quantize(shapes, tmp_path_factory.mktemp("ptq_only"), "--epochs", "0", "--no-eval-origin")
+    return run / "weights" / "ptq.pt"
+
+
+def test_val_py_evaluates_a_ptq_checkpoint_like_qat_eval(shapes, ptq_only, tmp_path):
     """val.py (and everything on models.loading.attempt_load) accepts PTQ/QAT checkpoints."""
     import val
 
-    run, _ = _quantize(shapes, tmp_path, "--epochs", "0", "--no-eval-origin")
-    ptq = run / "weights" / "ptq.pt"
+    ptq = ptq_only
     ours = qat.main(["eval", "--weights", str(ptq), "--data", str(shapes), "--imgsz", str(IMGSZ), "--batch-size", "4",
                      "--device", "cpu", "--workers", "0", "--project", str(tmp_path / "eval"), "--name", "e"])
     theirs = val.run(shapes, weights=str(ptq), batch_size=8, imgsz=IMGSZ, device="cpu", workers=0,
@@ -332,14 +345,17 @@ def test_auto_calibration_reports_each_method(shapes, tmp_path):
 
 
 def test_sensitivity_and_auto_skip(shapes, tmp_path):
+    """``sensitive --layers`` measures the layers asked for (-1: the head); --auto-skip measures them all."""
     weights = save_float_checkpoint(tiny_model(), tmp_path / "fp.pt")
-    run = qat.main(["sensitive", "--weights", str(weights), "--data", str(shapes), "--imgsz", str(IMGSZ),
-                    "--batch-size", "4", "--device", "cpu", "--workers", "0", "--calib-batches", "1",
-                    "--project", str(tmp_path / "sens"), "--name", "s"])
+    args = ["sensitive", "--weights", str(weights), "--data", str(shapes), "--imgsz", str(IMGSZ), "--batch-size", "4",
+            "--device", "cpu", "--workers", "0", "--calib-batches", "1", "--project", str(tmp_path / "sens")]
+    run = qat.main([*args, "--layers", "0,1,2,-1"])
     table = json.loads((run / "sensitivity.json").read_text())
     gains = [r["gain_if_float"] for r in table["layers"]]
     assert gains == sorted(gains, reverse=True) and (run / "sensitivity.png").stat().st_size > 0
-    assert {r["layer"] for r in table["layers"]} >= {0, 1, 2, 22}
+    assert sorted(r["layer"] for r in table["layers"]) == [0, 1, 2, 22]
+    with pytest.raises(UserError, match=r"--layers 9,10: layer 10 holds no INT8 convolution \(these do: [\d,]*,9,12,"):
+        qat.main([*args, "--layers", "9,10"])  # gelan-tiny's layer 10 is an Upsample
 
     run, _ = _quantize(shapes, tmp_path, "--epochs", "0", "--auto-skip", "2", "--no-eval-origin")
     report = json.loads((run / "report.json").read_text())
@@ -347,10 +363,9 @@ def test_sensitivity_and_auto_skip(shapes, tmp_path):
     assert load_checkpoint(run / "weights" / "ptq.pt")["quant"]["skip_layers"] == report["skip_layers"]
 
 
-def test_quantize_refuses_a_quantized_checkpoint(shapes, tmp_path):
-    run, _ = _quantize(shapes, tmp_path, "--epochs", "0", "--no-eval-origin", "--no-eval-ptq")
+def test_quantize_refuses_a_quantized_checkpoint(shapes, ptq_only, tmp_path):
     with pytest.raises(SystemExit):
         from utils.errors import run_cli
 
-        run_cli(lambda: qat.main(["quantize", "--weights", str(run / "weights" / "ptq.pt"), "--data", str(shapes),
+        run_cli(lambda: qat.main(["quantize", "--weights", str(ptq_only), "--data", str(shapes),
                                   "--device", "cpu", "--project", str(tmp_path / "runs")]))
