@@ -13,6 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -26,7 +27,17 @@ from utils.torch_utils import cpu_threads
 
 CONFIGS = ("gelan-t", "gelan-s", "gelan-m", "gelan-c", "gelan-e",
            "yolov9-t", "yolov9-s", "yolov9-m", "yolov9-c", "yolov9-e")
+# One config per distinct set of blocks and heads: gelan-t (AConv, ELAN1, the single DDetect head),
+# yolov9-t (the dual DualDDetect head) and yolov9-c (ADown, CBLinear / CBFuse, Silence). The other
+# seven repeat these blocks at other widths and depths (tests/test_export.py checks the union).
+BLOCK_CONFIGS = ("gelan-t", "yolov9-t", "yolov9-c")
 SHAPES = ["square", "disc", "triangle"]
+
+
+def slow_matrix_case(bench: str) -> pytest.MarkDecorator:
+    """Skip a case of a per-config matrix unless YOLOV9_SLOW_TESTS=1: ``bench`` runs every config."""
+    return pytest.mark.skipif(not os.environ.get("YOLOV9_SLOW_TESTS"),
+                              reason=f"a slow matrix case: set YOLOV9_SLOW_TESTS=1 ({bench} covers every config)")
 
 
 def one_thread():

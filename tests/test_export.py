@@ -16,7 +16,7 @@ from models.experimental_trt import End2End, NMSTail, Prediction, decode_end2end
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import DetectionModel
 from tests.export_helpers import CONFORMANCE_SLICE, assert_same_detections, lively_head, run_ort
-from tests.qat_helpers import shrunk_config
+from tests.qat_helpers import BLOCK_CONFIGS, shrunk_config, slow_matrix_case
 from utils.deployment.onnx_export import export_onnx, merge_redundant_qdq, trace_prediction
 from utils.deployment.qdq_lint import SKIP_METADATA_KEY, lint
 from utils.evaluation.postprocess import no_max_suppression, non_max_suppression
@@ -78,16 +78,11 @@ def export_all_kinds(model, cfg: str, out, quantized: bool, pred=None) -> None:
         assert json.loads(meta[SKIP_METADATA_KEY]) == result.float_convs and len(result.float_convs) >= 1
 
 
-# One config per distinct export path, each config's layer graph at 1/16 of its width
-# (tests/qat_helpers.shrunk_config; export, the lint and the End2End tails follow the graph, not the
-# channel counts): gelan-t (AConv, ELAN1, the single DDetect head), yolov9-t (the dual DualDDetect
-# head) and yolov9-c (ADown, CBLinear / CBFuse, Silence). The other seven configs repeat these blocks;
-# every config at full width is exported (QAT, all three kinds) and checked in
-# bench/bench_conformance.py (468 cases), and tests/test_models.py checks each one's sizes.
-FP_EXPORT_CONFIGS = ("gelan-t", "yolov9-t", "yolov9-c")
-
-
-@pytest.mark.parametrize("cfg", FP_EXPORT_CONFIGS)
+# One config per distinct export path (tests.qat_helpers.BLOCK_CONFIGS), each config's layer graph at
+# 1/16 of its width (tests/qat_helpers.shrunk_config; export, the lint and the End2End tails follow the
+# graph, not the channel counts). Every config at full width is exported (QAT, all three kinds) and
+# checked in bench/bench_conformance.py (468 cases), and tests/test_models.py checks each one's sizes.
+@pytest.mark.parametrize("cfg", BLOCK_CONFIGS)
 def test_fp_exports_raw_and_end2end(cfg, tmp_path):
     export_all_kinds(build(shrunk_config(cfg, nc=NC), quantized=False), cfg, tmp_path, quantized=False)
 
@@ -100,15 +95,13 @@ def test_fp_export_configs_cover_every_block_and_head():
         d = load_config(resolve_config(cfg))
         return {row[2] for row in d["backbone"] + d["head"]}
 
-    assert set().union(*map(layer_types, FP_EXPORT_CONFIGS)) == set().union(*map(layer_types, CONFIGS))
+    assert set().union(*map(layer_types, BLOCK_CONFIGS)) == set().union(*map(layer_types, CONFIGS))
 
 
 # Preparing and tracing a QAT model takes minutes per config on 2 CPU cores. The t configs of both
 # families run always (s has t's graph at a larger width); all ten run in bench/bench_qdq_lint.py
 # (bench/results/qdq_lint_findings_total.json) and here with YOLOV9_SLOW_TESTS=1.
-SLOW = pytest.mark.skipif(not os.environ.get("YOLOV9_SLOW_TESTS"),
-                          reason="QAT export takes minutes per config on CPU; set YOLOV9_SLOW_TESTS=1 "
-                                 "(bench/bench_qdq_lint.py lints all ten)")
+SLOW = slow_matrix_case("bench/bench_qdq_lint.py")
 
 
 @pytest.mark.parametrize("cfg", [c if c.endswith("-t") else pytest.param(c, marks=SLOW) for c in CONFIGS])

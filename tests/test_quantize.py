@@ -24,7 +24,15 @@ from models.quantize import (
     set_quantization,
 )
 from models.yolo import DetectionModel, Model, SegmentationModel
-from tests.qat_helpers import CONFIGS, one_thread, scale_violations, shrunk_config, tiny_model
+from tests.qat_helpers import (
+    BLOCK_CONFIGS,
+    CONFIGS,
+    one_thread,
+    scale_violations,
+    shrunk_config,
+    slow_matrix_case,
+    tiny_model,
+)
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.quantization.checkpoint import load_quantized, make_checkpoint
@@ -53,7 +61,14 @@ def float_and_quantized(cfg: str) -> tuple[DetectionModel, DetectionModel]:
     return _built[cfg]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
+# Every block and head (BLOCK_CONFIGS), and the s configs the tests below build anyway; all ten configs
+# at full width are quantized, exported and linted (a conv without Q/DQ or a scale that breaks a tie
+# is a finding) by bench/bench_qdq_lint.py, and run here with YOLOV9_SLOW_TESTS=1.
+MATRIX = [c if c in (*BLOCK_CONFIGS, "gelan-s", "yolov9-s") else
+          pytest.param(c, marks=slow_matrix_case("bench/bench_qdq_lint.py")) for c in CONFIGS]
+
+
+@pytest.mark.parametrize("cfg", MATRIX)
 def test_every_conv_is_quantized(cfg):
     fp, q = float_and_quantized(cfg)
     fp_convs = {n for n, m in fp.named_modules() if isinstance(m, nn.Conv2d)}
@@ -68,7 +83,7 @@ def test_every_conv_is_quantized(cfg):
     assert not any(isinstance(m, TensorQuantizer) for m in q.modules() if isinstance(m, DFL))
 
 
-@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("cfg", MATRIX)
 def test_one_scale_per_concat_pool_add_and_shared_tensor(cfg):
     _, q = float_and_quantized(cfg)
     assert scale_violations(q, torch.rand(1, 3, IMGSZ, IMGSZ)) == []
