@@ -312,8 +312,9 @@ def test_report_task_none_reports_on_the_selection_split(shapes, tmp_path):
 
 @pytest.fixture(scope="module")
 def ptq_only(shapes, tmp_path_factory):
-    """A PTQ run without QAT epochs: its ptq.pt."""
-    run, _ = _quantize(shapes, tmp_path_factory.mktemp("ptq_only"), "--epochs", "0", "--no-eval-origin")
+    """A PTQ run without QAT epochs or evaluations: its ptq.pt."""
+    run, _ = _quantize(shapes, tmp_path_factory.mktemp("ptq_only"), "--epochs", "0", "--no-eval-origin",
+                       "--no-eval-ptq")
     return run / "weights" / "ptq.pt"
 
 
