@@ -27,6 +27,7 @@ from utils.quantization import pipeline
 from utils.quantization.checkpoint import load_quantized
 from utils.quantization.distill import FeatureDistillation, relative_error, supervised_layers
 from utils.quantization.pipeline import make_loader
+from utils.quantization.sensitivity import quantizable_layers
 from utils.training.engine import train_one_epoch
 from utils.training.optim import build_optimizer
 
@@ -362,6 +363,13 @@ def test_sensitivity_and_auto_skip(shapes, tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert len(report["skip_layers"]) == 2
     assert load_checkpoint(run / "weights" / "ptq.pt")["quant"]["skip_layers"] == report["skip_layers"]
+
+
+def test_sensitive_measures_every_quantized_layer_unless_told():
+    q = prepare(tiny_model().fuse().eval())
+    assert pipeline._measured_layers("", q) == quantizable_layers(q) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 18,
+                                                                            19, 21, 22]
+    assert pipeline._measured_layers("22,-2", q) == [21, 22]
 
 
 def test_quantize_refuses_a_quantized_checkpoint(shapes, ptq_only, tmp_path):
