@@ -109,14 +109,21 @@ def test_concat_groups_reach_across_layers():
 
 
 def test_disabling_quantization_gives_the_float_model():
+    """Compared on the raw head maps of both heads: this untrained model's decoded output came out
+    bit for bit the same with and without quantization for 3 of 40 random inputs (the suite once
+    drew one), its raw maps for none."""
     fp, q = float_and_quantized("yolov9-s")
-    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+
+    def raw_maps(model):
+        return [level for head in model(x)[1] for level in head]
+
     with torch.no_grad():
-        ref = fp(x)[0]
+        ref = raw_maps(fp)
         with quantization_disabled(q):
-            off = q(x)[0]
-        on = q(x)[0]
-    assert all(torch.equal(a, b) for a, b in zip(ref, off))
+            off = raw_maps(q)
+        on = raw_maps(q)
+    assert len(ref) == 6 and all(torch.equal(a, b) for a, b in zip(ref, off))
     assert not all(torch.equal(a, b) for a, b in zip(ref, on))
     assert all(qz.is_enabled for qz in quantizers(q))  # the context restored every quantizer
 
