@@ -37,8 +37,8 @@ def _config(folder: Path) -> Path:
     return rc
 
 
-def statements_run(rc: Path) -> dict[str, list[str]]:
-    """Per file under the project (relative path), the text of every statement that ran."""
+def statements_run(rc: Path) -> dict[str, dict]:
+    """Per file under the project (relative path): its statement count and the text of each that ran."""
     import coverage
 
     cov = coverage.Coverage(config_file=str(rc))
@@ -52,6 +52,11 @@ def statements_run(rc: Path) -> dict[str, list[str]]:
         out[str(Path(file).relative_to(ROOT))] = {"statements": len(statements),
                                                   "run": [lines[i - 1].strip() for i in ran]}
     return out
+
+
+def totals(files: dict[str, dict]) -> tuple[int, int]:
+    """(statements that ran, statements) over every file of a measurement."""
+    return sum(len(f["run"]) for f in files.values()), sum(f["statements"] for f in files.values())
 
 
 def run(out: Path, pytest_args: list[str]) -> Path:
@@ -72,8 +77,7 @@ def run(out: Path, pytest_args: list[str]) -> Path:
         files = statements_run(rc)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(files, indent=1) + "\n")
-    statements = sum(f["statements"] for f in files.values())
-    ran = sum(len(f["run"]) for f in files.values())
+    ran, statements = totals(files)
     print(f"{ran} of {statements} statements ran ({100 * ran / statements:.1f}%); each listed in {out}")
     return write_record("suite_statement_coverage", 100 * ran / statements, "%", "-",
                         "the default test suite (pytest from the project root), tests/ not measured",
@@ -95,8 +99,7 @@ def compare(old_path: Path, new_path: Path) -> int:
     old, new = (json.loads(Path(p).read_text()) for p in (old_path, new_path))
     lost = lost_statements(old, new)
     for name, files in (("old", old), ("new", new)):
-        ran, total = sum(len(f["run"]) for f in files.values()), sum(f["statements"] for f in files.values())
-        print(f"{name}: {ran} of {total} statements ran")
+        print("{}: {} of {} statements ran".format(name, *totals(files)))
     if lost:
         print(f"\n{len(lost)} statement(s) ran before and not now:\n\n| file | statement |\n|---|---|")
         for file, text in lost:
