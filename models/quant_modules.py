@@ -17,10 +17,11 @@ import contextlib
 import copy
 import functools
 import importlib.abc
+import importlib.machinery
 import logging
 import sys
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -31,37 +32,80 @@ import torch.nn as nn
 # and dropped modelopt's warning about transformers' version.
 _PLUGIN_PACKAGES = frozenset({"accelerate", "apex", "diffusers", "fairscale", "liger_kernel", "megatron", "peft",
                               "torch_geometric", "transformer_engine", "transformers", "trl", "vllm"})
+# ``modelopt.torch``'s __init__ imports every technique (distillation, NAS, pruning, sparsity, speculative
+# decoding) and torch._dynamo; the quantization package imports what it needs itself.
+_BARE_PACKAGES = frozenset({"modelopt.torch"})
 
 
-class _HidePluginPackages(importlib.abc.MetaPathFinder):
-    """Makes the not-yet-imported ``_PLUGIN_PACKAGES`` look absent while it sits on ``sys.meta_path``."""
+class _BareLoader(importlib.abc.Loader):
+    """Creates a package module (``__path__`` set from its spec) without running its __init__."""
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+class _LeanModelOptimizerFinder(importlib.abc.MetaPathFinder):
+    """While on ``sys.meta_path``: the not-yet-imported ``_PLUGIN_PACKAGES`` look absent and the
+    ``_BARE_PACKAGES`` load without their __init__."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname.partition(".")[0] in _PLUGIN_PACKAGES:
             raise ModuleNotFoundError(f"hidden while Model Optimizer is imported: {fullname}", name=fullname)
+        if fullname in _BARE_PACKAGES:
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is not None:
+                spec.loader = _BareLoader()
+            return spec
         return None
+
+
+def deferred_compile(compile_now: Callable) -> Callable:
+    """``torch.compile`` that compiles a function on its first call, not where it is decorated:
+    modelopt decorates functions we never call (LLM distillation losses, FP8 GEMMs), and deciding the
+    backend at decoration imports TorchInductor, seconds of every start on a small CPU."""
+    def deferred(model: Callable | None = None, **options):
+        if model is None:  # used as @torch.compile(**options)
+            return lambda fn: deferred(fn, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def first_call_compiles(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = compile_now(model, **options)
+            return compiled(*args, **kwargs)
+        return first_call_compiles
+    return deferred
 
 
 @contextlib.contextmanager
 def _lean_modelopt_import() -> Iterator[None]:
-    """Import Model Optimizer without its third-party plugins and without the notices it prints that
-    the user neither caused nor can act on: torch's "No CUDA runtime is found" on a machine without
-    CUDA (modelopt imports torch.utils.cpp_extension for its kernels), the torch.jit.script
-    deprecation (a decorator inside modelopt) and its warning about an untested transformers
-    version. Only during this import; a package the process imported before stays as it was."""
+    """Import Model Optimizer's quantization package alone (``_BARE_PACKAGES``), without its
+    third-party plugins, with ``torch.compile`` deferred (``deferred_compile``), and without the
+    notices it prints that the user neither caused nor can act on: torch's "No CUDA runtime is found"
+    on a machine without CUDA (modelopt imports torch.utils.cpp_extension for its kernels), the
+    torch.jit.script deprecation (a decorator inside modelopt) and its warning about an untested
+    transformers version. Only during this import; a package the process imported before stays as
+    it was, and modelopt's other techniques still import when asked for by name."""
     def keep(record: logging.LogRecord) -> bool:
         return "No CUDA runtime is found" not in record.getMessage()
 
     logger = logging.getLogger("torch.utils.cpp_extension")
     logger.addFilter(keep)
-    hide = _HidePluginPackages()
-    sys.meta_path.insert(0, hide)
+    finder = _LeanModelOptimizerFinder()
+    sys.meta_path.insert(0, finder)
+    compile_now = torch.compile
+    torch.compile = deferred_compile(compile_now)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
             yield
     finally:
-        sys.meta_path.remove(hide)
+        torch.compile = compile_now
+        sys.meta_path.remove(finder)
         logger.removeFilter(keep)
 
 

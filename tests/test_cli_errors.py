@@ -331,15 +331,20 @@ def test_resume_keeps_the_saved_options_and_names_each_change(caplog):
 def test_model_optimizer_imports_without_notices_or_other_libraries_plugins(tmp_path):
     """Importing our adapter prints nothing the user did not cause (without CUDA, torch and modelopt
     print two notices) and loads none of the libraries Model Optimizer has plugins for: an installed
-    transformers cost seconds a start (bench/bench_import.py) and an "untested version" warning. A
-    user's own import of it still works afterwards. A stand-in transformers package here says when it
-    is imported."""
+    transformers cost seconds a start (bench/bench_import.py) and an "untested version" warning. Nor
+    does it load modelopt's other techniques or TorchInductor, and torch.compile is torch's again
+    afterwards. A user's own imports of modelopt's sparsity and of transformers still work. A
+    stand-in transformers package here says when it is imported."""
     fake = tmp_path / "transformers"
     fake.mkdir()
     (fake / "__init__.py").write_text("import sys\n__version__ = '5.17.0'\n"
                                       "print('transformers imported', file=sys.stderr)\n")
-    code = ("import sys\nimport models.quantize\nassert 'transformers' not in sys.modules\n"
-            "import transformers\nprint(transformers.__version__)")
+    code = ("import sys\nimport torch\ncompile_before = torch.compile\nimport models.quantize\n"
+            "assert 'transformers' not in sys.modules\nassert torch.compile is compile_before\n"
+            "loaded = [m for m in ('torch._inductor', 'modelopt.torch.nas', 'modelopt.torch.sparsity',\n"
+            "                      'modelopt.torch.speculative') if m in sys.modules]\n"
+            "assert not loaded, loaded\n"
+            "import modelopt.torch.sparsity\nimport transformers\nprint(transformers.__version__)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)

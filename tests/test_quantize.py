@@ -299,6 +299,33 @@ def test_segmentation_models_quantize_and_reload(tmp_path, cfg):
     assert type(loaded) is SegmentationModel and torch.equal(a, b) and torch.equal(pa, pb)
 
 
+def test_deferred_compile_compiles_on_the_first_call_only():
+    """What Model Optimizer's import gets for ``torch.compile``: both decorator forms, the function's
+    name kept, one compilation, and only when the function is first called."""
+    from models.quant_modules import deferred_compile
+
+    compiled = []
+
+    def compile_now(fn, **options):
+        compiled.append((fn.__name__, options))
+        return lambda *args: ("compiled", fn(*args))
+
+    torch_compile = deferred_compile(compile_now)
+
+    @torch_compile(dynamic=True)
+    def double(x):
+        return 2 * x
+
+    def square(x):
+        return x * x
+
+    squared = torch_compile(square)
+    assert compiled == [] and double.__name__ == "double"
+    assert double(3) == ("compiled", 6) and double(4) == ("compiled", 8)
+    assert squared(3) == ("compiled", 9)
+    assert compiled == [("double", {"dynamic": True}), ("square", {})]
+
+
 @pytest.mark.parametrize("kind", ["activation", "weight"])
 def test_a_copied_quantizer_is_the_one_model_optimizer_builds(kind):
     """Quantizers are copies of a prototype (Model Optimizer's constructor costs 0.4 ms each): every
