@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (DDP only)")
     p.add_argument("--amp", default=d["amp"], choices=AMP_MODES, help="mixed precision on CUDA (ignored on CPU)")
     p.add_argument("--noval", action="store_true", help="validate only after the final epoch")
+    p.add_argument("--noplots", dest="plots", action="store_false",
+                   help="no PR curve or confusion matrix PNGs from the final validation")
     p.add_argument("--cache", nargs="?", const="ram", default=d["cache"], choices=("", "ram"),
                    metavar="ram", help="decode the images once and keep them in RAM")
     p.add_argument("--mask-ratio", type=int, default=d["mask_ratio"],

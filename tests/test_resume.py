@@ -56,7 +56,7 @@ def _quantize_args(inputs: dict, project: Path, name: str, workers: int, extra: 
 
 def _train_args(inputs: dict, project: Path, name: str, workers: int) -> list[str]:
     return ["--cfg", TINY, "--data", str(inputs["data"]), "--epochs", "2", "--batch-size", "4", "--imgsz", str(IMGSZ),
-            "--device", "cpu", "--workers", str(workers), "--project", str(project), "--name", name]
+            "--device", "cpu", "--workers", str(workers), "--project", str(project), "--name", name, "--noplots"]
 
 
 def _logged(report: dict) -> dict:
@@ -168,6 +168,8 @@ def test_torchrun_resume_reproduces_the_uninterrupted_run(inputs):
     train_runs = projects["train.py"]
     assert [r["epoch"] for r in _csv_rows(train_runs / "cut")] == ["1", "2"]
     _assert_same_trained(train_runs / "full", train_runs / "cut")
+    for run in ("full", "cut"):  # --noplots, kept by the resume
+        assert (train_runs / run / "best_val.json").is_file() and not list((train_runs / run).glob("*.png"))
     summary = json.loads((train_runs / "cut" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and [(s["first_epoch"], s["last_epoch"]) for s in summary["sessions"]] \
         == [(1, 1), (2, 2)]  # each session with its own time

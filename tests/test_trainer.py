@@ -65,8 +65,8 @@ def runs(data_yaml, tmp_path_factory) -> dict:
     """
     project = tmp_path_factory.mktemp("runs")
     full = train(**run_kwargs(data_yaml, project, name="full", cache="ram"))
-    with pytest.raises(Interrupt):
-        train(on_epoch_end=stop_after_first_epoch, **run_kwargs(data_yaml, project, name="cut", workers=2))
+    with pytest.raises(Interrupt):  # without plots, so the resume (which keeps the run's options) makes none
+        train(on_epoch_end=stop_after_first_epoch, **run_kwargs(data_yaml, project, name="cut", workers=2, plots=False))
     cut = project / "cut"
     interrupted = {"ckpt": load_checkpoint(cut / "weights" / "last.pt"), "rows": csv_rows(cut)}
     snapshot = project / "cut_snapshot"
@@ -87,6 +87,7 @@ def test_run_writes_results_and_safe_loading_checkpoints(runs):
         assert next(ckpt["model"].parameters()).dtype == torch.float16
         assert ckpt["model"].names[0] == "person" and ckpt["model"].nc == 80
     assert (run / "hyp.yaml").is_file() and (run / "opt.yaml").is_file() and (run / "best_val.json").is_file()
+    assert {p.name for p in run.glob("*.png")} == {"PR_curve.png", "confusion_matrix.png"}
 
 
 def test_interrupted_run_kept_its_state(runs):
@@ -101,6 +102,7 @@ def test_resume_reaches_the_same_epochs_and_weights(runs):
     assert runs["resumed"].returncode == 0, runs["resumed"].stderr[-2000:]
     full_rows, resumed_rows = csv_rows(runs["full"]), csv_rows(runs["cut"])
     assert [r["epoch"] for r in resumed_rows] == ["1", "2"]
+    assert (runs["cut"] / "best_val.json").is_file() and not list(runs["cut"].glob("*.png"))  # plots=False kept
     assert resumed_rows == full_rows  # the same losses, metrics and learning rates, epoch by epoch
     a = load_checkpoint(runs["full"] / "weights" / "last.pt")["model"].state_dict()
     b = load_checkpoint(runs["cut"] / "weights" / "last.pt")["model"].state_dict()
