@@ -56,7 +56,7 @@ def script_parser(script: str) -> argparse.ArgumentParser:
 
 def _default_text(action: argparse.Action) -> str:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        return "off" if isinstance(action, argparse._StoreTrueAction) else "on"
+        return "off"  # a switch is off until typed, whichever way it sets its option (--noplots: plots False)
     if action.default in (None, "", argparse.SUPPRESS):
         return ""
     default = action.default
