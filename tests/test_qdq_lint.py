@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.cli_helpers import run_script
 from utils.deployment.qdq_lint import CATEGORIES, SKIP_METADATA_KEY, counts, lint, to_json, to_markdown
-from utils.paths import ROOT
 
 C = 4  # channels of every feature map in these graphs
 
@@ -192,7 +190,7 @@ def test_dq_into_an_op_tensorrt_runs_in_float():
     assert "Softmax" in found[0].message
 
 
-def test_reports_and_cli(tmp_path):
+def test_reports_and_cli(tmp_path, capsys, monkeypatch):
     b = Builder()
     y1, y2 = b.qconv_silu("x"), b.qconv_silu("x")
     cat = b.op("Concat", [b.qdq(y1, 0.1), b.qdq(y2, 0.2)], axis=1)
@@ -203,15 +201,16 @@ def test_reports_and_cli(tmp_path):
     assert "## concat_scale_mismatch" in md and "## qdq_on_non_int8_op" in md
     path = tmp_path / "bad.onnx"
     onnx.save(model, path)
-    cli = [sys.executable, str(ROOT / "tools" / "qdq_lint.py")]
-    run = subprocess.run(cli + [str(path), "--json", str(tmp_path / "f.json")], capture_output=True, text=True)
-    assert run.returncode == 1 and "concat_scale_mismatch" in run.stdout
+    # the command line in this process (tests/cli_helpers.py): exit 1 on findings, 0 on none, 2 on bad input
+    reports = ["--json", str(tmp_path / "f.json"), "--markdown", str(tmp_path / "f.md")]  # the markdown is what it prints
+    code, _ = run_script("tools/qdq_lint.py", [str(path), *reports], capsys, monkeypatch)
+    assert code == 1 and "concat_scale_mismatch" in (tmp_path / "f.md").read_text()
     assert json.loads((tmp_path / "f.json").read_text())["total"] == 2
     onnx.save(clean_model(), path)
     last_conv = [n for n in clean_model().graph.node if n.op_type == "Conv"][-1].name
-    assert subprocess.run(cli + [str(path), "--skip", last_conv], capture_output=True).returncode == 0
-    missing = subprocess.run(cli + [str(tmp_path / "nope.onnx")], capture_output=True, text=True)
-    assert missing.returncode == 2 and "nope.onnx" in missing.stderr
+    assert run_script("tools/qdq_lint.py", [str(path), "--skip", last_conv], capsys, monkeypatch)[0] == 0
+    code, err = run_script("tools/qdq_lint.py", [str(tmp_path / "nope.onnx")], capsys, monkeypatch)
+    assert code == 2 and "nope.onnx" in err
 
 
 def test_dq_of_a_conv_output_into_softmax_is_still_reported():
