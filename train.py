@@ -15,9 +15,7 @@ import logging
 import os
 
 from utils.errors import run_cli
-from utils.options import parse_flags
-from utils.training.engine import AMP_MODES
-from utils.training.optim import OPTIMIZERS
+from utils.options import AMP_MODES, OPTIMIZERS, parse_flags
 from utils.training.trainer import DEFAULTS, train
 
 

@@ -19,7 +19,7 @@ import argparse
 from utils.deployment.backends import BACKENDS
 from utils.deployment.validate import run
 from utils.errors import run_cli
-from utils.evaluation.agreement import REFERENCE_CONF
+from utils.options import REFERENCE_CONF
 from utils.paths import ROOT
 
 

@@ -18,15 +18,17 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 import yaml
 
 from utils.data.synthetic import make_shapes_dataset
 from utils.logs import LOGGER
 from utils.paths import ROOT, increment_path
 from utils.quantization.report import MASK_PREFIX, METRICS, metrics
+
+if TYPE_CHECKING:  # torch itself loads in run_demo: qat.py builds this parser for every subcommand
+    import torch
 
 CFGS = {"detect": ROOT / "models/demo/gelan-demo.yaml", "segment": ROOT / "models/demo/gelan-demo-seg.yaml"}
 # The FP32 models the demo quantizes unless --train: each CFGS model trained on shapes drawn from a
@@ -152,6 +154,8 @@ def table(rows: dict[str, dict | None]) -> str:
 
 def run_demo(opt: argparse.Namespace) -> Path:
     """Data -> FP32 training -> PTQ + QAT -> Q/DQ ONNX -> ONNX Runtime / TensorRT check; returns the run folder."""
+    import torch
+
     from utils.torch_utils import cpu_threads, flush_denormals, select_device
 
     device = select_device(opt.device)  # a missing GPU is reported before anything is written

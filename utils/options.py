@@ -21,6 +21,11 @@ from utils.errors import UserError
 from utils.logs import LOGGER
 
 MIN_STRIDE = 32  # the largest stride of every detection config; a model's own may be larger
+# Choices and defaults of flags that several tools share, kept in this torch-free module so that a
+# parser builds, and a bad flag or a mistyped path is refused, before torch loads (seconds on a small CPU).
+OPTIMIZERS = ("SGD", "Adam", "AdamW")
+AMP_MODES = ("bf16", "fp16", "off")
+REFERENCE_CONF = 0.25  # a deployment threshold: what an application shows of the FP32 model
 
 # flag (argparse dest) -> (lowest value, what the number counts). None values mean "not given".
 COUNTS: dict[str, tuple[int, str]] = {

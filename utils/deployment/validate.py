@@ -21,9 +21,9 @@ from utils.deployment.benchmark_report import (
     write_report,
 )
 from utils.errors import UserError
-from utils.evaluation.agreement import REFERENCE_CONF, check_reference_task
+from utils.evaluation.agreement import check_reference_task
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
-from utils.options import check_flags
+from utils.options import REFERENCE_CONF, check_flags
 from utils.paths import ROOT, existing_file, increment_path
 from utils.torch_utils import select_device
 

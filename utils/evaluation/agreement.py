@@ -26,8 +26,8 @@ from utils.evaluation import bootstrap
 from utils.evaluation.masks import segmentation_output
 from utils.evaluation.metrics import DetectionStats
 from utils.evaluation.postprocess import postprocess as run_postprocess
+from utils.options import REFERENCE_CONF
 
-REFERENCE_CONF = 0.25  # a deployment threshold: what an application shows of the FP32 model
 MATCH_IOU = 0.5  # a candidate box matched to a reference box for the IoU and score-error figures
 
 

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from utils.evaluation.agreement import REFERENCE_CONF
-from utils.options import parse_flags
+from utils.options import AMP_MODES, OPTIMIZERS, REFERENCE_CONF, parse_flags
 from utils.paths import ROOT
-from utils.training.engine import AMP_MODES
-from utils.training.optim import OPTIMIZERS
 
 CALIB_CHOICES = ("max", "percentile", "mse", "entropy", "auto")
 

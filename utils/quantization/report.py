@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from utils.evaluation.evaluator import EvalResult
+if TYPE_CHECKING:  # the type alone: qat.py builds its parser from modules that do not load torch
+    from utils.evaluation.evaluator import EvalResult
 
 METRICS = (("map50_95", "AP50-95"), ("map50", "AP50"), ("precision", "P"), ("recall", "R"))
 # Row key -> label; the control row exists only with --control.

@@ -19,7 +19,6 @@ from utils.training.acceleration import memory_format
 from utils.training.ema import ModelEMA
 from utils.training.optim import Warmup
 
-AMP_MODES = ("bf16", "fp16", "off")
 MAX_GRAD_NORM = 10.0  # upstream's clip; keeps one bad mosaic from blowing up a from-scratch run
 
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 
 from utils.errors import UserError
-
-OPTIMIZERS = ("SGD", "Adam", "AdamW")
+from utils.options import OPTIMIZERS
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
