@@ -64,8 +64,9 @@ class _LeanModelOptimizerFinder(importlib.abc.MetaPathFinder):
 
 def deferred_compile(compile_now: Callable) -> Callable:
     """``torch.compile`` that compiles a function on its first call, not where it is decorated:
-    modelopt decorates functions we never call (LLM distillation losses, FP8 GEMMs), and deciding the
-    backend at decoration imports TorchInductor, seconds of every start on a small CPU."""
+    modelopt decorates functions we never call (an LLM log-softmax of its auto-quantize search, FP8
+    GEMMs), and deciding the backend at decoration imports TorchInductor, seconds of every start on a
+    small CPU."""
     def deferred(model: Callable | None = None, **options):
         if model is None:  # used as @torch.compile(**options)
             return lambda fn: deferred(fn, **options)
@@ -83,13 +84,14 @@ def deferred_compile(compile_now: Callable) -> Callable:
 
 @contextlib.contextmanager
 def _lean_modelopt_import() -> Iterator[None]:
-    """Import Model Optimizer's quantization package alone (``_BARE_PACKAGES``), without its
-    third-party plugins, with ``torch.compile`` deferred (``deferred_compile``), and without the
-    notices it prints that the user neither caused nor can act on: torch's "No CUDA runtime is found"
-    on a machine without CUDA (modelopt imports torch.utils.cpp_extension for its kernels), the
-    torch.jit.script deprecation (a decorator inside modelopt) and its warning about an untested
-    transformers version. Only during this import; a package the process imported before stays as
-    it was, and modelopt's other techniques still import when asked for by name."""
+    """Import Model Optimizer's quantization package (and what it imports) without the rest of
+    ``modelopt.torch``'s __init__ (``_BARE_PACKAGES``), without its third-party plugins, with
+    ``torch.compile`` deferred (``deferred_compile``), and without the notices it prints that the user
+    neither caused nor can act on: torch's "No CUDA runtime is found" on a machine without CUDA
+    (modelopt imports torch.utils.cpp_extension for its kernels), the torch.jit.script deprecation (a
+    decorator inside modelopt) and its warning about an untested transformers version. Only during
+    this import; a package the process imported before stays as it was, and modelopt's other
+    techniques still import when asked for by name."""
     def keep(record: logging.LogRecord) -> bool:
         return "No CUDA runtime is found" not in record.getMessage()
 
