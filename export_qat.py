@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from utils.deployment.export import export_checkpoint
-from utils.deployment.onnx_export import ExportResult
 from utils.errors import run_cli
+from utils.paths import existing_file
+
+if TYPE_CHECKING:
+    from utils.deployment.onnx_export import ExportResult
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,9 +49,12 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[ExportResult]:
     opt = parse_opt(argv)
-    return export_checkpoint(opt.weights, tuple(opt.include), opt.imgsz, opt.batch_size, opt.dynamic, opt.simplify, opt.slim,
-               opt.opset, opt.postprocess, opt.topk_all, opt.iou_thres, opt.conf_thres, opt.device, opt.exist_ok,
-               opt.unsafe_load)
+    existing_file(opt.weights, "checkpoint")  # a mistyped path is told before torch and Model Optimizer load
+    from utils.deployment.export import export_checkpoint
+
+    return export_checkpoint(opt.weights, tuple(opt.include), opt.imgsz, opt.batch_size, opt.dynamic, opt.simplify,
+                             opt.slim, opt.opset, opt.postprocess, opt.topk_all, opt.iou_thres, opt.conf_thres,
+                             opt.device, opt.exist_ok, opt.unsafe_load)
 
 
 if __name__ == "__main__":
