@@ -73,6 +73,7 @@ from tests.export_helpers import lively_head, lively_masks
 from utils.data.dataset import model_task
 from utils.boxes import xywh2xyxy
 from utils.deployment.onnx_export import PredictionGraph, export_onnx, tail_for, trace_prediction
+from utils.deployment.ort_runtime import session_options
 from utils.paths import ROOT
 
 DETECT_CONFIGS = tuple(sorted(p.stem for p in (ROOT / "models" / "detect").glob("*.yaml")))
@@ -202,10 +203,8 @@ def _first_line(exc: Exception) -> str:
 
 
 def _session(source) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # as many as PyTorch: both sides sized alike
-    options.log_severity_level = 3  # the cut graphs leave the tail's unused constants: not a finding
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    # errors only (the cut graphs leave the tail's unused constants: not a finding), sized like PyTorch
+    return ort.InferenceSession(source, session_options(), providers=["CPUExecutionProvider"])
 
 
 @dataclass

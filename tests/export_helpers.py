@@ -8,6 +8,8 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
+from utils.deployment.ort_runtime import session_options
+
 GAIN = 2.0
 # The conformance CI slice (tests/test_conformance.py): (config, nc) -> the one (batch mode, shape) traced
 # for it. tests/test_export.py exports the two detection models again through the session fixture
@@ -97,7 +99,13 @@ def assert_matching_detections(got: torch.Tensor, expected: torch.Tensor, box_at
 def _session(path: str, mtime_ns: int, size: int) -> ort.InferenceSession:
     """One CPU session per file version: opening one optimises the graph (~0.4 s for a tiny Q/DQ
     model on 2 cores), and the batch tests run a file once per image."""
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return cpu_session(path)
+
+
+def cpu_session(source: str | bytes) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session (a file or a serialized model) with the options the tools use:
+    as many threads as PyTorch has, one in the tests."""
+    return ort.InferenceSession(source, session_options(), providers=["CPUExecutionProvider"])
 
 
 def run_ort(path: str | Path, x: torch.Tensor, outputs: list[str] | None = None) -> list[torch.Tensor]:

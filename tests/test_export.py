@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -15,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models.experimental_trt import End2End, NMSTail, Prediction, decode_end2end, efficient_nms_reference
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import DetectionModel
-from tests.export_helpers import CONFORMANCE_SLICE, assert_same_detections, lively_head, run_ort
+from tests.export_helpers import CONFORMANCE_SLICE, assert_same_detections, cpu_session, lively_head, run_ort
 from tests.qat_helpers import BLOCK_CONFIGS, shrunk_config, slow_matrix_case
 from utils.deployment.onnx_export import export_onnx, merge_redundant_qdq, trace_prediction
 from utils.deployment.qdq_lint import SKIP_METADATA_KEY, lint
@@ -187,7 +186,7 @@ def test_end2end_nms_plugin_node_and_reference_decode(tiny_exports, name):
     assert attrs["score_activation"] == 0 and attrs["max_output_boxes"] == 30
     assert attrs["iou_threshold"] == pytest.approx(0.5) and attrs["score_threshold"] == pytest.approx(0.3)
     x = images(3)
-    session = ort.InferenceSession(truncated.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = cpu_session(truncated.SerializeToString())
     boxes, scores = (torch.from_numpy(a) for a in session.run(None, {"images": x.numpy()}))
     assert boxes.shape == (3, 84, 4) and scores.shape == (3, 84, NC)
     got = decode_end2end(*efficient_nms_reference(boxes, scores, 0.5, 0.3, 30))
@@ -243,11 +242,11 @@ def test_merge_redundant_qdq_keeps_values_and_removes_duplicates():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     x = np.array([0.04, -1.3, 2.26, 0.5], np.float32)
-    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    before = cpu_session(model.SerializeToString()).run(None, {"x": x})[0]
     assert merge_redundant_qdq(model) == 3
     onnx.checker.check_model(model)
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 2
-    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    after = cpu_session(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_array_equal(before, after)
 
 

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -23,7 +22,7 @@ from models.experimental_trt import (
 )
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import Model
-from tests.export_helpers import lively_head, lively_masks, run_ort
+from tests.export_helpers import cpu_session, lively_head, lively_masks, run_ort
 from tests.qat_helpers import one_thread
 from utils.deployment.backends import DetectionBackend
 from utils.deployment.onnx_export import export_onnx, tail_for, trace_prediction
@@ -235,12 +234,12 @@ def test_nms_masks_with_the_plugin_emulated(seg_exports, cfg):
     assert attrs["box_coding"] == 1 and attrs["max_output_boxes"] == K and not any(
         n.op_type == "EfficientNMS_TRT" for n in after.graph.node)
     x = images(2, seed=4)
-    boxes, scores = (torch.from_numpy(a) for a in ort.InferenceSession(
-        before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()}))
+    boxes, scores = (torch.from_numpy(a) for a in cpu_session(before.SerializeToString()).run(
+        None, {"images": x.numpy()}))
     plugin = efficient_nms_reference(boxes, scores, IOU, CONF, K)
     feed = {"images": x.numpy(), **{n: t.numpy() for n, t in zip(plugin_outputs, plugin)}}
-    num, det_boxes, det_scores, det_classes, masks = (torch.from_numpy(a) for a in ort.InferenceSession(
-        after.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed))
+    num, det_boxes, det_scores, det_classes, masks = (torch.from_numpy(a) for a in cpu_session(
+        after.SerializeToString()).run(None, feed))
     pred, proto = run_ort(files[cfg, "raw"], x)
     expected = non_max_suppression(pred[:, :4 + NC], conf_thres=CONF, iou_thres=IOU, multi_label=True, max_det=K)
     dets = decode_end2end(num, det_boxes, det_scores, det_classes)

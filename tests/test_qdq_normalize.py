@@ -6,12 +6,12 @@ import io
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
 
 from models.quant_modules import QuantConv2d
+from tests.export_helpers import cpu_session
 from tests.test_qdq_lint import C, Builder
 from utils.deployment.qdq_lint import lint
 from utils.deployment.qdq_normalize import canonical_layout, normalize_qdq
@@ -25,7 +25,7 @@ def export(module: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = cpu_session(model.SerializeToString())
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
