@@ -14,12 +14,22 @@ the PyTorch PTQ/QAT model's, same square letterboxed images, plus the largest ra
     python bench/bench_ort.py map --weights runs/qat/bccd/weights/qat_best.pt --data data/bccd.yaml \
         --task test --imgsz 640
     -> bench/results/ort_int8_minus_qat_map50_95_<weights stem>.json
+
+threads (CPU, ~1 min): CPU seconds of ONNX Runtime calls in the sessions the tools open (as many
+threads as PyTorch has; one, as in the test suite) over those of ORT's own default pool (one
+thread a core), while another process keeps a core busy as a second test worker does. The two
+sessions run the same file in alternating blocks.
+
+    python bench/bench_ort.py threads
+    -> bench/results/ort_threads_cpu_ratio.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +41,7 @@ import torch  # noqa: E402
 
 from bench.record import machine_name, write_record  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
+from utils.paths import ROOT  # noqa: E402
 
 
 def _fp_and_int8(cfg: str, imgsz: int, calib_batches: int, seed: int):
@@ -69,7 +80,8 @@ def bench_latency(opt: argparse.Namespace) -> list[Path]:
     out_dir = Path(opt.out or tempfile.mkdtemp(prefix="bench_ort_"))
     fp_file = export_onnx(fp, out_dir / f"{opt.cfg}-fp32.onnx", opt.imgsz, dynamic=True).path
     q_result = export_onnx(q, out_dir / f"{opt.cfg}-int8-qdq.onnx", opt.imgsz, dynamic=True, float_convs=floats)
-    runners = {"fp32": OrtRunner(fp_file, threads=opt.threads), "int8": OrtRunner(q_result.path, threads=opt.threads)}
+    runners = {"fp32": OrtRunner(fp_file, threads=opt.threads),
+               "int8": OrtRunner(q_result.path, threads=opt.threads)}
     kernels = {"fp32": _ort_conv_kernels(fp_file), "int8": _ort_conv_kernels(q_result.path)}
     paths = []
     for b in opt.batch_sizes:
@@ -89,13 +101,66 @@ def bench_latency(opt: argparse.Namespace) -> list[Path]:
             f"ort_int8_fp32_latency_ratio_bs{b}", ratio, "ratio (INT8 / FP32 median latency)", opt.cfg,
             "random input", machine=machine_name(),
             extra={"imgsz": opt.imgsz, "batch": b, "iters": opt.iters, "warmup": opt.warmup,
-                   "threads": opt.threads or "ORT default", "onnxruntime": __import__("onnxruntime").__version__,
+                   "threads": opt.threads or f"PyTorch's ({torch.get_num_threads()})",
+                   "onnxruntime": __import__("onnxruntime").__version__,
                    "median_ms": med, "mean_ms": {k: statistics.fmean(v) for k, v in times.items()},
                    "qdq_pairs": q_result.qdq_pairs, "qdq_lint_findings": len(q_result.findings),
                    "ort_cpu_conv_kernels": kernels,
                    "weights": "random init; INT8 scales calibrated on random images (latency only)"},
             results_dir=opt.results_dir))
     return paths
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_threads(opt: argparse.Namespace) -> Path:
+    import onnxruntime as ort
+
+    from models.yolo import DetectionModel
+    from utils.deployment.onnx_export import export_onnx
+    from utils.deployment.ort_runtime import ORT_ERROR, session_options
+
+    torch.set_num_threads(opt.torch_threads)
+    torch.manual_seed(opt.seed)
+    model = DetectionModel(opt.cfg, nc=3).fuse().eval()
+    out_dir = Path(opt.out or tempfile.mkdtemp(prefix="bench_ort_threads_"))
+    path = str(export_onnx(model, out_dir / "model.onnx", opt.imgsz, dynamic=True).path)
+    own = ort.SessionOptions()
+    own.log_severity_level = ORT_ERROR
+    sessions = {"ours": ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"]),
+                "ort_default": ort.InferenceSession(path, own, providers=["CPUExecutionProvider"])}
+    x = {"images": torch.rand(1, 3, opt.imgsz, opt.imgsz).numpy()}
+    cpu, wall = dict.fromkeys(sessions, 0.0), dict.fromkeys(sessions, 0.0)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(opt.busy_cores)]
+    try:
+        for block in range(2 * opt.blocks):
+            name = list(sessions)[block % 2]
+            sessions[name].run(None, x)  # a session's first call after the other's warms its pool again
+            c0, t0 = _cpu_seconds(), time.perf_counter()
+            for _ in range(opt.runs):
+                sessions[name].run(None, x)
+            cpu[name] += _cpu_seconds() - c0
+            wall[name] += time.perf_counter() - t0
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    ratio = cpu["ours"] / cpu["ort_default"]
+    threads = {k: s.get_session_options().intra_op_num_threads for k, s in sessions.items()}
+    print(f"CPU {cpu['ours']:.2f} s (ours, {threads['ours']} thread(s)) vs {cpu['ort_default']:.2f} s (ORT's "
+          f"default pool), ratio {ratio:.3f}; wall {wall['ours']:.2f} vs {wall['ort_default']:.2f} s")
+    return write_record(
+        "ort_threads_cpu_ratio", ratio, "ratio (CPU seconds: PyTorch's thread count / ORT's default pool)",
+        Path(opt.cfg).name, "random input", machine=machine_name(),
+        extra={"imgsz": opt.imgsz, "runs": 2 * opt.blocks * opt.runs, "busy_cores": opt.busy_cores,
+               "torch_threads": opt.torch_threads, "cpu_seconds": cpu, "wall_seconds": wall,
+               "wall_ratio": wall["ours"] / wall["ort_default"],
+               "intra_op_threads": {"ours": threads["ours"], "ort_default": "0 (one a core)"},
+               "onnxruntime": ort.__version__},
+        results_dir=opt.results_dir)
 
 
 def bench_map(opt: argparse.Namespace) -> Path:
@@ -159,7 +224,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     lat.add_argument("--batch-sizes", default="1,8")
     lat.add_argument("--iters", type=int, default=10)
     lat.add_argument("--warmup", type=int, default=2)
-    lat.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    lat.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: as many as PyTorch)")
     lat.add_argument("--calib-batches", type=int, default=2)
     lat.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("map", help="ORT INT8 mAP minus PyTorch PTQ/QAT mAP")
@@ -171,7 +236,15 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--workers", type=int, default=4)
     m.add_argument("--device", default="cpu", help="device of the PyTorch evaluation")
     m.add_argument("--diff-batches", type=int, default=4, help="batches compared raw, output by output")
-    for sp in (lat, m):
+    th = sub.add_parser("threads", help="CPU of ORT calls: PyTorch's thread count against ORT's own pool")
+    th.add_argument("--cfg", default=str(ROOT / "tests" / "assets" / "gelan-tiny.yaml"), help="model yaml")
+    th.add_argument("--imgsz", type=int, default=64)
+    th.add_argument("--runs", type=int, default=150, help="calls per block")
+    th.add_argument("--blocks", type=int, default=2, help="blocks per session, alternating")
+    th.add_argument("--busy-cores", type=int, default=1, help="processes spinning beside the benchmark")
+    th.add_argument("--torch-threads", type=int, default=1, help="PyTorch's threads (the test suite's: 1)")
+    th.add_argument("--seed", type=int, default=0)
+    for sp in (lat, m, th):
         sp.add_argument("--out", help="folder for the exported ONNX files (default: a temporary folder)")
         sp.add_argument("--results-dir", type=Path, default=None, help="default: bench/results")
     opt = p.parse_args(argv)
@@ -182,7 +255,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None):
     opt = parse_opt(argv)
-    return bench_latency(opt) if opt.mode == "latency" else bench_map(opt)
+    return {"latency": bench_latency, "map": bench_map, "threads": bench_threads}[opt.mode](opt)
 
 
 if __name__ == "__main__":

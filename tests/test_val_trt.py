@@ -40,6 +40,19 @@ def setup(tmp_path_factory):
     return model, files, data, root
 
 
+def test_onnx_runtime_takes_pytorchs_thread_count_unless_told(setup):
+    """One knob for both runtimes (OMP_NUM_THREADS / torch.set_num_threads): ONNX Runtime's own default
+    sizes its pool by the cores whatever PyTorch was given, and its idle threads spin."""
+    _, files, _, _ = setup
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert OrtRunner(files["raw"]).session.get_session_options().intra_op_num_threads == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert OrtRunner(files["raw"], threads=3).session.get_session_options().intra_op_num_threads == 3
+
+
 def test_raw_onnx_evaluates_like_the_pytorch_model(setup):
     """Same loader, same postprocessing: the ORT backend yields the PyTorch model's detections (in
     original-image pixels) and metrics; then the CLI-level run writes its results."""

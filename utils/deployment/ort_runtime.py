@@ -21,11 +21,10 @@ ORT_ERROR = 3  # ONNX Runtime's log severities: 0 verbose, 1 info, 2 warning, 3 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Options for every session we open: errors-only logging, and as many threads as PyTorch uses
-    (``torch.set_num_threads`` / OMP_NUM_THREADS) unless told. ONNX Runtime would otherwise size its
-    pool by the cores, whatever PyTorch was given, and its idle threads spin: on 2 cores shared with
-    other work, four test files that run ONNX models took 99.6 s of CPU on ONNX Runtime's own
-    choice against 77.8 s on one thread, in less time. Where nothing was set both use the physical
-    cores, so a user's default does not change."""
+    (``torch.set_num_threads`` / OMP_NUM_THREADS) unless told. Left to itself ONNX Runtime sizes its
+    pool by the cores, whatever PyTorch was given, and its idle threads spin on cores that other
+    work needs (BENCHMARKS.md, "ONNX Runtime's threads"). Where nothing was set both take the
+    physical cores, so a user's default does not change."""
     options = ort.SessionOptions()
     # ORT's graph optimizer logs, at WARNING, each Q/DQ scale it leaves unused after fusing
     # (about a hundred lines for the demo's model): nothing a user can act on. Errors still show.
