@@ -35,6 +35,11 @@ _PLUGIN_PACKAGES = frozenset({"accelerate", "apex", "diffusers", "fairscale", "l
 # ``modelopt.torch``'s __init__ imports every technique (distillation, NAS, pruning, sparsity, speculative
 # decoding) and torch._dynamo; the quantization package imports what it needs itself.
 _BARE_PACKAGES = frozenset({"modelopt.torch"})
+# Names the quantization package imports at import time and we never call: its histogram calibrator's
+# ``from scipy.stats import entropy`` (``RangeCalibrator`` searches ranges with ``models.range_search``),
+# and scipy.stats takes ~2 s of every start on a 2-core CPU. During the import such a module is a
+# stand-in whose names import the real one on their first call; afterwards it is gone again.
+_DEFERRED_MODULES = {"scipy.stats": ("entropy",)}
 
 
 class _BareLoader(importlib.abc.Loader):
@@ -47,9 +52,39 @@ class _BareLoader(importlib.abc.Loader):
         pass
 
 
+def _imported_on_call(module: str, name: str) -> Callable:
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+class _DeferredModuleLoader(importlib.abc.Loader):
+    """A stand-in for a ``_DEFERRED_MODULES`` module: its listed names, each importing the real module
+    when first called."""
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        for name in _DEFERRED_MODULES[module.__name__]:
+            setattr(module, name, _imported_on_call(module.__name__, name))
+
+
+def _drop_stand_ins() -> None:
+    """Forget the stand-ins, so that a later ``import`` of their module loads the real one."""
+    for name in _DEFERRED_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(module.__spec__.loader, _DeferredModuleLoader):
+            del sys.modules[name]
+            parent, _, child = name.rpartition(".")
+            if getattr(sys.modules.get(parent), child, None) is module:
+                delattr(sys.modules[parent], child)
+
+
 class _LeanModelOptimizerFinder(importlib.abc.MetaPathFinder):
-    """While on ``sys.meta_path``: the not-yet-imported ``_PLUGIN_PACKAGES`` look absent and the
-    ``_BARE_PACKAGES`` load without their __init__."""
+    """While on ``sys.meta_path``: the not-yet-imported ``_PLUGIN_PACKAGES`` look absent, the
+    ``_BARE_PACKAGES`` load without their __init__ and the ``_DEFERRED_MODULES`` as stand-ins."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname.partition(".")[0] in _PLUGIN_PACKAGES:
@@ -59,6 +94,8 @@ class _LeanModelOptimizerFinder(importlib.abc.MetaPathFinder):
             if spec is not None:
                 spec.loader = _BareLoader()
             return spec
+        if fullname in _DEFERRED_MODULES:
+            return importlib.machinery.ModuleSpec(fullname, _DeferredModuleLoader())
         return None
 
 
@@ -86,12 +123,12 @@ def deferred_compile(compile_now: Callable) -> Callable:
 def _lean_modelopt_import() -> Iterator[None]:
     """Import Model Optimizer's quantization package (and what it imports) without the rest of
     ``modelopt.torch``'s __init__ (``_BARE_PACKAGES``), without its third-party plugins, with
-    ``torch.compile`` deferred (``deferred_compile``), and without the notices it prints that the user
-    neither caused nor can act on: torch's "No CUDA runtime is found" on a machine without CUDA
-    (modelopt imports torch.utils.cpp_extension for its kernels), the torch.jit.script deprecation (a
-    decorator inside modelopt) and its warning about an untested transformers version. Only during
-    this import; a package the process imported before stays as it was, and modelopt's other
-    techniques still import when asked for by name."""
+    ``torch.compile`` and scipy.stats deferred (``deferred_compile``, ``_DEFERRED_MODULES``), and
+    without the notices it prints that the user neither caused nor can act on: torch's "No CUDA
+    runtime is found" on a machine without CUDA (modelopt imports torch.utils.cpp_extension for its
+    kernels), the torch.jit.script deprecation (a decorator inside modelopt) and its warning about an
+    untested transformers version. Only during this import; a package the process imported before
+    stays as it was, and modelopt's other techniques still import when asked for by name."""
     def keep(record: logging.LogRecord) -> bool:
         return "No CUDA runtime is found" not in record.getMessage()
 
@@ -108,6 +145,7 @@ def _lean_modelopt_import() -> Iterator[None]:
     finally:
         torch.compile = compile_now
         sys.meta_path.remove(finder)
+        _drop_stand_ins()
         logger.removeFilter(keep)
 
 

@@ -340,8 +340,9 @@ def test_model_optimizer_imports_without_notices_or_other_libraries_plugins(tmp_
     print two notices) and loads none of the libraries Model Optimizer has plugins for: an installed
     transformers cost seconds a start (bench/bench_import.py) and an "untested version" warning. Nor
     does it load modelopt's other techniques or TorchInductor, and torch.compile is torch's again
-    afterwards. A user's own imports of modelopt's sparsity and of transformers still work. A
-    stand-in transformers package here says when it is imported."""
+    afterwards. scipy.stats, which modelopt's histogram calibrator imports a function from, loads on that
+    function's first call. A user's own imports of scipy.stats, modelopt's sparsity and transformers
+    still work. A stand-in transformers package here says when it is imported."""
     fake = tmp_path / "transformers"
     fake.mkdir()
     (fake / "__init__.py").write_text("import sys\n__version__ = '5.17.0'\n"
@@ -351,6 +352,10 @@ def test_model_optimizer_imports_without_notices_or_other_libraries_plugins(tmp_
             "loaded = [m for m in ('torch._inductor', 'modelopt.torch.nas', 'modelopt.torch.sparsity',\n"
             "                      'modelopt.torch.speculative') if m in sys.modules]\n"
             "assert not loaded, loaded\n"
+            "assert 'scipy.stats' not in sys.modules\n"
+            "import scipy.stats\nfrom modelopt.torch.quantization.calib import histogram\n"
+            "assert histogram.entropy([0.5, 0.25, 0.25]) == scipy.stats.entropy([0.5, 0.25, 0.25]) > 1\n"
+            "assert scipy.stats.norm.cdf(0) == 0.5\n"
             "import modelopt.torch.sparsity\nimport transformers\nprint(transformers.__version__)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, env=env, capture_output=True,
