@@ -140,7 +140,8 @@ def _lean_modelopt_import() -> Iterator[None]:
     torch.compile = deferred_compile(compile_now)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            # a FutureWarning in torch 2.14, a DeprecationWarning in 2.11: the message, whatever the class
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated")
             yield
     finally:
         torch.compile = compile_now
