@@ -66,12 +66,12 @@ def _logged(report: dict) -> dict:
 
 
 def _assert_same_quantized(a: Path, b: Path) -> None:
-    for name in ("qat_last.pt", "qat_best.pt", "ptq.pt"):
+    for name in ("qat_best.pt", "ptq.pt", "qat_last.pt"):
         x, y = load_checkpoint(a / "weights" / name), load_checkpoint(b / "weights" / name)
         sx, sy = x["quant"]["state_dict"], y["quant"]["state_dict"]
         assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx), name
         assert x["epoch"] == y["epoch"] and x["best_fitness"] == y["best_fitness"], name
-    lx, ly = load_checkpoint(a / "weights" / "qat_last.pt"), load_checkpoint(b / "weights" / "qat_last.pt")
+    lx, ly = x, y  # qat_last.pt: the training state too
     ox, oy = lx["optimizer"]["state"], ly["optimizer"]["state"]
     assert all(torch.equal(ox[i]["momentum_buffer"], oy[i]["momentum_buffer"]) for i in ox)
     assert (lx.get("student") is None) == (ly.get("student") is None) and lx["updates"] == ly["updates"]
