@@ -37,8 +37,8 @@ _PLUGIN_PACKAGES = frozenset({"accelerate", "apex", "diffusers", "fairscale", "l
 _BARE_PACKAGES = frozenset({"modelopt.torch"})
 # Names the quantization package imports at import time and we never call: its histogram calibrator's
 # ``from scipy.stats import entropy`` (``RangeCalibrator`` searches ranges with ``models.range_search``),
-# and scipy.stats takes ~2 s of every start on a 2-core CPU. During the import such a module is a
-# stand-in whose names import the real one on their first call; afterwards it is gone again.
+# and scipy.stats is more than a second of every start on a 2-core CPU (BENCHMARKS.md). During the import
+# such a module is a stand-in whose names import the real one on their first call; afterwards it is gone.
 _DEFERRED_MODULES = {"scipy.stats": ("entropy",)}
 
 
