@@ -6,11 +6,19 @@ Library code raises ``UserError`` with a sentence naming the file and the proble
 input: it exits 130 (128 + SIGINT, what shells report) with one ``interrupted`` line, which says
 how to continue when the run left a checkpoint. A run folder that a failed run leaves empty is
 removed (utils.paths), so failures leave nothing half-made behind.
+
+A Ctrl-C that lands while Python runs a finalizer (a ``__del__``, a weakref callback: garbage
+collection runs them between any two lines) is printed as "Exception ignored" and lost; a run
+then trained on to its last epoch. Under ``run_cli`` the signal is also recorded, and the training
+loop raises it again at its next batch (``raise_if_interrupted``).
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from typing import Callable, NoReturn
+import threading
+from typing import Callable, Iterator, NoReturn
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -34,6 +42,38 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
+class _Interrupts:
+    """Whether a SIGINT arrived while ``interrupts_kept`` was active; one per process."""
+    pending = False
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _Interrupts.pending = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Record every SIGINT as well as raising it, for ``raise_if_interrupted``. Only where Python's own
+    handler is in place: an ignored SIGINT (a background job) or a caller's handler is left alone."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _Interrupts.pending = False
+
+
+def raise_if_interrupted() -> None:
+    """Raise the Ctrl-C a finalizer swallowed; called where stopping is safe (between batches)."""
+    if _Interrupts.pending:
+        raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Call ``main``; a ``UserError`` becomes one line on stderr and exit code 2, Ctrl-C exit code 130.
 
@@ -42,7 +82,7 @@ def run_cli(main: Callable[[], object]) -> None:
     from utils.paths import empty_run_dirs_removed
 
     try:
-        with empty_run_dirs_removed():
+        with interrupts_kept(), empty_run_dirs_removed():
             main()
     except UserError as exc:
         fail(str(exc))

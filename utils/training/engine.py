@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from utils.errors import raise_if_interrupted
 from utils.training.acceleration import memory_format
 from utils.training.ema import ModelEMA
 from utils.training.optim import Warmup
@@ -92,6 +93,7 @@ def train_one_epoch(model: nn.Module, loader: Sized, loss_fn: Callable, optimize
     try:  # an interrupt closes the bar too, so that what is printed next starts on a line of its own
         optimizer.zero_grad(set_to_none=True)
         for i, (imgs, targets, _, _, *segmentation) in zip(range(n), loader):  # range first: none past n
+            raise_if_interrupted()
             ni = i + nb * epoch
             if warmup is not None and warmup.active(ni):
                 accumulate_now = warmup.apply(optimizer, ni, lr_factor)
