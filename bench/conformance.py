@@ -104,7 +104,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"{self.cfg}-nc{self.nc}-{self.variant}-{self.batch_mode}-{self.shape}"
+        return f"{Path(self.cfg).name}-nc{self.nc}-{self.variant}-{self.batch_mode}-{self.shape}"
 
 
 @dataclass

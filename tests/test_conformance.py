@@ -1,17 +1,21 @@
 """A CI slice of the export-conformance matrix (bench/bench_conformance.py runs all of it): the
-smallest config of each detection family and gelan-c-seg (masks), every export variant, through the
-bench's own case function. One trace per model keeps it fast; across the three models the traces
-cover one, two and 80 classes, both batch modes and both input shapes (gelan-t nc=1 dynamic non-square,
-yolov9-t nc=80 dynamic square, gelan-c-seg nc=2 static non-square). Quantizing and tracing a
-full-width model is a minute or more on 2 CPU cores, so the slice holds the edges, not the matrix:
-gelan-t with 80 classes and yolov9-t with one class run in the bench (the nc=1 normalization of the
-dual head too: every yolov9-* nc1 case there)."""
+smallest config of each detection family and gelan-c-seg's layout at test width (masks; the shipped
+segmentation configs run in the bench), every export variant, through the bench's own case function.
+One trace per model keeps it fast; across the three models the traces cover one, two and 80 classes,
+both batch modes and both input shapes (gelan-t nc=1 dynamic non-square, yolov9-t nc=80 dynamic
+square, gelan-tiny-seg nc=2 static non-square). Quantizing and tracing a full-width model is a
+minute or more on 2 CPU cores, so the slice holds the edges, not the matrix: gelan-t with 80 classes
+and yolov9-t with one class run in the bench (the nc=1 normalization of the dual head too: every
+yolov9-* nc1 case there)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from bench import conformance as cf
 from tests.export_helpers import CONFORMANCE_SLICE as SLICE
+from tests.export_helpers import SLICE_SEGMENT_CFG
 
 
 @pytest.fixture()
@@ -21,7 +25,7 @@ def traced(conformance_model):
 
 
 @pytest.mark.parametrize("variant", cf.VARIANTS)
-@pytest.mark.parametrize("cfg, nc", list(SLICE))
+@pytest.mark.parametrize("cfg, nc", list(SLICE), ids=[f"{Path(cfg).name}-{nc}" for cfg, nc in SLICE])
 def test_conformance_case(traced, cfg, nc, variant, tmp_path):
     model, pred = traced(cfg, nc)
     case = cf.Case(cfg, nc, variant, *SLICE[cfg, nc])
@@ -29,7 +33,7 @@ def test_conformance_case(traced, cfg, nc, variant, tmp_path):
     assert result.passed, f"{case.name}: {result.problems}"
     if variant != "topk":
         assert result.box_err is not None and result.score_err is not None
-    assert (result.mask_err is not None) == (cfg in cf.SEGMENT_CONFIGS)
+    assert (result.mask_err is not None) == (cfg == SLICE_SEGMENT_CFG)
     # Model Optimizer writes a one-output-channel weight's range unrunnably (the class convs when nc=1:
     # Q and DQ at each of the 3 levels); every other Q/DQ it writes is already canonical
     assert pred.normalized_qdq == (6 if nc == 1 else 0)
