@@ -91,12 +91,14 @@ def prepare(model: nn.Module, skip_layers: str | Iterable[int] = (), plan: Quant
     with torch.no_grad():  # upstream's fuse builds the fused weights inside autograd otherwise
         model.float().eval().fuse()
     skip = parse_skip_layers(skip_layers, len(model.model))
-    if plan is None:
+    if plan is None and skip:  # the plan is the fully quantized model's, found on a copy
         probe = quantize_modules(deepcopy(model))
         plan = derive_plan(probe, _example_input(model))
     for i, layer in enumerate(model.model):
         if i not in skip:
             model.model[i] = quantize_modules(layer)
+    if plan is None:  # nothing skipped: the model is fully quantized and its own probe
+        plan = derive_plan(model, _example_input(model))
     _tie(model, plan)
     model.quant_info = QuantInfo(plan, skip)
     return model

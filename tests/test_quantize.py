@@ -155,9 +155,11 @@ def test_set_quantization_per_module():
 
 
 def test_skip_layers_stay_float_and_are_recorded(tmp_path):
-    fp, _ = float_and_quantized("gelan-s")
+    fp, full = float_and_quantized("gelan-s")
     skip = [2, 15]
     q = prepare(deepcopy(fp), skip_layers=skip)
+    # the fully quantized model's scale sharing (found on a copy here, on the model itself without skips)
+    assert q.quant_info.plan == full.quant_info.plan and q.quant_info.skip_layers == skip
     for i, layer in enumerate(q.model):
         quantized = [m for m in layer.modules() if isinstance(m, TensorQuantizer)]
         float_convs = [n for n, m in layer.named_modules() if type(m) is nn.Conv2d and ".dfl" not in f".{n}"]
