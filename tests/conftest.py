@@ -66,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """Python's cyclic garbage collector walks every live object on each full pass; after collection a
-    worker holds ~600,000 (torch, Model Optimizer, ONNX, the test modules) that never become garbage.
+    worker holds ~440,000 (torch, Model Optimizer, ONNX, the test modules) that never become garbage.
     Frozen, they are left out of every pass, and a larger first threshold makes passes rarer: in
     test_qat, test_export and test_conformance run together the collector's time fell from 9.4 s to 3.1 s."""
     import gc
