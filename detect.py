@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.deployment.backends import BACKENDS
-from utils.deployment.predict import run
 from utils.errors import run_cli
-from utils.paths import ROOT
+from utils.options import BACKENDS
+from utils.paths import ROOT, existing_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    return run(**vars(build_parser().parse_args(argv)))
+    opt = build_parser().parse_args(argv)
+    existing_file(opt.weights, "model file")  # a mistyped path is told before torch loads
+    from utils.deployment.predict import run
+
+    return run(**vars(opt))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ The evaluation itself is utils/evaluation/validate.py's ``run`` (also reachable 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from utils.errors import run_cli
-from utils.evaluation.evaluator import EvalResult
-from utils.evaluation.validate import TASKS, run  # noqa: F401  (val.run: upstream's entry point name)
-from utils.paths import ROOT
+from utils.options import EVAL_SPLITS
+from utils.paths import ROOT, existing_file
+
+if TYPE_CHECKING:
+    from utils.evaluation.evaluator import EvalResult
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=0.7, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
-    parser.add_argument("--task", default="val", choices=TASKS, help="which split of the data yaml")
+    parser.add_argument("--task", default="val", choices=EVAL_SPLITS, help="which split of the data yaml")
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
     parser.add_argument("--workers", type=int, default=8, help="dataloader workers")
     parser.add_argument("--single-cls", action="store_true", help="treat every class as one")
@@ -41,7 +44,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> EvalResult:
-    return run(**vars(parse_args(argv)))
+    opt = parse_args(argv)
+    existing_file(opt.weights, "checkpoint")  # a mistyped path is told before torch loads
+    from utils.evaluation.validate import run
+
+    return run(**vars(opt))
+
+
+def __getattr__(name: str):
+    """``val.run``, upstream's entry point name, imported (with torch) on first use."""
+    if name == "run":
+        from utils.evaluation.validate import run
+
+        return run
+    raise AttributeError(f"module 'val' has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from utils.deployment.backends import BACKENDS
-from utils.deployment.validate import run
 from utils.errors import run_cli
-from utils.options import REFERENCE_CONF
-from utils.paths import ROOT
+from utils.options import BACKENDS, EVAL_SPLITS, REFERENCE_CONF
+from utils.paths import ROOT, existing_file
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +40,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conf-thres", type=float, default=0.001)
     p.add_argument("--iou-thres", type=float, default=0.7)
     p.add_argument("--max-det", type=int, default=300)
-    p.add_argument("--task", default="val", choices=("train", "val", "test"))
+    p.add_argument("--task", default="val", choices=EVAL_SPLITS)
     p.add_argument("--device", default="", help="CUDA device index for TensorRT / ORT-CUDA; cpu for ORT on CPU")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--benchmark", action="store_true", help="latency/throughput sweep over --batch-sizes")
@@ -62,6 +60,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     opt = vars(parse_opt(argv))
+    # a mistyped path is told before torch loads
+    existing_file(opt["onnx"], "ONNX file") if opt["onnx"] else existing_file(opt["engine"], "TensorRT engine")
+    from utils.deployment.validate import run
+
     opt["benchmark_sweep"] = opt.pop("benchmark")
     return run(**opt)
 

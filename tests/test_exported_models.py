@@ -218,6 +218,7 @@ def test_exported_file_requests_that_cannot_run_are_user_errors(exported, tmp_pa
     with pytest.raises(UserError, match="EfficientNMS_TRT"):  # ONNX Runtime cannot run the TensorRT plugin
         detect.main(["--weights", str(exported.files["nms"]), "--source", str(exported.source),
                      "--backend", "onnxruntime", "--project", str(runs)])
+    (tmp_path / "w.pt").write_bytes(b"")  # present: a missing file is refused first, before torch loads
     with pytest.raises(UserError, match="--backend onnxruntime: only for .onnx / .engine weights"):
         detect.main(["--weights", str(tmp_path / "w.pt"), "--source", str(exported.source),
                      "--backend", "onnxruntime", "--project", str(runs)])

@@ -26,6 +26,8 @@ MIN_STRIDE = 32  # the largest stride of every detection config; a model's own m
 OPTIMIZERS = ("SGD", "Adam", "AdamW")
 AMP_MODES = ("bf16", "fp16", "off")
 REFERENCE_CONF = 0.25  # a deployment threshold: what an application shows of the FP32 model
+BACKENDS = ("auto", "tensorrt", "onnxruntime")  # who runs an exported .onnx (detect.py, val_trt.py)
+EVAL_SPLITS = ("train", "val", "test")  # val.py --task: the data yaml split it scores
 
 # flag (argparse dest) -> (lowest value, what the number counts). None values mean "not given".
 COUNTS: dict[str, tuple[int, str]] = {

@@ -18,8 +18,7 @@ import torch
 from utils.boxes import xyxy2xywh
 from utils.deployment.signature import DEFAULT_IMGSZ, END2END_KEYS, MASK_OUTPUT, onnx_signature
 from utils.errors import UserError
-
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+from utils.options import BACKENDS
 
 
 def have_tensorrt() -> bool:

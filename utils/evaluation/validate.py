@@ -23,11 +23,9 @@ from utils.evaluation.coco import (
     predictions_to_coco,
 )
 from utils.evaluation.evaluator import EvalArtifacts, EvalResult, evaluate
-from utils.options import check_flags, check_imgsz
+from utils.options import EVAL_SPLITS, check_flags, check_imgsz
 from utils.paths import ROOT, increment_path
 from utils.torch_utils import de_parallel, select_device
-
-TASKS = ("train", "val", "test")
 
 
 def _class_names(data: dict) -> list[str]:
@@ -47,8 +45,8 @@ def _check_model_matches_data(model, data: dict, weights) -> None:
 def _build_dataloader(data: dict, task: str, imgsz: int, batch_size: int, stride: int, workers: int,
                       model_kind: str, weights) -> object:
     """The split's loader, after checking that its labels fit the model (boxes or polygons)."""
-    if task not in TASKS:
-        raise UserError(f"--task {task}: expected one of {', '.join(TASKS)}")
+    if task not in EVAL_SPLITS:
+        raise UserError(f"--task {task}: expected one of {', '.join(EVAL_SPLITS)}")
     check_imgsz(imgsz, stride)
     # rect batches with half-stride padding, as upstream validates: least padding, same mAP.
     loader, dataset = create_dataloader(require_split(data, task), imgsz, batch_size, stride, rect=True, pad=0.5,
