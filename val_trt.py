@@ -60,8 +60,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     opt = vars(parse_opt(argv))
-    # a mistyped path is told before torch loads
-    existing_file(opt["onnx"], "ONNX file") if opt["onnx"] else existing_file(opt["engine"], "TensorRT engine")
+    if opt["onnx"]:  # a mistyped path is told before torch loads
+        existing_file(opt["onnx"], "ONNX file")
+    else:
+        existing_file(opt["engine"], "TensorRT engine")
     from utils.deployment.validate import run
 
     opt["benchmark_sweep"] = opt.pop("benchmark")
