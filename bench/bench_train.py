@@ -71,12 +71,12 @@ def measure_throughput(args: argparse.Namespace) -> dict:
     from utils.data.dataset import create_dataloader
     from utils.torch_utils import select_device
     from utils.training.acceleration import channels_last, maybe_compile
+    from utils.training.defaults import NOMINAL_BATCH
     from utils.training.distributed import process_group
     from utils.training.ema import ModelEMA
     from utils.training.engine import make_precision, train_one_epoch
     from utils.training.loss import build_loss
     from utils.training.optim import build_optimizer
-    from utils.training.trainer import NOMINAL_BATCH
 
     device = select_device(args.device)
     with process_group(device) as info:

@@ -184,13 +184,14 @@ def test_failed_run_keeps_earlier_results_and_runs_increment(inputs, capsys, mon
                                            ("export_qat.py --weights {missing}", "checkpoint"),
                                            ("val.py --weights {missing} --data {data3}", "checkpoint"),
                                            ("detect.py --weights {missing} --source {tmp}", "model file"),
-                                           ("val_trt.py --onnx {missing} --data {data3}", "ONNX file")])
+                                           ("val_trt.py --onnx {missing} --data {data3}", "ONNX file"),
+                                           ("train.py --weights {missing} --data {data3}", "checkpoint")])
 def test_exit_code_reaches_the_shell(inputs, command, what):
     """Real processes: every tool's exit code comes from the same ``run_cli``, which the cases above
     run in this process (val_trt.py without TensorRT among them). A mistyped model path is refused
     before torch is imported (-X importtime lists every import on stderr): each in 0.15-0.4 s on the
-    2-core machine, against 6-9 s (qat.py, val.py, detect.py, val_trt.py) and 15 s (export_qat.py,
-    which also imported Model Optimizer) when they imported first."""
+    2-core machine, against 4-9 s (train.py, qat.py, val.py, detect.py, val_trt.py) and 15 s
+    (export_qat.py, which also imported Model Optimizer) when they imported first."""
     argv = command.format(**inputs).split()
     proc = subprocess.run([sys.executable, "-X", "importtime", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

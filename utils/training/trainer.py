@@ -24,37 +24,18 @@ import yaml
 from utils.errors import UserError
 from utils.evaluation.cached_batches import CachedBatches
 from utils.options import CLI_FLAGS, check_flags, check_imgsz, resume_options, run_options, typed_flags
-from utils.paths import ROOT, increment_path
+from utils.paths import increment_path
 from utils.seeding import epoch_seed, seed_everything
 from utils.torch_utils import LOGGER, de_parallel, select_device
 from utils.training.acceleration import channels_last, cpu_bf16, maybe_compile, multi_tensor_step
 from utils.training.cuda_graphs import maybe_graph
+from utils.training.defaults import DEFAULTS
 from utils.training.distributed import DistInfo, broadcast_object, process_group
 from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
 from utils.training.loss import build_loss
 from utils.training.optim import Warmup, build_optimizer, lr_lambda
 
-NOMINAL_BATCH = 64  # upstream's nbs: gradients are accumulated to about this many images per step
-MIN_WARMUP_ITERS = 100
-
-# Every option of a run with upstream's defaults; train.py's flags and train(**kwargs) share this table.
-DEFAULTS: dict = dict(
-    weights="", cfg="", data=str(ROOT / "data/coco.yaml"), hyp=str(ROOT / "data/hyps/hyp.scratch-high.yaml"),
-    epochs=100, batch_size=16, imgsz=640, device="", workers=8, project=str(ROOT / "runs/train"), name="exp",
-    exist_ok=False, resume=False, seed=0, close_mosaic=0, optimizer="SGD", cos_lr=False, hold_lr=0, patience=100,
-    sync_bn=False, amp="bf16", noval=False, cache="", compile=False, cuda_graphs=False,
-    mask_ratio=4,
-    # Library-only knobs (no CLI flag): a run of a few hundred small batches, like the CPU demo,
-    # needs every batch to be a step and a short warm-up, or it barely leaves the warm-up.
-    nominal_batch=NOMINAL_BATCH, min_warmup_iters=MIN_WARMUP_ITERS,
-    # The demo's CPU training: bf16 autocast, channels-last, multi-tensor optimizer (acceleration.py);
-    # plots: the final validation's PR curve and confusion matrix. save_every_epoch=False writes last.pt
-    # only at an improvement, an early stop and the last epoch (a resume then restarts from the latest of
-    # those): each checkpoint costs the CPU demo model 0.6 s of copying and pickling, 10% of its epoch.
-    cpu_speedups=False, plots=True, save_every_epoch=True,
-    unsafe_load=False,
-)
 # What a resume cannot change: the model and its optimizer state come from the checkpoint.
 FIXED_ON_RESUME = ("cfg", "weights", "optimizer")
 
