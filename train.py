@@ -15,9 +15,9 @@ import logging
 import os
 
 from utils.errors import run_cli
-from utils.options import AMP_MODES, OPTIMIZERS, check_flags, parse_flags
-from utils.paths import existing_file
+from utils.options import AMP_MODES, OPTIMIZERS, parse_flags
 from utils.training.defaults import DEFAULTS
+from utils.training.inputs import check_inputs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,24 +68,10 @@ def main(argv=None):
     main_process = int(os.environ.get("RANK", 0)) == 0  # under torchrun, only rank 0 narrates
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s")
     opt = parse_args(argv)
-    check_inputs(opt)
+    check_inputs(opt)  # before torch loads
     from utils.training.trainer import train
 
     return train(opt)
-
-
-def check_inputs(opt: argparse.Namespace) -> None:
-    """What the trainer checks first, before torch loads: a bad flag value or a mistyped file is told in a
-    fraction of a second (a resume takes its files from the checkpoint, which the trainer reads)."""
-    from utils.data.config import load_data_config, load_hyp
-
-    check_flags(vars(opt))
-    if opt.resume:
-        return
-    load_hyp(opt.hyp)
-    load_data_config(opt.data)
-    if opt.weights:
-        existing_file(opt.weights, "checkpoint")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
-import yaml
 
 from models.common import (
     DFL,
@@ -40,13 +39,11 @@ from models.common import (
     Silence,
     make_divisible,
 )
-from utils.errors import UserError, yaml_problem
-from utils.paths import ROOT
+from models.config import load_config, resolve_config
+from utils.errors import UserError
 from utils.tal.anchor_generator import dist2bbox, make_anchors
 from utils.torch_utils import LOGGER, initialize_weights, model_info
 
-CONFIG_DIR = ROOT / "models" / "detect"
-SEGMENT_CONFIG_DIR = ROOT / "models" / "segment"
 UPSTREAM_STRIDE_PROBE = 256  # input size upstream measures a new model's strides at (DetectionModel._measure_strides)
 
 
@@ -406,31 +403,6 @@ _CHANNEL_FIRST = {Conv, DWConv, AConv, ADown, Bottleneck, ELAN1, RepNCSPELAN4, S
 # Activations a YAML 'activation:' entry may name, e.g. "nn.ReLU()" or "nn.LeakyReLU(0.1)".
 _ACTIVATIONS = {m.__name__: m for m in (nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Mish,
                                          nn.GELU, nn.Sigmoid, nn.Tanh, nn.Identity)}
-
-
-def resolve_config(cfg: str | Path) -> Path:
-    """A YAML path as given, or a bundled config by name ('gelan-c', 'gelan-c-seg.yaml')."""
-    path = Path(cfg)
-    if path.is_file():
-        return path
-    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
-    for folder in (CONFIG_DIR, SEGMENT_CONFIG_DIR):
-        if (folder / name).is_file():
-            return folder / name
-    raise UserError(f"{cfg}: model config not found (neither a file nor one of {CONFIG_DIR}, {SEGMENT_CONFIG_DIR})")
-
-
-def load_config(path: Path) -> dict:
-    """Read a model YAML; a file that is not one is a user error naming it."""
-    try:
-        with open(path, encoding="ascii", errors="ignore") as f:
-            d = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
-    missing = [k for k in ("nc", "backbone", "head") if not isinstance(d, dict) or k not in d]
-    if missing:
-        raise UserError(f"{path}: not a model config (missing {', '.join(missing)})")
-    return d
 
 
 def parse_activation(spec: str) -> nn.Module:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from models.common import make_divisible
+from models.config import load_config, resolve_config
 from models.quant_modules import TensorQuantizer
-from models.yolo import DetectionModel, load_config, resolve_config
+from models.yolo import DetectionModel
 from utils.checkpoint import save_checkpoint
 from utils.paths import ROOT
 from utils.torch_utils import cpu_threads

@@ -73,8 +73,8 @@ def test_demo_recipes_per_task():
 def test_shipped_models_find_shapes_they_never_saw_at_every_demo_size(task, tmp_path):
     """The shipped FP32 model is the demo's config trained on images drawn from another seed; on the
     demo's own validation images (seed 0) it finds the shapes at both ends of the sizes it is offered for."""
+    from models.config import load_config
     from models.loading import model_from_checkpoint
-    from models.yolo import load_config
     from utils.checkpoint import load_checkpoint
     from utils.data.config import load_data_config
     from utils.data.synthetic import CLASS_NAMES, make_shapes_dataset

@@ -88,7 +88,7 @@ def test_fp_exports_raw_and_end2end(cfg, tmp_path):
 
 def test_fp_export_configs_cover_every_block_and_head():
     """The FP export slice above still meets every layer type of every bundled config."""
-    from models.yolo import load_config, resolve_config
+    from models.config import load_config, resolve_config
 
     def layer_types(cfg: str) -> set[str]:
         d = load_config(resolve_config(cfg))

@@ -12,7 +12,8 @@ import torch.nn as nn
 import yaml
 
 from models.common import Conv, RepConvN
-from models.yolo import CONFIG_DIR, DDetect, DetectionModel, DualDDetect, Model, parse_activation
+from models.config import CONFIG_DIR
+from models.yolo import DDetect, DetectionModel, DualDDetect, Model, parse_activation
 from tests.model_builders import randomize_statistics
 from utils.errors import UserError
 from utils.torch_utils import count_gflops

@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
+from models.config import SEGMENT_CONFIG_DIR
 from models.experimental import attempt_load
-from models.yolo import SEGMENT_CONFIG_DIR, DetectionModel, DSegment, Model, SegmentationModel
+from models.yolo import DetectionModel, DSegment, Model, SegmentationModel
 from tests.model_builders import trained_looking_model
 from tests.test_checkpoint import upstream_style_checkpoint
 from tools.reparameterize import (

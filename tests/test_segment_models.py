@@ -13,8 +13,8 @@ import torch.nn as nn
 import yaml
 
 from models.common import Conv, Proto
+from models.config import SEGMENT_CONFIG_DIR
 from models.yolo import (
-    SEGMENT_CONFIG_DIR,
     DDetect,
     Detect,
     DetectionModel,

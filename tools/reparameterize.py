@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from models.common import Silence  # noqa: E402
+from models.config import load_config, resolve_config  # noqa: E402
 from models.loading import model_from_checkpoint  # noqa: E402
 from models.yolo import (  # noqa: E402
     DDetect,
@@ -40,8 +41,6 @@ from models.yolo import (  # noqa: E402
     DualDSegment,
     Model,
     SegmentHead,
-    load_config,
-    resolve_config,
 )
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402

@@ -33,6 +33,7 @@ from utils.training.defaults import DEFAULTS
 from utils.training.distributed import DistInfo, broadcast_object, process_group
 from utils.training.ema import ModelEMA
 from utils.training.engine import make_precision, train_one_epoch
+from utils.training.inputs import NO_MODEL
 from utils.training.loss import build_loss
 from utils.training.optim import Warmup, build_optimizer, lr_lambda
 
@@ -189,7 +190,7 @@ def build_model(opt: argparse.Namespace, nc: int, resume_ckpt: dict | None) -> n
         LOGGER.info(f"Transferred {len(match)}/{len(ours)} tensors from {opt.weights}")
         return model
     if not opt.cfg:
-        raise UserError("train: pass --cfg (model yaml, e.g. gelan-s.yaml) or --weights (a .pt checkpoint)")
+        raise UserError(NO_MODEL)
     return Model(opt.cfg, ch=3, nc=nc)
 
 
