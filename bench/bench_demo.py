@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.record import write_record  # noqa: E402
+from bench.timing import children_cpu_seconds  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.paths import ROOT  # noqa: E402
 
@@ -48,10 +48,10 @@ def main(argv=None) -> list[Path]:
     try:
         threads = [] if args.threads is None else ["--threads", str(args.threads)]
         train = ["--train"] if args.train else []
-        t, cpu = time.perf_counter(), _children_cpu_seconds()
+        t, cpu = time.perf_counter(), children_cpu_seconds()
         proc = subprocess.run([sys.executable, "qat.py", "demo", "--project", args.project, *threads, *train],
                               cwd=ROOT, capture_output=True, text=True)
-        seconds, cpu = time.perf_counter() - t, _children_cpu_seconds() - cpu
+        seconds, cpu = time.perf_counter() - t, children_cpu_seconds() - cpu
     finally:
         for hog in hogs:
             hog.kill()
@@ -78,12 +78,6 @@ def main(argv=None) -> list[Path]:
     for path in written:
         print(f"wrote {path}")
     return written
-
-
-def _children_cpu_seconds() -> float:
-    """User + system CPU seconds of the finished child processes (the demo's threads and workers)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

@@ -187,6 +187,7 @@ def test_failed_run_keeps_earlier_results_and_runs_increment(inputs, capsys, mon
                                            ("val.py --weights {missing} --data {data3}", "checkpoint"),
                                            ("detect.py --weights {missing} --source {tmp}", "model file"),
                                            ("val_trt.py --onnx {missing} --data {data3}", "ONNX file"),
+                                           ("val_trt.py --engine {missing} --data {data3}", "TensorRT engine"),
                                            ("train.py --weights {missing} --data {data3}", "checkpoint"),
                                            ("train.py --cfg {missing} --data {data3}", "model config")])
 def test_exit_code_reaches_the_shell(inputs, command, what):
