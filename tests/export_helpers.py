@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 import torch
+from onnx import helper
 
 from utils.deployment.ort_runtime import session_options
 
@@ -20,6 +22,17 @@ GAIN = 2.0
 SLICE_SEGMENT_CFG = str(Path(__file__).resolve().parent / "assets" / "gelan-tiny-seg")
 CONFORMANCE_SLICE = {("gelan-t", 1): ("dynamic", "non-square"), ("yolov9-t", 80): ("dynamic", "square"),
                      (SLICE_SEGMENT_CFG, 2): ("static", "non-square")}
+
+# onnx.helper.make_model stamps the installed onnx's newest IR version (14 for onnx 1.23), which older ONNX
+# Runtimes refuse: on the GPU machine's 1.30, "Unsupported model IR version: 14, max supported IR version: 13"
+# failed two tests there. Hand-built test graphs (opsets 13-17) take IR 8, which every ONNX Runtime the
+# requirements admit (>= 1.17) reads.
+HAND_BUILT_IR_VERSION = 8
+
+
+def hand_built_model(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:
+    """A model around a hand-made graph, at an IR version any supported ONNX Runtime loads."""
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=HAND_BUILT_IR_VERSION)
 
 
 def lively_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -14,7 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 from models.experimental_trt import End2End, NMSTail, Prediction, decode_end2end, efficient_nms_reference
 from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import DetectionModel
-from tests.export_helpers import CONFORMANCE_SLICE, assert_same_detections, cpu_session, lively_head, run_ort
+from tests.export_helpers import (
+    CONFORMANCE_SLICE,
+    assert_same_detections,
+    cpu_session,
+    hand_built_model,
+    lively_head,
+    run_ort,
+)
 from tests.qat_helpers import BLOCK_CONFIGS, shrunk_config, slow_matrix_case
 from utils.deployment.onnx_export import export_onnx, merge_redundant_qdq, trace_prediction
 from utils.deployment.qdq_lint import SKIP_METADATA_KEY, lint
@@ -240,7 +247,7 @@ def test_merge_redundant_qdq_keeps_values_and_removes_duplicates():
               helper.make_node("Add", ["s2", e], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = hand_built_model(graph, 13)
     x = np.array([0.04, -1.3, 2.26, 0.5], np.float32)
     before = cpu_session(model.SerializeToString()).run(None, {"x": x})[0]
     assert merge_redundant_qdq(model) == 3

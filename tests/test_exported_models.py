@@ -22,7 +22,7 @@ from models.quantize import calibrate, float_conv_names, prepare
 from models.yolo import DetectionModel
 from tests.cli_helpers import run_script
 from tests.data_builders import build_dataset, coco128_pairs
-from tests.export_helpers import assert_matching_detections, lively_head
+from tests.export_helpers import assert_matching_detections, hand_built_model, lively_head
 from utils.boxes import xywhn2xyxy
 from utils.data.augment import letterbox
 from utils.data.config import load_data_config
@@ -182,7 +182,7 @@ def _foreign_onnx(path, inputs, outputs) -> None:
     graph = helper.make_graph([helper.make_node(op, [in_name], [out_name])], "foreign",
                               [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, in_shape)],
                               [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(hand_built_model(graph, 17), str(path))
 
 
 @pytest.mark.parametrize("inputs,outputs,found", [

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.cli_helpers import run_script
+from tests.export_helpers import hand_built_model
 from utils.deployment.qdq_lint import CATEGORIES, SKIP_METADATA_KEY, counts, lint, to_json, to_markdown
 
 C = 4  # channels of every feature map in these graphs
@@ -66,7 +67,7 @@ class Builder:
             self.nodes, "g", [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [1, C, 8, 8])],
             [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], self.inits,
             value_info=list(value_info))
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        m = hand_built_model(graph, 13)
         for k, v in (metadata or {}).items():
             m.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(m)
