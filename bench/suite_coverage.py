@@ -59,7 +59,8 @@ def totals(files: dict[str, dict]) -> tuple[int, int]:
     return sum(len(f["run"]) for f in files.values()), sum(f["statements"] for f in files.values())
 
 
-def run(out: Path, pytest_args: list[str]) -> Path:
+def run(out: Path, pytest_args: list[str], results_dir: Path | None = None) -> Path:
+    """Run pytest under coverage (its subprocesses too); write what ran to ``out`` and the record."""
     try:
         import coverage
     except ImportError:
@@ -83,7 +84,7 @@ def run(out: Path, pytest_args: list[str]) -> Path:
                         "the default test suite (pytest from the project root), tests/ not measured",
                         extra={"statements": statements, "run": ran, "files": len(files),
                                "pytest_args": pytest_args, "seconds_under_coverage": round(seconds, 1),
-                               "coverage_version": coverage.__version__})
+                               "coverage_version": coverage.__version__}, results_dir=results_dir)
 
 
 def lost_statements(old: dict, new: dict) -> list[tuple[str, str]]:
@@ -114,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run pytest under coverage; write the statements that ran and the record")
     r.add_argument("--out", type=Path, required=True, help="JSON of the statements that ran, per file")
+    r.add_argument("--results-dir", type=Path, default=None, help="where the record goes (default bench/results)")
     r.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     c = sub.add_parser("compare", help="statements an earlier run reached and a later one did not")
     c.add_argument("old", type=Path)
     c.add_argument("new", type=Path)
     opt = p.parse_args(argv)
     if opt.cmd == "run":
-        print(f"wrote {run(opt.out, opt.pytest_args)}")
+        print(f"wrote {run(opt.out, opt.pytest_args, opt.results_dir)}")
         return 0
     for path in (opt.old, opt.new):
         if not path.is_file():

@@ -31,3 +31,21 @@ def test_compare_exits_1_and_lists_the_losses(tmp_path, capsys):
 def test_a_missing_measurement_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="nope.json: not found"):
         main(["compare", str(tmp_path / "nope.json"), str(tmp_path / "nope.json")])
+
+
+def test_run_measures_the_processes_a_test_starts(tmp_path):
+    """``run`` itself, on a one-test file whose test starts val.py in a child process: the child's statements
+    count (val.py's ``run_cli(main)`` runs only there), and the record adds up what the file lists."""
+    pytest.importorskip("coverage", minversion="7.10", reason="coverage.py 7.10+ not installed (not a requirement)")
+    from bench.suite_coverage import run
+
+    test = tmp_path / "test_child.py"  # outside tests/: no conftest, so nothing but the child is imported
+    test.write_text("import subprocess, sys\n\n\ndef test_a_tool_in_a_child():\n"
+                    "    code = subprocess.run([sys.executable, 'val.py', '--weights', 'missing.pt']).returncode\n"
+                    "    assert code == 2\n")
+    out = tmp_path / "ran.json"
+    record = json.loads(run(out, ["-q", "-p", "no:cacheprovider", str(test)], results_dir=tmp_path).read_text())
+    files = json.loads(out.read_text())
+    assert "run_cli(main)" in files["val.py"]["run"]
+    assert record["extra"]["run"] == sum(len(f["run"]) for f in files.values())
+    assert record["extra"]["statements"] == sum(f["statements"] for f in files.values())
