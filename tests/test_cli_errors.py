@@ -335,8 +335,8 @@ def test_interrupt_exits_130_with_one_line(capsys):
 @pytest.fixture
 def python_sigint_handler():
     """Python's own SIGINT handler, as a run from a terminal has it. pytest started in the background by a
-    shell without job control (``(pytest &)``, as bench/bench_suite.py was started) inherits SIGINT ignored, and a SIGINT sent to
-    the process then never arrives: the test below failed that way."""
+    shell without job control (``(pytest &)``, as bench/bench_suite.py was started) inherits SIGINT
+    ignored, and a SIGINT sent to the process then never arrives: the test below failed that way."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
