@@ -424,3 +424,19 @@ def test_model_optimizer_imports_without_notices_or_other_libraries_plugins(tmp_
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "5.17.0\n" and proc.stderr == "transformers imported\n", proc.stderr
+
+
+BUNDLED_CONFIGS = sorted(p.name for folder in ("detect", "segment") for p in (ROOT / "models" / folder).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("cfg", BUNDLED_CONFIGS)
+def test_every_bundled_config_passes_train_checks_by_name(cfg):
+    """train.py now reads --cfg before torch loads: each shipped config, detection and segmentation, named as a
+    user types it (with and without .yaml), passes those checks, and so does a path to it."""
+    import train
+    from utils.training.inputs import check_inputs
+
+    data = str(ROOT / "data" / "coco128.yaml")
+    folder = "segment" if (ROOT / "models" / "segment" / cfg).is_file() else "detect"
+    for name in (cfg, cfg.removesuffix(".yaml"), str(ROOT / "models" / folder / cfg)):
+        check_inputs(train.parse_args(["--cfg", name, "--data", data]))
